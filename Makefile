@@ -1,0 +1,43 @@
+# pocl-distill: `make run` runs the main job on its embedded defaults, `make test` runs the tests.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+CONFIG ?= configs/tiny.yaml
+ARGS ?=
+
+export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+export RAY_AUTH_MODE ?= disabled
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: setup run test test-fast bench bench-losses clean tiny-models
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -c constraints.txt torch==2.13.0
+	$(PIP) install -q -c constraints.txt -e ".[dev]"
+	touch $(STAMP)
+
+tiny-models: $(STAMP)
+	$(VENV)/bin/pocl build-tiny --out .cache/tiny
+
+run: $(STAMP) tiny-models
+	$(VENV)/bin/pocl run --config $(CONFIG) $(ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" tests
+
+bench: bench-losses
+
+bench-losses: $(STAMP)
+	$(PY) -m benchmarks.bench_losses
+
+clean:
+	rm -rf $(VENV) .cache runs

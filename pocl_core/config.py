@@ -1,0 +1,302 @@
+"""The one typed run configuration, loaded from YAML and overridden with dotted ``key=value`` pairs.
+
+Every knob of a run lives here, grouped by the part of the pipeline that reads it. Unknown keys and
+out-of-range values are rejected with the dotted name of the offending key (``ConfigError``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+Dtype = Literal["float32", "bfloat16", "float16"]
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is invalid; the message names the key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelsConfig(_Section):
+    """Which models distil into which.
+
+    teacher / student: a local save_pretrained folder or a hub name. tokenizer: defaults to the
+    student's. dtype: weights dtype of the teacher for scoring and distillation (the student trains in
+    float32 with optional autocast). trust_remote_code stays False unless you vouch for the model code.
+    """
+
+    teacher: str
+    student: str
+    tokenizer: Optional[str] = None
+    teacher_dtype: Dtype = "float32"
+    trust_remote_code: bool = False
+
+
+class DataConfig(_Section):
+    """Training and held-out data.
+
+    train_path: JSONL / Parquet file (Dolly, Alpaca or ``prompt``/``response`` fields).
+    eval_path: held-out file; when absent, ``eval_fraction`` of train_path is held out by a stable
+    hash of the sample id. prompt_template: formats the prompt; ``{prompt}`` is replaced.
+    max_prompt_length / max_length: token limits (prompt is truncated from the left to keep its end).
+    max_train_samples / max_eval_samples: optional caps, applied after the split (first N by id hash).
+    """
+
+    train_path: str
+    eval_path: Optional[str] = None
+    eval_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    prompt_template: str = "### Instruction:\n{prompt}\n\n### Response:\n"
+    max_prompt_length: int = Field(256, gt=0)
+    max_length: int = Field(512, gt=1)
+    max_train_samples: Optional[int] = Field(None, gt=0)
+    max_eval_samples: Optional[int] = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> "DataConfig":
+        if "{prompt}" not in self.prompt_template:
+            raise ValueError("data.prompt_template must contain '{prompt}'")
+        if self.max_prompt_length >= self.max_length:
+            raise ValueError(
+                f"data.max_prompt_length ({self.max_prompt_length}) must be below data.max_length "
+                f"({self.max_length}) to leave room for the response"
+            )
+        return self
+
+
+class ScoringConfig(_Section):
+    """Difficulty scoring (the measurer).
+
+    model: which model scores the samples (``teacher`` or the initial ``student``).
+    measures: measure names computed per sample (e.g. ``nll``). fusion: ``single`` uses the first
+    measure; ``rrf`` fuses the ranks by reciprocal rank fusion with constant ``rrf_k``.
+    batch_size: samples per forward pass. shard_size: samples per Parquet shard (the resume unit).
+    """
+
+    model: Literal["teacher", "student"] = "teacher"
+    measures: list[str] = Field(default_factory=lambda: ["nll"], min_length=1)
+    fusion: Literal["single", "rrf"] = "single"
+    rrf_k: int = Field(60, gt=0)
+    batch_size: int = Field(8, gt=0)
+    shard_size: int = Field(256, gt=0)
+
+
+class CurriculumConfig(_Section):
+    """The stage schedule.
+
+    strategy: ``curriculum`` (easy → hard), ``anti`` (hard → easy), ``random`` (shuffled buckets).
+    num_stages: K; stage s trains on buckets 0..s (cumulative). epochs_per_stage: passes over the
+    stage's subset. temperatures / kd_weights: explicit per-stage lists; when absent, linear from
+    ``*_start`` to ``*_end`` over the stages. fresh_optimizer_per_stage: new AdamW and LR schedule at
+    each stage (the reference recipe). shuffle_seed: seeds the within-stage shuffles and random buckets.
+    """
+
+    strategy: Literal["curriculum", "anti", "random"] = "curriculum"
+    num_stages: int = Field(4, ge=1, le=64)
+    epochs_per_stage: int = Field(1, ge=1)
+    temperature_start: float = Field(1.0, gt=0.0)
+    temperature_end: float = Field(2.0, gt=0.0)
+    temperatures: Optional[list[float]] = None
+    kd_weight_start: float = Field(0.7, ge=0.0, le=1.0)
+    kd_weight_end: float = Field(1.0, ge=0.0, le=1.0)
+    kd_weights: Optional[list[float]] = None
+    fresh_optimizer_per_stage: bool = True
+    shuffle_seed: int = 10
+
+    @model_validator(mode="after")
+    def _check(self) -> "CurriculumConfig":
+        for name in ("temperatures", "kd_weights"):
+            values = getattr(self, name)
+            if values is None:
+                continue
+            if len(values) != self.num_stages:
+                raise ValueError(
+                    f"curriculum.{name} has {len(values)} values but curriculum.num_stages is "
+                    f"{self.num_stages}"
+                )
+            if name == "temperatures" and any(v <= 0 for v in values):
+                raise ValueError("curriculum.temperatures must all be > 0")
+            if name == "kd_weights" and any(not 0.0 <= v <= 1.0 for v in values):
+                raise ValueError("curriculum.kd_weights must all lie in [0, 1]")
+        return self
+
+
+class LossConfig(_Section):
+    """The KD divergence: ``name`` (fkl, rkl, jsd, tvd, skl, srkl, akl, gjsd) and its ``params``."""
+
+    name: str = "fkl"
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class OptimConfig(_Section):
+    """AdamW with cosine decay from ``lr`` to ``min_lr`` within each stage (no warm-up by default).
+
+    global_batch_size: samples per optimizer step over all workers; micro_batch_size: samples per
+    forward pass on one worker (gradient accumulation fills the rest). grad_clip: max grad norm.
+    """
+
+    lr: float = Field(1e-4, gt=0.0)
+    min_lr: float = Field(1e-7, ge=0.0)
+    weight_decay: float = Field(0.01, ge=0.0)
+    grad_clip: float = Field(1.0, gt=0.0)
+    warmup_steps: int = Field(0, ge=0)
+    global_batch_size: int = Field(8, gt=0)
+    micro_batch_size: int = Field(8, gt=0)
+
+
+class RayConfig(_Section):
+    """Where and how wide the distillation job runs.
+
+    address: an existing Ray cluster (``ray://`` or ``host:port``); None starts a local Ray (or uses
+    RAY_ADDRESS). num_workers: Ray Train workers (0 runs the loop in-process, for debugging).
+    use_gpu: one GPU per worker. max_failures: worker-group restarts from the last checkpoint.
+    """
+
+    address: Optional[str] = None
+    num_workers: int = Field(1, ge=0)
+    use_gpu: bool = False
+    max_failures: int = Field(0, ge=-1)
+
+
+class EvalConfig(_Section):
+    """Held-out evaluation: ROUGE-L F1 (×100) of generations and mean response NLL.
+
+    seeds: one sampled generation pass per seed (the mean is reported). do_sample False gives greedy.
+    max_new_tokens: generation length. temperature/top_k/top_p/no_repeat_ngram_size: sampling
+    settings (the method's defaults). batch_size: prompts per generate call.
+    """
+
+    seeds: list[int] = Field(default_factory=lambda: [10], min_length=1)
+    do_sample: bool = True
+    temperature: float = Field(1.0, gt=0.0)
+    top_k: int = Field(0, ge=0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    no_repeat_ngram_size: int = Field(6, ge=0)
+    max_new_tokens: int = Field(64, gt=0)
+    batch_size: int = Field(16, gt=0)
+
+
+class PoclConfig(_Section):
+    """A whole run. The run folder is ``<runs_root>/<run_name>``."""
+
+    run_name: str = Field("pocl-run", min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    runs_root: str = "runs"
+    seed: int = 10
+    models: ModelsConfig
+    data: DataConfig
+    scoring: ScoringConfig = Field(default_factory=ScoringConfig)
+    curriculum: CurriculumConfig = Field(default_factory=CurriculumConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> "PoclConfig":
+        workers = max(self.ray.num_workers, 1)
+        per_worker = self.optim.global_batch_size // workers
+        if self.optim.global_batch_size % workers:
+            raise ValueError(
+                f"optim.global_batch_size ({self.optim.global_batch_size}) must be a multiple of "
+                f"ray.num_workers ({self.ray.num_workers})"
+            )
+        if per_worker % self.optim.micro_batch_size:
+            raise ValueError(
+                f"optim.global_batch_size / ray.num_workers ({per_worker}) must be a multiple of "
+                f"optim.micro_batch_size ({self.optim.micro_batch_size})"
+            )
+        return self
+
+    @property
+    def run_dir(self) -> str:
+        """The run folder, ``<runs_root>/<run_name>``."""
+        return str(Path(self.runs_root) / self.run_name)
+
+    def fingerprint(self, *sections: str) -> str:
+        """A short sha256 of the named sections (all when none), for provenance checks."""
+        data = self.model_dump(mode="json")
+        if sections:
+            data = {s: data[s] for s in sections}
+        blob = json.dumps(data, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration ({source}):"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif e["type"] == "missing":
+            msg = "required key is missing"
+        lines.append(f"  {key}: {msg}")
+    return "\n".join(lines)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        elif not isinstance(child, dict):
+            raise ConfigError(f"override {dotted}: '{'.'.join(parts[: i + 1])}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    """Parse ``key.sub=value`` strings; values are read as YAML scalars/lists (``3``, ``true``, ``[1,2]``)."""
+    parsed = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"override '{item}' is not of the form key=value (e.g. curriculum.num_stages=3)")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {key}: cannot parse value '{raw}': {exc}") from None
+        parsed.append((key, value))
+    return parsed
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                base: dict[str, Any] | None = None) -> PoclConfig:
+    """Load a YAML config (or start from ``base``), apply dotted overrides, and validate.
+
+    Raises ConfigError naming the file and the offending key.
+    """
+    tree: dict[str, Any] = dict(base or {})
+    source = "<defaults>"
+    if path is not None:
+        source = str(path)
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{p}: not valid YAML: {exc}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: top level must be a mapping of sections")
+        tree.update(loaded)
+    for key, value in parse_overrides(overrides or []):
+        _set_dotted(tree, key, value)
+        source += f" + {key}"
+    try:
+        return PoclConfig.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, source)) from None

@@ -1,0 +1,247 @@
+"""Every file schema of a run folder, and the atomic readers/writers that enforce them.
+
+Run folder layout (``<runs_root>/<run_name>/``)::
+
+    config.yaml                 the resolved config
+    data/train.parquet          SAMPLES_SCHEMA, the training split after loading
+    data/eval.parquet           SAMPLES_SCHEMA, the held-out split
+    scores/part-00000.parquet   scores_schema(measures): one shard per scoring group
+    partition.parquet           PARTITION_SCHEMA: sample -> bucket
+    train/                      Ray Train storage: checkpoints
+    student/                    final student (save_pretrained, safetensors) + tokenizer
+    eval/generations.parquet    GENERATIONS_SCHEMA
+    eval/metrics.parquet        EVAL_METRICS_SCHEMA
+    report.md
+
+Provenance metadata (fingerprints, config) is stored in each Parquet file's schema metadata under
+``pocl.*`` keys; a task that finds an output whose provenance differs from its inputs refuses it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pocl_core import __version__
+
+META_PREFIX = "pocl."
+
+SAMPLES_SCHEMA = pa.schema(
+    [
+        pa.field("sample_id", pa.string(), nullable=False),
+        pa.field("prompt", pa.string(), nullable=False),
+        pa.field("response", pa.string(), nullable=False),
+    ]
+)
+
+PARTITION_SCHEMA = pa.schema(
+    [
+        pa.field("sample_id", pa.string(), nullable=False),
+        pa.field("rank", pa.int64(), nullable=False),
+        pa.field("bucket", pa.int16(), nullable=False),
+    ]
+)
+
+GENERATIONS_SCHEMA = pa.schema(
+    [
+        pa.field("model", pa.string(), nullable=False),
+        pa.field("seed", pa.int64(), nullable=False),
+        pa.field("sample_id", pa.string(), nullable=False),
+        pa.field("generation", pa.string(), nullable=False),
+        pa.field("reference", pa.string(), nullable=False),
+        pa.field("rouge_l", pa.float64(), nullable=False),
+    ]
+)
+
+EVAL_METRICS_SCHEMA = pa.schema(
+    [
+        pa.field("model", pa.string(), nullable=False),
+        pa.field("rouge_l", pa.float64(), nullable=False),
+        pa.field("rouge_l_std", pa.float64(), nullable=False),
+        pa.field("nll", pa.float64(), nullable=False),
+        pa.field("num_samples", pa.int64(), nullable=False),
+        pa.field("num_seeds", pa.int64(), nullable=False),
+    ]
+)
+
+
+def scores_schema(measures: Iterable[str]) -> pa.Schema:
+    """Schema of a scores shard: ids, token counts, one float64 column per measure, difficulty, rank."""
+    fields = [
+        pa.field("sample_id", pa.string(), nullable=False),
+        pa.field("n_prompt_tokens", pa.int32(), nullable=False),
+        pa.field("n_response_tokens", pa.int32(), nullable=False),
+    ]
+    fields += [pa.field(m, pa.float64(), nullable=False) for m in measures]
+    fields += [
+        pa.field("difficulty", pa.float64(), nullable=False),
+        pa.field("rank", pa.int64(), nullable=False),
+    ]
+    return pa.schema(fields)
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """Named paths of one run folder (see the module docstring)."""
+
+    root: Path
+
+    @classmethod
+    def of(cls, run_dir: str | os.PathLike) -> "RunPaths":
+        return cls(Path(run_dir))
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def train_data(self) -> Path:
+        return self.root / "data" / "train.parquet"
+
+    @property
+    def eval_data(self) -> Path:
+        return self.root / "data" / "eval.parquet"
+
+    @property
+    def scores_dir(self) -> Path:
+        return self.root / "scores"
+
+    def score_shard(self, index: int) -> Path:
+        return self.scores_dir / f"part-{index:05d}.parquet"
+
+    @property
+    def partition(self) -> Path:
+        return self.root / "partition.parquet"
+
+    @property
+    def train_storage(self) -> Path:
+        return self.root / "train"
+
+    @property
+    def student(self) -> Path:
+        return self.root / "student"
+
+    @property
+    def eval_dir(self) -> Path:
+        return self.root / "eval"
+
+    @property
+    def generations(self) -> Path:
+        return self.eval_dir / "generations.parquet"
+
+    @property
+    def eval_metrics(self) -> Path:
+        return self.eval_dir / "metrics.parquet"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report.md"
+
+    @property
+    def plots_dir(self) -> Path:
+        return self.root / "plots"
+
+
+class StaleOutputError(RuntimeError):
+    """An existing output was produced from different inputs than the current ones."""
+
+
+def encode_metadata(meta: dict[str, Any]) -> dict[bytes, bytes]:
+    """JSON-encode provenance values under ``pocl.`` keys, plus the package version."""
+    out = {f"{META_PREFIX}{k}".encode(): json.dumps(v, sort_keys=True).encode() for k, v in meta.items()}
+    out[f"{META_PREFIX}package_version".encode()] = json.dumps(__version__).encode()
+    return out
+
+
+def decode_metadata(schema_meta: dict[bytes, bytes] | None) -> dict[str, Any]:
+    """Inverse of encode_metadata: the ``pocl.*`` entries, JSON-decoded, prefix stripped."""
+    out: dict[str, Any] = {}
+    for k, v in (schema_meta or {}).items():
+        key = k.decode()
+        if key.startswith(META_PREFIX):
+            out[key[len(META_PREFIX):]] = json.loads(v.decode())
+    return out
+
+
+def write_table_atomic(table: pa.Table, path: str | os.PathLike, schema: pa.Schema,
+                       metadata: dict[str, Any] | None = None) -> Path:
+    """Cast ``table`` to ``schema``, attach provenance metadata, and write it via temp file + rename.
+
+    A reader never sees a half-written file. Raises ValueError naming the path if columns are missing.
+    """
+    path = Path(path)
+    missing = [f.name for f in schema if f.name not in table.column_names]
+    if missing:
+        raise ValueError(f"{path}: table lacks required columns {missing}")
+    table = table.select(schema.names).cast(schema)
+    table = table.replace_schema_metadata(encode_metadata(metadata or {}))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write a text file via temp file + rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_table_checked(path: str | os.PathLike, schema: pa.Schema) -> pa.Table:
+    """Read a Parquet file and check it carries every field of ``schema`` with the right type."""
+    path = Path(path)
+    table = pq.read_table(path)
+    for field in schema:
+        if field.name not in table.column_names:
+            raise ValueError(f"{path}: missing column '{field.name}'")
+        got = table.schema.field(field.name).type
+        if got != field.type:
+            raise ValueError(f"{path}: column '{field.name}' has type {got}, expected {field.type}")
+    return table
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The decoded provenance metadata of a Parquet file (without reading its rows)."""
+    return decode_metadata(pq.read_schema(path).metadata)
+
+
+def check_provenance(path: str | os.PathLike, expected: dict[str, Any]) -> bool:
+    """True if ``path`` exists and every ``expected`` key matches its metadata.
+
+    Returns False when the file is absent. Raises StaleOutputError, naming the differing keys, when
+    the file exists but was produced from other inputs.
+    """
+    path = Path(path)
+    if not path.exists():
+        return False
+    meta = read_metadata(path)
+    diff = [k for k, v in expected.items() if meta.get(k) != json.loads(json.dumps(v))]
+    if diff:
+        details = ", ".join(f"{k}: found {meta.get(k)!r}, expected {expected[k]!r}" for k in diff)
+        raise StaleOutputError(
+            f"{path} was produced from different inputs ({details}). Use a new run_name, or delete "
+            f"the file to recompute it."
+        )
+    return True

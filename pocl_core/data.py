@@ -1,0 +1,227 @@
+"""Instruction data: loading records into samples, stable ids, the held-out split, tokenization, batching.
+
+A sample is ``(sample_id, prompt, response)``. Loaders accept Dolly (``instruction``, ``context``,
+``response``), Alpaca (``instruction``, ``input``, ``output``) and plain (``prompt``, ``response``)
+records; an ``id`` or ``sample_id`` field is kept as the id, otherwise the id is a hash of
+prompt + response. Prompt tokens are never a training target: ``target_mask`` marks response tokens.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Literal, Sequence
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+BadRowPolicy = Literal["error", "drop"]
+
+
+class DataError(ValueError):
+    """A data file or record is unusable; the message names the file and row."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    sample_id: str
+    prompt: str
+    response: str
+
+
+def stable_sample_id(prompt: str, response: str) -> str:
+    """A 16-hex-digit id from the content, stable across runs and machines."""
+    return hashlib.sha256(f"{prompt}\x00{response}".encode()).hexdigest()[:16]
+
+
+def _record_to_sample(rec: Any, where: str) -> Sample:
+    if not isinstance(rec, dict):
+        raise DataError(f"{where}: record is not an object")
+
+    def text(field: str, required: bool) -> str:
+        value = rec.get(field)
+        if value is None:
+            if required:
+                raise DataError(f"{where}: missing field '{field}'")
+            return ""
+        if not isinstance(value, str):
+            raise DataError(f"{where}: field '{field}' must be a string, got {type(value).__name__}")
+        return value
+
+    if "instruction" in rec and ("output" in rec or "input" in rec):  # Alpaca
+        prompt, extra, response = text("instruction", True), text("input", False), text("output", True)
+    elif "instruction" in rec:  # Dolly
+        prompt, extra, response = text("instruction", True), text("context", False), text("response", True)
+    elif "prompt" in rec:
+        prompt, extra, response = text("prompt", True), "", text("response", True)
+    else:
+        raise DataError(
+            f"{where}: no known fields (expected Dolly instruction/context/response, Alpaca "
+            f"instruction/input/output, or prompt/response); found {sorted(rec)}"
+        )
+    if not prompt.strip():
+        raise DataError(f"{where}: empty prompt/instruction")
+    if not response.strip():
+        raise DataError(f"{where}: empty response")
+    if extra.strip():
+        prompt = f"{prompt}\n\n{extra}"
+    raw_id = rec.get("sample_id", rec.get("id"))
+    if raw_id is not None and not isinstance(raw_id, (str, int)):
+        raise DataError(f"{where}: id must be a string or integer, got {type(raw_id).__name__}")
+    sample_id = str(raw_id) if raw_id is not None else stable_sample_id(prompt, response)
+    return Sample(sample_id, prompt, response)
+
+
+def _iter_records(path: Path) -> Iterable[tuple[str, Any]]:
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        with path.open("rb") as fh:
+            for lineno, raw in enumerate(fh, start=1):
+                where = f"{path}:{lineno}"
+                if not raw.strip():
+                    continue
+                try:
+                    yield where, json.loads(raw.decode("utf-8"))
+                except UnicodeDecodeError as exc:
+                    yield where, DataError(f"{where}: not valid UTF-8 ({exc.reason})")
+                except json.JSONDecodeError as exc:
+                    yield where, DataError(f"{where}: not valid JSON ({exc.msg})")
+    elif suffix == ".parquet":
+        for i, rec in enumerate(pq.read_table(path).to_pylist()):
+            yield f"{path}: row {i}", rec
+    else:
+        raise DataError(f"{path}: unsupported data file type '{suffix}' (use .jsonl or .parquet)")
+
+
+def load_samples(path: str | Path, on_bad_rows: BadRowPolicy = "error") -> tuple[list[Sample], int]:
+    """Read a JSONL/Parquet instruction file into samples.
+
+    Returns (samples, number of dropped rows). With ``on_bad_rows='error'`` the first bad row raises
+    DataError naming file and row; with ``'drop'`` bad rows are skipped and counted. Duplicate ids
+    are bad rows. Zero usable samples is always an error.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data file not found: {path}")
+    samples: list[Sample] = []
+    seen: dict[str, str] = {}
+    dropped = 0
+    for where, rec in _iter_records(path):
+        try:
+            if isinstance(rec, DataError):
+                raise rec
+            sample = _record_to_sample(rec, where)
+            if sample.sample_id in seen:
+                raise DataError(f"{where}: duplicate sample id '{sample.sample_id}' (first at {seen[sample.sample_id]})")
+        except DataError:
+            if on_bad_rows == "error":
+                raise
+            dropped += 1
+            continue
+        seen[sample.sample_id] = where
+        samples.append(sample)
+    if not samples:
+        raise DataError(f"{path}: no usable samples ({dropped} bad rows dropped)")
+    return samples, dropped
+
+
+def _unit_hash(sample_id: str) -> float:
+    return int(hashlib.sha256(sample_id.encode()).hexdigest()[:12], 16) / float(16**12)
+
+
+def split_holdout(samples: Sequence[Sample], fraction: float) -> tuple[list[Sample], list[Sample]]:
+    """Split by a hash of the id (stable under reordering): returns (train, held_out)."""
+    train = [s for s in samples if _unit_hash(s.sample_id) >= fraction]
+    held = [s for s in samples if _unit_hash(s.sample_id) < fraction]
+    return train, held
+
+
+def cap_samples(samples: Sequence[Sample], limit: int | None) -> list[Sample]:
+    """Keep at most ``limit`` samples, chosen by id hash (independent of file order)."""
+    if limit is None or len(samples) <= limit:
+        return list(samples)
+    return sorted(samples, key=lambda s: _unit_hash(s.sample_id))[:limit]
+
+
+def samples_to_table(samples: Sequence[Sample]) -> pa.Table:
+    return pa.table(
+        {
+            "sample_id": [s.sample_id for s in samples],
+            "prompt": [s.prompt for s in samples],
+            "response": [s.response for s in samples],
+        }
+    )
+
+
+def table_to_samples(table: pa.Table) -> list[Sample]:
+    cols = table.to_pydict()
+    return [Sample(i, p, r) for i, p, r in zip(cols["sample_id"], cols["prompt"], cols["response"])]
+
+
+def dataset_fingerprint(samples: Sequence[Sample]) -> str:
+    """sha256 (16 hex digits) of the samples' ids and texts in id order."""
+    h = hashlib.sha256()
+    for s in sorted(samples, key=lambda s: s.sample_id):
+        h.update(f"{s.sample_id}\x00{s.prompt}\x00{s.response}\x01".encode())
+    return h.hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class EncodedSample:
+    """Token ids of prompt + response; the first ``n_prompt`` ids are the prompt."""
+
+    sample_id: str
+    input_ids: list[int]
+    n_prompt: int
+
+    @property
+    def n_response(self) -> int:
+        return len(self.input_ids) - self.n_prompt
+
+
+def encode_prompt(tokenizer: Any, prompt: str, template: str, max_prompt_length: int) -> list[int]:
+    """Template + tokenize a prompt, keeping its last ``max_prompt_length`` tokens."""
+    ids = tokenizer(template.format(prompt=prompt), add_special_tokens=True)["input_ids"]
+    return ids[-max_prompt_length:]
+
+
+def encode_sample(tokenizer: Any, sample: Sample, template: str, max_prompt_length: int,
+                  max_length: int) -> EncodedSample:
+    """Prompt (left-truncated) + response + EOS, cut to ``max_length`` tokens."""
+    prompt_ids = encode_prompt(tokenizer, sample.prompt, template, max_prompt_length)
+    response_ids = tokenizer(sample.response, add_special_tokens=False)["input_ids"]
+    if tokenizer.eos_token_id is not None:
+        response_ids = response_ids + [tokenizer.eos_token_id]
+    ids = (prompt_ids + response_ids)[:max_length]
+    return EncodedSample(sample.sample_id, ids, len(prompt_ids))
+
+
+def pad_id_of(tokenizer: Any) -> int:
+    if tokenizer.pad_token_id is not None:
+        return int(tokenizer.pad_token_id)
+    if tokenizer.eos_token_id is not None:
+        return int(tokenizer.eos_token_id)
+    return 0
+
+
+def collate(batch: Sequence[EncodedSample], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a batch.
+
+    Returns input_ids [B, L] (int64), attention_mask [B, L] (1 = real token) and target_mask [B, L]
+    (1 where the token is a response token, i.e. a prediction target of the previous position).
+    """
+    if not batch:
+        raise ValueError("collate: empty batch")
+    length = max(len(e.input_ids) for e in batch)
+    ids = torch.full((len(batch), length), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(batch), length), dtype=torch.long)
+    target = torch.zeros((len(batch), length), dtype=torch.long)
+    for i, e in enumerate(batch):
+        n = len(e.input_ids)
+        ids[i, :n] = torch.tensor(e.input_ids, dtype=torch.long)
+        attn[i, :n] = 1
+        target[i, e.n_prompt:n] = 1
+    return {"input_ids": ids, "attention_mask": attn, "target_mask": target}
