@@ -151,6 +151,19 @@ class OptimConfig(_Section):
     micro_batch_size: int = Field(8, gt=0)
 
 
+class TrainConfig(_Section):
+    """Training-loop mechanics (not the recipe).
+
+    checkpoint_every_steps: also checkpoint every N optimizer steps inside a stage (0 = only at
+    stage boundaries, which always checkpoint). keep_checkpoints: newest checkpoints kept by Ray
+    Train (None keeps all). log_every_steps: metrics window reported to Ray Train and the log.
+    """
+
+    checkpoint_every_steps: int = Field(0, ge=0)
+    keep_checkpoints: Optional[int] = Field(None, ge=1)
+    log_every_steps: int = Field(10, ge=1)
+
+
 class RayConfig(_Section):
     """Where and how wide the distillation job runs.
 
@@ -195,6 +208,7 @@ class PoclConfig(_Section):
     curriculum: CurriculumConfig = Field(default_factory=CurriculumConfig)
     loss: LossConfig = Field(default_factory=LossConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
 

@@ -5,7 +5,8 @@ Run folder layout (``<runs_root>/<run_name>/``)::
     config.yaml                 the resolved config
     data/train.parquet          SAMPLES_SCHEMA, the training split after loading
     data/eval.parquet           SAMPLES_SCHEMA, the held-out split
-    scores/part-00000.parquet   scores_schema(measures): one shard per scoring group
+    scores/measures/part-*.parquet  measures_schema: raw per-sample measures (the resume unit)
+    scores/part-00000.parquet   scores_schema(measures): fused difficulty and rank, same sharding
     partition.parquet           PARTITION_SCHEMA: sample -> bucket
     train/                      Ray Train storage: checkpoints
     student/                    final student (save_pretrained, safetensors) + tokenizer
@@ -72,6 +73,16 @@ EVAL_METRICS_SCHEMA = pa.schema(
 )
 
 
+def measures_schema(measures: Iterable[str]) -> pa.Schema:
+    """Schema of a raw measures shard (scores/measures/part-*.parquet): the resume unit of scoring."""
+    fields = [
+        pa.field("sample_id", pa.string(), nullable=False),
+        pa.field("n_prompt_tokens", pa.int32(), nullable=False),
+        pa.field("n_response_tokens", pa.int32(), nullable=False),
+    ]
+    return pa.schema(fields + [pa.field(m, pa.float64(), nullable=False) for m in measures])
+
+
 def scores_schema(measures: Iterable[str]) -> pa.Schema:
     """Schema of a scores shard: ids, token counts, one float64 column per measure, difficulty, rank."""
     fields = [
@@ -115,6 +126,9 @@ class RunPaths:
 
     def score_shard(self, index: int) -> Path:
         return self.scores_dir / f"part-{index:05d}.parquet"
+
+    def measures_shard(self, index: int) -> Path:
+        return self.scores_dir / "measures" / f"part-{index:05d}.parquet"
 
     @property
     def partition(self) -> Path:

@@ -1,0 +1,138 @@
+"""Training checkpoints: one folder holding everything needed to continue exactly.
+
+Folder contents::
+
+    model.safetensors     student weights (state dict of the unwrapped model)
+    optimizer.pt          optimizer state_dict (torch.save; loaded with weights_only=True)
+    scheduler.pt          LR scheduler state_dict
+    rng.pt                torch / numpy / python RNG states
+    position.json         curriculum position: stage, step_in_stage, global_step, samples_seen
+    manifest.json         sha256 of every file above; written last, so its presence marks completion
+
+``load_checkpoint`` verifies the manifest and raises CheckpointError on a missing or altered file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+MANIFEST = "manifest.json"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint folder is incomplete or fails its checksums."""
+
+
+@dataclass(frozen=True)
+class Position:
+    """Where training stands: the next step to run is ``step_in_stage`` of ``stage``."""
+
+    stage: int
+    step_in_stage: int
+    global_step: int
+    samples_seen: int
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def rng_state() -> dict[str, Any]:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+
+
+def save_checkpoint(folder: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    scheduler: Any, position: Position, extra: dict[str, Any] | None = None) -> Path:
+    """Write a complete checkpoint into ``folder`` (created); the manifest goes last."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(_untie(state), str(folder / "model.safetensors"))
+    torch.save(optimizer.state_dict(), folder / "optimizer.pt")
+    torch.save(scheduler.state_dict(), folder / "scheduler.pt")
+    # numpy's legacy state tuple holds an ndarray: store it as plain lists for weights_only loading.
+    rng = rng_state()
+    np_state = rng["numpy"]
+    rng["numpy"] = (np_state[0], np_state[1].tolist(), *np_state[2:])
+    torch.save(rng, folder / "rng.pt")
+    (folder / "position.json").write_text(json.dumps({**asdict(position), **(extra or {})}, indent=2))
+    files = ["model.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt", "position.json"]
+    manifest = {f: _sha256(folder / f) for f in files}
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    return folder
+
+
+def _untie(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """safetensors refuses shared storage (tied embeddings): clone tensors that alias another."""
+    seen: set[int] = set()
+    out = {}
+    for k, v in state.items():
+        ptr = v.untyped_storage().data_ptr()
+        out[k] = v.clone() if ptr in seen else v
+        seen.add(ptr)
+    return out
+
+
+def verify_checkpoint(folder: str | Path) -> None:
+    """Raise CheckpointError unless the manifest exists and every checksum matches."""
+    folder = Path(folder)
+    manifest_path = folder / MANIFEST
+    if not manifest_path.is_file():
+        raise CheckpointError(f"{folder}: no {MANIFEST} (incomplete checkpoint)")
+    manifest = json.loads(manifest_path.read_text())
+    for name, digest in manifest.items():
+        path = folder / name
+        if not path.is_file():
+            raise CheckpointError(f"{folder}: missing {name}")
+        if _sha256(path) != digest:
+            raise CheckpointError(f"{folder}: checksum mismatch for {name}")
+
+
+def read_position(folder: str | Path) -> Position:
+    data = json.loads((Path(folder) / "position.json").read_text())
+    return Position(**{k: data[k] for k in ("stage", "step_in_stage", "global_step", "samples_seen")})
+
+
+def load_checkpoint(folder: str | Path, model: torch.nn.Module | None = None,
+                    optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None,
+                    restore_rng: bool = False) -> Position:
+    """Verify the checksums, then load what is given (weights, optimizer, scheduler, RNG) in place.
+
+    Returns the saved curriculum position.
+    """
+    folder = Path(folder)
+    verify_checkpoint(folder)
+    if model is not None:
+        try:
+            model.load_state_dict(load_file(str(folder / "model.safetensors")))
+        except RuntimeError as exc:
+            raise CheckpointError(f"{folder}: weights do not match the model: {exc}") from None
+    if optimizer is not None:
+        optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
+    if scheduler is not None:
+        scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
+    if restore_rng:
+        rng = torch.load(folder / "rng.pt", weights_only=True)
+        np_state = rng["numpy"]
+        rng["numpy"] = (np_state[0], np.asarray(np_state[1], dtype=np.uint32), *np_state[2:])
+        set_rng_state(rng)
+    return read_position(folder)

@@ -1,0 +1,102 @@
+"""Held-out evaluation: ROUGE-L F1 (×100) of generations against references, and response NLL.
+
+ROUGE-L uses the ``rouge-score`` package with Porter stemming (the method's metric). Generations
+are sampled per seed with the configured settings (temperature 1, top_k 0, top_p 1,
+no_repeat_ngram_size 6 by default) or greedy when ``do_sample`` is False.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from pocl_core.config import EvalConfig
+from pocl_core.data import Sample, encode_prompt, encode_sample, pad_id_of
+from pocl_core.measures import ScoringContext, length_sorted_batches, measure_nll
+
+
+@functools.lru_cache(maxsize=1)
+def _rouge_scorer() -> Any:
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+
+
+def rouge_l_f1(prediction: str, reference: str) -> float:
+    """ROUGE-L F1 in [0, 1] with stemming; 0 when either text has no tokens."""
+    return float(_rouge_scorer().score(reference, prediction)["rougeL"].fmeasure)
+
+
+@dataclass(frozen=True)
+class Generation:
+    seed: int
+    sample_id: str
+    generation: str
+    reference: str
+    rouge_l: float
+
+
+@torch.no_grad()
+def generate_responses(model: torch.nn.Module, tokenizer: Any, samples: Sequence[Sample], *, template: str,
+                       max_prompt_length: int, cfg: EvalConfig, seed: int, device: torch.device) -> list[str]:
+    """One generation per sample (same order as ``samples``), prompts left-padded in batches."""
+    pad = pad_id_of(tokenizer)
+    prompts = [encode_prompt(tokenizer, s.prompt, template, max_prompt_length) for s in samples]
+    out: list[str] = [""] * len(samples)
+    torch.manual_seed(seed)
+    order = sorted(range(len(samples)), key=lambda i: -len(prompts[i]))
+    for start in range(0, len(order), cfg.batch_size):
+        idx = order[start:start + cfg.batch_size]
+        width = max(len(prompts[i]) for i in idx)
+        ids = torch.full((len(idx), width), pad, dtype=torch.long)
+        attn = torch.zeros_like(ids)
+        for r, i in enumerate(idx):
+            n = len(prompts[i])
+            ids[r, width - n:] = torch.tensor(prompts[i])
+            attn[r, width - n:] = 1
+        gen_kwargs: dict[str, Any] = dict(max_new_tokens=cfg.max_new_tokens, pad_token_id=pad,
+                                          eos_token_id=tokenizer.eos_token_id,
+                                          no_repeat_ngram_size=cfg.no_repeat_ngram_size or None)
+        if cfg.do_sample:
+            gen_kwargs.update(do_sample=True, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
+        else:
+            gen_kwargs.update(do_sample=False)
+        seqs = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device), **gen_kwargs)
+        for r, i in enumerate(idx):
+            out[i] = tokenizer.decode(seqs[r, width:], skip_special_tokens=True).strip()
+    return out
+
+
+def evaluate_generations(model: torch.nn.Module, tokenizer: Any, samples: Sequence[Sample], *, template: str,
+                         max_prompt_length: int, cfg: EvalConfig, device: torch.device) -> list[Generation]:
+    """Generations and their ROUGE-L for every seed in ``cfg.seeds``."""
+    rows = []
+    for seed in cfg.seeds:
+        texts = generate_responses(model, tokenizer, samples, template=template, max_prompt_length=max_prompt_length,
+                                   cfg=cfg, seed=seed, device=device)
+        rows += [Generation(seed, s.sample_id, t, s.response, rouge_l_f1(t, s.response)) for s, t in zip(samples, texts)]
+    return rows
+
+
+def mean_response_nll(model: torch.nn.Module, tokenizer: Any, samples: Sequence[Sample], *, template: str,
+                      max_prompt_length: int, max_length: int, batch_size: int, device: torch.device) -> float:
+    """Token-weighted mean NLL (nats/token) of the reference responses."""
+    encoded = [encode_sample(tokenizer, s, template, max_prompt_length, max_length) for s in samples]
+    ctx = ScoringContext(model, tokenizer, pad_id_of(tokenizer), device)
+    total = tokens = 0.0
+    for batch in length_sorted_batches(encoded, batch_size):
+        for e, nll in zip(batch, measure_nll(ctx, batch)):
+            total += nll * e.n_response
+            tokens += e.n_response
+    return total / max(tokens, 1.0)
+
+
+def summarize_rouge(rows: Sequence[Generation]) -> tuple[float, float]:
+    """(mean over seeds of the per-seed mean ROUGE-L ×100, std over seeds ×100; 0 with one seed)."""
+    seeds = sorted({r.seed for r in rows})
+    per_seed = [100.0 * float(np.mean([r.rouge_l for r in rows if r.seed == s])) for s in seeds]
+    return float(np.mean(per_seed)), float(np.std(per_seed, ddof=1)) if len(per_seed) > 1 else 0.0

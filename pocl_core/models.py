@@ -1,0 +1,72 @@
+"""Loading teacher, student and tokenizer through the standard Hugging Face paths, and fingerprints.
+
+Safe defaults: ``trust_remote_code`` comes from the config (default False) and weights are read
+from safetensors where the folder has them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> Any:
+    """AutoTokenizer with a pad token guaranteed (EOS is reused when the tokenizer has none)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    if tok.pad_token_id is None and tok.eos_token_id is not None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_causal_lm(name_or_path: str, dtype: str = "float32", trust_remote_code: bool = False,
+                   device: str | torch.device = "cpu") -> torch.nn.Module:
+    """AutoModelForCausalLM in ``dtype`` on ``device`` (safetensors preferred)."""
+    from transformers import AutoModelForCausalLM
+
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype '{dtype}'; choose one of {sorted(DTYPES)}")
+    model = AutoModelForCausalLM.from_pretrained(
+        name_or_path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, use_safetensors=_has_safetensors(name_or_path)
+    )
+    return model.to(device)
+
+
+def _has_safetensors(name_or_path: str) -> bool | None:
+    p = Path(name_or_path)
+    if p.is_dir():
+        return any(p.glob("*.safetensors")) or None
+    return None  # hub name: let transformers pick (it prefers safetensors)
+
+
+def model_fingerprint(name_or_path: str) -> str:
+    """sha256 (16 hex digits) of a local model folder's config and weight files; the name for hub ids."""
+    p = Path(name_or_path)
+    if not p.is_dir():
+        return f"hub:{name_or_path}"
+    h = hashlib.sha256()
+    files = sorted(
+        f for f in p.iterdir()
+        if f.is_file() and (f.name == "config.json" or f.suffix in (".safetensors", ".bin"))
+    )
+    if not files:
+        raise FileNotFoundError(f"{p}: no config.json or weight files to fingerprint")
+    for f in files:
+        h.update(f.name.encode())
+        with f.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 22), b""):
+                h.update(block)
+    return h.hexdigest()[:16]
+
+
+def resolve_device(use_gpu: bool) -> torch.device:
+    if use_gpu and torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+    return torch.device("cpu")

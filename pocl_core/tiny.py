@@ -1,0 +1,97 @@
+"""Tiny teacher/student pairs built locally (no download), for tests and the smoke-test config.
+
+``build_tiny_models`` trains a byte-level BPE tokenizer on the given texts, builds a Llama teacher
+and a smaller Llama student sharing it, optionally warms the teacher up with a few steps of
+supervised training on the texts (so distillation has something to transfer), and saves all three
+with ``save_pretrained`` (safetensors). They load back through ``AutoModelForCausalLM``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+SPECIAL_TOKENS = ["<pad>", "<s>", "</s>"]
+
+
+@dataclass(frozen=True)
+class TinyPaths:
+    teacher: Path
+    student: Path
+
+
+def train_tokenizer(texts: Sequence[str], vocab_size: int = 512) -> "PreTrainedTokenizerFast":  # noqa: F821
+    """A byte-level BPE tokenizer with <pad>=0, <s>=1, </s>=2; BOS is prepended to encoded text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>"
+    )
+
+
+def _llama(vocab_size: int, hidden: int, layers: int, heads: int, seed: int) -> torch.nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=512,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(cfg)
+
+
+def _warm_up(model: torch.nn.Module, tokenizer, texts: Sequence[str], steps: int, seed: int) -> None:
+    """A few AdamW steps of plain next-token training on ``texts`` (the teacher's 'pretraining')."""
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(steps):
+        idx = torch.randint(len(texts), (16,), generator=gen).tolist()
+        enc = tokenizer([texts[i] + tokenizer.eos_token for i in idx], return_tensors="pt",
+                        padding=True, truncation=True, max_length=128)
+        labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+        loss = model(**enc, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+
+
+def build_tiny_models(out_dir: str | Path, texts: Sequence[str], *, vocab_size: int = 512,
+                      teacher_layers: int = 4, teacher_hidden: int = 64, student_layers: int = 2,
+                      student_hidden: int = 32, teacher_warmup_steps: int = 0, seed: int = 0) -> TinyPaths:
+    """Build and save ``out_dir/teacher`` and ``out_dir/student`` (each with the shared tokenizer).
+
+    Returns their paths. Rebuilding with the same arguments gives the same weights (seeded).
+    """
+    out = Path(out_dir)
+    tokenizer = train_tokenizer(texts, vocab_size=vocab_size)
+    vocab = len(tokenizer)
+    teacher = _llama(vocab, teacher_hidden, teacher_layers, heads=4, seed=seed)
+    student = _llama(vocab, student_hidden, student_layers, heads=2, seed=seed + 1)
+    if teacher_warmup_steps:
+        _warm_up(teacher, tokenizer, texts, teacher_warmup_steps, seed)
+    paths = TinyPaths(out / "teacher", out / "student")
+    for model, path in ((teacher, paths.teacher), (student, paths.student)):
+        model.save_pretrained(path, safe_serialization=True)
+        tokenizer.save_pretrained(path)
+    (out / "tiny.json").write_text(json.dumps({"vocab_size": vocab, "teacher_warmup_steps": teacher_warmup_steps,
+                                               "seed": seed}, indent=2))
+    return paths

@@ -1,0 +1,111 @@
+"""Task: run curriculum distillation as a Ray Train job and save the final student.
+
+Ray Train storage is ``<run>/train`` with the fixed experiment name ``distill``: starting the flow
+again with the same run name makes Ray Train resume from the newest checkpoint of that run, so
+finished stages are not redone. The final checkpoint becomes ``<run>/student`` (save_pretrained,
+safetensors, with the tokenizer), written to a temporary folder and renamed into place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import ray
+from prefect import task
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from pocl_core.checkpoint import load_checkpoint
+from pocl_core.config import PoclConfig
+from pocl_core.contracts import RunPaths
+from pocl_core.models import load_causal_lm, load_tokenizer, model_fingerprint
+from tasks.common import task_logger
+from tasks.distill_loop import distill_loop
+from tasks.load_data import DatasetSplits
+
+PROVENANCE_FILE = "pocl_provenance.json"
+EXPERIMENT_NAME = "distill"
+
+
+def training_key(cfg: PoclConfig, data: DatasetSplits, partition_path: str) -> str:
+    """Hash of everything the trained weights depend on (recipe, models, data, partition)."""
+    from pocl_core.contracts import read_metadata
+
+    blob = {
+        "recipe": json.loads(json.dumps(cfg.model_dump(mode="json", include={
+            "seed", "curriculum", "loss", "optim", "data"}))),
+        "teacher": model_fingerprint(cfg.models.teacher),
+        "student": model_fingerprint(cfg.models.student),
+        "train": data.train_fingerprint,
+        "partition": read_metadata(partition_path),
+    }
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def ensure_ray(address: str | None) -> None:
+    """Connect to ``address`` (or RAY_ADDRESS), or start a local Ray when neither is set."""
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    ray.init(address=address, include_dashboard=False, log_to_driver=True,
+             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+
+
+@task(name="distill")
+def distill(cfg: PoclConfig, data: DatasetSplits, partition_path: str) -> str:
+    """Train (or resume) the curriculum and return the final student's folder."""
+    log = task_logger()
+    paths = RunPaths.of(cfg.run_dir)
+    key = training_key(cfg, data, partition_path)
+    provenance_file = paths.student / PROVENANCE_FILE
+    if provenance_file.is_file() and json.loads(provenance_file.read_text()).get("train_key") == key:
+        log.info("reusing the trained student in %s", paths.student)
+        return str(paths.student)
+
+    ensure_ray(cfg.ray.address)
+    storage = paths.train_storage.resolve()
+    trainer = TorchTrainer(
+        distill_loop,
+        train_loop_config={
+            "cfg": cfg.model_dump(mode="json"),
+            "train_path": str(Path(data.train_path).resolve()),
+            "partition_path": str(Path(partition_path).resolve()),
+            "metrics_path": str((storage / "metrics.jsonl").resolve()),
+            "train_key": key,
+        },
+        scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu),
+        run_config=RunConfig(
+            name=EXPERIMENT_NAME,
+            storage_path=str(storage),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+            failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
+        ),
+    )
+    log.info("distilling with %d Ray Train worker(s), storage %s", cfg.ray.num_workers, storage)
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"distillation finished without a checkpoint in {storage}")
+    with result.checkpoint.as_directory() as ckpt:
+        save_student(cfg, ckpt, paths.student, key)
+    log.info("final student saved to %s", paths.student)
+    return str(paths.student)
+
+
+def save_student(cfg: PoclConfig, checkpoint_dir: str, out: Path, train_key: str) -> None:
+    """Load a checkpoint's weights into the student architecture and save_pretrained it atomically."""
+    model = load_causal_lm(cfg.models.student, "float32", cfg.models.trust_remote_code)
+    position = load_checkpoint(checkpoint_dir, model=model)
+    if position.stage < cfg.curriculum.num_stages:
+        raise RuntimeError(f"checkpoint {checkpoint_dir} is at stage {position.stage}, not finished")
+    tokenizer = load_tokenizer(cfg.models.tokenizer or cfg.models.student, cfg.models.trust_remote_code)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    (tmp / PROVENANCE_FILE).write_text(json.dumps({"train_key": train_key, "position": position.__dict__}, indent=2))
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)

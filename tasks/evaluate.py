@@ -1,0 +1,58 @@
+"""Task: evaluate teacher, initial student and final student on the held-out split."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from prefect import task
+
+from pocl_core.config import PoclConfig
+from pocl_core.contracts import (EVAL_METRICS_SCHEMA, GENERATIONS_SCHEMA, RunPaths, check_provenance,
+                                 write_table_atomic)
+from pocl_core.data import table_to_samples
+from pocl_core.evaluate import evaluate_generations, mean_response_nll, summarize_rouge
+from pocl_core.models import load_causal_lm, load_tokenizer, model_fingerprint, resolve_device
+from tasks.common import Progress, task_logger
+from tasks.load_data import DatasetSplits
+
+
+def models_to_evaluate(cfg: PoclConfig, student_path: str) -> dict[str, str]:
+    return {"teacher": cfg.models.teacher, "initial_student": cfg.models.student, "final_student": student_path}
+
+
+@task(name="evaluate")
+def evaluate(cfg: PoclConfig, data: DatasetSplits, student_path: str) -> str:
+    """Write eval/generations.parquet and eval/metrics.parquet; returns the metrics path."""
+    log = task_logger()
+    paths = RunPaths.of(cfg.run_dir)
+    models = models_to_evaluate(cfg, student_path)
+    provenance = {"eval": cfg.eval.model_dump(mode="json"), "eval_data": data.eval_fingerprint,
+                  "models": {name: model_fingerprint(p) for name, p in models.items()}}
+    if check_provenance(paths.eval_metrics, provenance) and paths.generations.exists():
+        log.info("reusing evaluation in %s", paths.eval_dir)
+        return str(paths.eval_metrics)
+
+    samples = table_to_samples(pq.read_table(data.eval_path))
+    device = resolve_device(cfg.ray.use_gpu)
+    tokenizer = load_tokenizer(cfg.models.tokenizer or cfg.models.student, cfg.models.trust_remote_code)
+    gen_rows, metric_rows = [], []
+    progress = Progress("evaluate", len(models), "evaluating models")
+    for done, (name, path) in enumerate(models.items(), start=1):
+        dtype = cfg.models.teacher_dtype if name == "teacher" else "float32"
+        model = load_causal_lm(path, dtype, cfg.models.trust_remote_code, device).eval()
+        common = dict(template=cfg.data.prompt_template, max_prompt_length=cfg.data.max_prompt_length, device=device)
+        gens = evaluate_generations(model, tokenizer, samples, cfg=cfg.eval, **common)
+        nll = mean_response_nll(model, tokenizer, samples, max_length=cfg.data.max_length,
+                                batch_size=cfg.eval.batch_size, **common)
+        rouge, rouge_std = summarize_rouge(gens)
+        gen_rows += [{"model": name, **asdict(g)} for g in gens]
+        metric_rows.append({"model": name, "rouge_l": rouge, "rouge_l_std": rouge_std, "nll": nll,
+                            "num_samples": len(samples), "num_seeds": len(cfg.eval.seeds)})
+        log.info("%s: ROUGE-L %.2f ± %.2f, NLL %.3f", name, rouge, rouge_std, nll)
+        progress.update(done)
+        del model
+    write_table_atomic(pa.Table.from_pylist(gen_rows), paths.generations, GENERATIONS_SCHEMA, provenance)
+    write_table_atomic(pa.Table.from_pylist(metric_rows), paths.eval_metrics, EVAL_METRICS_SCHEMA, provenance)
+    return str(paths.eval_metrics)

@@ -1,0 +1,62 @@
+"""Task: read the configured data files into the run folder's train/eval Parquet splits."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from prefect import task
+
+from pocl_core.config import PoclConfig
+from pocl_core.contracts import SAMPLES_SCHEMA, RunPaths, check_provenance, read_metadata, write_table_atomic
+from pocl_core.data import cap_samples, dataset_fingerprint, load_samples, samples_to_table, split_holdout
+from tasks.common import task_logger
+
+
+@dataclass(frozen=True)
+class DatasetSplits:
+    """Paths of the normalised splits and their fingerprints."""
+
+    train_path: str
+    eval_path: str
+    train_fingerprint: str
+    eval_fingerprint: str
+    num_train: int
+    num_eval: int
+
+
+def _source_provenance(cfg: PoclConfig) -> dict:
+    return {"source": cfg.fingerprint("data")}
+
+
+@task(name="load-dataset")
+def load_dataset(cfg: PoclConfig) -> DatasetSplits:
+    """Write ``data/train.parquet`` and ``data/eval.parquet``; reuse them when the data config is unchanged."""
+    log = task_logger()
+    paths = RunPaths.of(cfg.run_dir)
+    expected = _source_provenance(cfg)
+    if check_provenance(paths.train_data, expected) and check_provenance(paths.eval_data, expected):
+        meta_t, meta_e = read_metadata(paths.train_data), read_metadata(paths.eval_data)
+        log.info("reusing loaded data in %s", paths.train_data.parent)
+        return DatasetSplits(str(paths.train_data), str(paths.eval_data), meta_t["dataset_fingerprint"],
+                             meta_e["dataset_fingerprint"], meta_t["num_samples"], meta_e["num_samples"])
+    samples, dropped = load_samples(cfg.data.train_path)
+    if cfg.data.eval_path:
+        train = samples
+        held, dropped_eval = load_samples(cfg.data.eval_path)
+        dropped += dropped_eval
+    else:
+        train, held = split_holdout(samples, cfg.data.eval_fraction)
+    train = cap_samples(train, cfg.data.max_train_samples)
+    held = cap_samples(held, cfg.data.max_eval_samples)
+    if not train:
+        raise ValueError(f"{cfg.data.train_path}: no training samples left after the held-out split")
+    if not held:
+        raise ValueError("no held-out samples: set data.eval_path or a larger data.eval_fraction")
+    out = []
+    for split, rows, path in (("train", train, paths.train_data), ("eval", held, paths.eval_data)):
+        fp = dataset_fingerprint(rows)
+        write_table_atomic(samples_to_table(rows), path, SAMPLES_SCHEMA,
+                           {**expected, "dataset_fingerprint": fp, "num_samples": len(rows), "split": split})
+        out.append(fp)
+    log.info("loaded %d train / %d held-out samples (%d bad rows dropped)", len(train), len(held), dropped)
+    return DatasetSplits(str(paths.train_data), str(paths.eval_data), out[0], out[1], len(train), len(held))

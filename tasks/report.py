@@ -1,0 +1,65 @@
+"""Task: the run report (report.md in the run folder) and the same as keyed Prefect artifacts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+from prefect import task
+
+from pocl_core.config import PoclConfig
+from pocl_core.contracts import RunPaths, write_text_atomic
+from pocl_core.schedule import build_schedule
+from tasks.common import publish_markdown, publish_table, task_logger
+
+
+def read_train_metrics(path: Path) -> list[dict]:
+    """Metric rows from the training log, the last row per global step (a resumed run may repeat some)."""
+    if not path.is_file():
+        return []
+    rows: dict[int, dict] = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            rows[row["global_step"]] = row
+    return [rows[k] for k in sorted(rows)]
+
+
+def render_report(cfg: PoclConfig, metrics: list[dict], train_rows: list[dict], partition_path: str) -> str:
+    part = pq.read_table(partition_path).column("bucket").to_numpy()
+    lines = [f"# POCL distillation report: `{cfg.run_name}`", "",
+             f"- teacher: `{cfg.models.teacher}`", f"- student (initial): `{cfg.models.student}`",
+             f"- loss: `{cfg.loss.name}` {cfg.loss.params or ''}", f"- strategy: `{cfg.curriculum.strategy}`, "
+             f"{cfg.curriculum.num_stages} stages × {cfg.curriculum.epochs_per_stage} epoch(s)", "",
+             "## Held-out evaluation", "", "| model | ROUGE-L (×100) | ± std over seeds | NLL (nats/token) |",
+             "|---|---:|---:|---:|"]
+    lines += [f"| {m['model']} | {m['rouge_l']:.2f} | {m['rouge_l_std']:.2f} | {m['nll']:.3f} |" for m in metrics]
+    lines += ["", "## Stage plan", "", "| stage | buckets | samples | temperature | KD weight λ |", "|---|---|---:|---:|---:|"]
+    for plan in build_schedule(cfg.curriculum):
+        n = int((part <= plan.stage).sum())
+        lines.append(f"| {plan.stage} | 0..{plan.stage} | {n} | {plan.temperature:.2f} | {plan.kd_weight:.2f} |")
+    if train_rows:
+        lines += ["", "## Training (last logged window of each stage)", "",
+                  "| stage | global step | loss | KD | CE | tokens/s |", "|---:|---:|---:|---:|---:|---:|"]
+        last = {r["stage"]: r for r in train_rows}
+        for s in sorted(last):
+            r = last[s]
+            lines.append(f"| {s} | {r['global_step']} | {r['loss']:.4f} | {r['kd_loss']:.4f} | {r['ce_loss']:.4f} | "
+                         f"{r['tokens_per_s']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+@task(name="report")
+def report(cfg: PoclConfig, metrics_path: str, partition_path: str) -> str:
+    """Write report.md and publish it (markdown + evaluation table artifacts); returns its path."""
+    paths = RunPaths.of(cfg.run_dir)
+    metrics = pq.read_table(metrics_path).to_pylist()
+    train_rows = read_train_metrics(paths.train_storage / "metrics.jsonl")
+    text = render_report(cfg, metrics, train_rows, partition_path)
+    write_text_atomic(paths.report, text)
+    publish_markdown("pocl-report", text, f"POCL report for run {cfg.run_name}")
+    publish_table("pocl-eval", [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in m.items()} for m in metrics],
+                  "held-out ROUGE-L and NLL per model")
+    task_logger().info("report written to %s", paths.report)
+    return str(paths.report)

@@ -1,0 +1,69 @@
+"""Shared fixtures: tiny models and data built locally (no download), isolated Prefect and Ray."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+# Isolate Prefect state and silence telemetry before anything imports prefect.
+os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="pocl-prefect-home-"))
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+
+from pocl_core.config import PoclConfig, load_config  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_DATA = REPO / "data" / "tiny" / "instructions.jsonl"
+TINY_CONFIG = REPO / "configs" / "tiny.yaml"
+
+
+@pytest.fixture(scope="session")
+def tiny_data_path() -> Path:
+    return TINY_DATA
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory):
+    """A tiny teacher (4 layers, briefly pre-trained on the data) and student sharing one tokenizer."""
+    from pocl_core.data import load_samples
+    from pocl_core.tiny import build_tiny_models
+
+    samples, _ = load_samples(TINY_DATA)
+    texts = [f"### Instruction:\n{s.prompt}\n\n### Response:\n{s.response}" for s in samples]
+    return build_tiny_models(tmp_path_factory.mktemp("tiny-models"), texts, teacher_warmup_steps=60)
+
+
+@pytest.fixture
+def make_config(tiny_models, tmp_path: Path):
+    """Factory: the tiny config pointed at the fixture models and a temporary runs_root, plus overrides."""
+
+    def make(*overrides: str) -> PoclConfig:
+        base = [f"models.teacher={tiny_models.teacher}", f"models.student={tiny_models.student}",
+                f"data.train_path={TINY_DATA}", f"runs_root={tmp_path / 'runs'}"]
+        return load_config(TINY_CONFIG, base + list(overrides))
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """A temporary Prefect server for the whole session (flows, tasks and artifacts)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness():
+        yield
+
+
+@pytest.fixture(scope="session")
+def local_ray():
+    """One local Ray for the session (2 CPUs), shut down at the end."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()

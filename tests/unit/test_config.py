@@ -1,0 +1,78 @@
+import textwrap
+
+import pytest
+
+from pocl_core.config import ConfigError, load_config, parse_overrides
+from tests.conftest import TINY_CONFIG
+
+
+def test_tiny_config_loads_and_run_dir_joins_root_and_name():
+    cfg = load_config(TINY_CONFIG, ["run_name=demo", "runs_root=/some/dir", "curriculum.num_stages=3"])
+    assert cfg.run_dir == "/some/dir/demo"
+    assert cfg.curriculum.num_stages == 3
+    assert cfg.models.trust_remote_code is False
+
+
+def test_override_values_are_parsed_as_yaml():
+    assert parse_overrides(["a.b=3", "c=true", "d=[1, 2]", "e=text", "f=0.5"]) == [
+        ("a.b", 3), ("c", True), ("d", [1, 2]), ("e", "text"), ("f", 0.5)]
+
+
+@pytest.mark.parametrize("override, key", [
+    ("curriculum.num_stagez=3", "curriculum.num_stagez"),
+    ("nonsense=1", "nonsense"),
+    ("optim.lrr=1", "optim.lrr"),
+])
+def test_unknown_keys_are_named(override, key):
+    with pytest.raises(ConfigError) as err:
+        load_config(TINY_CONFIG, [override])
+    assert key in str(err.value) and "unknown key" in str(err.value)
+
+
+@pytest.mark.parametrize("override, key", [
+    ("curriculum.num_stages=0", "curriculum.num_stages"),
+    ("optim.lr=-1", "optim.lr"),
+    ("data.eval_fraction=1.5", "data.eval_fraction"),
+    ("ray.num_workers=-2", "ray.num_workers"),
+    ("curriculum.strategy=sideways", "curriculum.strategy"),
+    ("run_name=has/slash", "run_name"),
+])
+def test_out_of_range_values_are_named(override, key):
+    with pytest.raises(ConfigError) as err:
+        load_config(TINY_CONFIG, [override])
+    assert key in str(err.value)
+
+
+def test_cross_field_errors_name_both_keys():
+    with pytest.raises(ConfigError, match=r"curriculum.temperatures.*num_stages"):
+        load_config(TINY_CONFIG, ["curriculum.temperatures=[1.0, 2.0]"])
+    with pytest.raises(ConfigError, match=r"global_batch_size.*ray.num_workers"):
+        load_config(TINY_CONFIG, ["optim.global_batch_size=15"])
+    with pytest.raises(ConfigError, match=r"max_prompt_length"):
+        load_config(TINY_CONFIG, ["data.max_prompt_length=200", "data.max_length=100"])
+
+
+def test_missing_required_section_and_bad_files(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text(textwrap.dedent("""
+        models: {teacher: a}
+        data: {train_path: x.jsonl}
+    """))
+    with pytest.raises(ConfigError, match=r"models.student: required key is missing"):
+        load_config(p)
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "absent.yaml")
+    p.write_text("models: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(p)
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(TINY_CONFIG, ["novalue"])
+    with pytest.raises(ConfigError, match="not a section"):
+        load_config(TINY_CONFIG, ["seed.sub=1"])
+
+
+def test_fingerprint_changes_with_the_section_it_covers():
+    a = load_config(TINY_CONFIG)
+    b = load_config(TINY_CONFIG, ["optim.lr=0.5"])
+    assert a.fingerprint("data") == b.fingerprint("data")
+    assert a.fingerprint("optim") != b.fingerprint("optim")

@@ -1,0 +1,86 @@
+import json
+
+import pytest
+import torch
+
+from pocl_core.data import (DataError, Sample, cap_samples, collate, dataset_fingerprint, encode_sample, load_samples,
+                            split_holdout, stable_sample_id)
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def test_dolly_alpaca_and_plain_fields(tmp_path):
+    p = write_jsonl(tmp_path / "d.jsonl", [
+        {"instruction": "Sum", "context": "1 and 2", "response": "3"},
+        {"instruction": "Greet", "input": "", "output": "hi", "id": 7},
+        {"prompt": "Q", "response": "A", "sample_id": "x"},
+    ])
+    samples, dropped = load_samples(p)
+    assert dropped == 0
+    assert samples[0] == Sample(stable_sample_id("Sum\n\n1 and 2", "3"), "Sum\n\n1 and 2", "3")
+    assert samples[1].sample_id == "7" and samples[1].prompt == "Greet" and samples[1].response == "hi"
+    assert samples[2].sample_id == "x"
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"instruction": "x"}, "missing field 'response'"),
+    ({"instruction": "x", "response": 3}, "field 'response' must be a string"),
+    ({"instruction": "x", "response": "  "}, "empty response"),
+    ({"text": "x"}, "no known fields"),
+    ("{not json", "not valid JSON"),
+    ('["a"]', "not an object"),
+])
+def test_bad_rows_name_file_and_line(tmp_path, row, message):
+    p = write_jsonl(tmp_path / "bad.jsonl", [{"instruction": "ok", "response": "fine"}, row])
+    with pytest.raises(DataError, match=rf"bad.jsonl:2: .*{message}"):
+        load_samples(p)
+    samples, dropped = load_samples(p, on_bad_rows="drop")
+    assert len(samples) == 1 and dropped == 1
+
+
+def test_duplicate_ids_and_undecodable_bytes(tmp_path):
+    p = write_jsonl(tmp_path / "dup.jsonl", [{"prompt": "a", "response": "b", "id": 1}, {"prompt": "c", "response": "d", "id": 1}])
+    with pytest.raises(DataError, match=r"dup.jsonl:2: duplicate sample id '1' \(first at .*dup.jsonl:1\)"):
+        load_samples(p)
+    raw = tmp_path / "bytes.jsonl"
+    raw.write_bytes(b'{"prompt": "a", "response": "b"}\n{"prompt": "\xff\xfe", "response": "b"}\n')
+    with pytest.raises(DataError, match=r"bytes.jsonl:2: not valid UTF-8"):
+        load_samples(raw)
+
+
+def test_zero_usable_samples_and_missing_file(tmp_path):
+    p = write_jsonl(tmp_path / "none.jsonl", [{"prompt": "a"}])
+    with pytest.raises(DataError, match="no usable samples"):
+        load_samples(p, on_bad_rows="drop")
+    with pytest.raises(DataError, match="not found"):
+        load_samples(tmp_path / "absent.jsonl")
+
+
+def test_split_and_cap_do_not_depend_on_order(tiny_data_path):
+    samples, _ = load_samples(tiny_data_path)
+    train, held = split_holdout(samples, 0.1)
+    train2, held2 = split_holdout(list(reversed(samples)), 0.1)
+    assert {s.sample_id for s in held} == {s.sample_id for s in held2}
+    assert 0 < len(held) < len(samples) // 4 and len(train) + len(held) == len(samples)
+    assert {s.sample_id for s in cap_samples(train, 10)} == {s.sample_id for s in cap_samples(train2, 10)}
+    assert dataset_fingerprint(train) == dataset_fingerprint(train2)
+    assert dataset_fingerprint(train) != dataset_fingerprint(train[1:])
+
+
+def test_encoding_masks_prompt_and_truncates(tiny_models):
+    from pocl_core.models import load_tokenizer
+
+    tok = load_tokenizer(str(tiny_models.student))
+    s = Sample("a", "Repeat the word apple.", "apple")
+    e = encode_sample(tok, s, "### Instruction:\n{prompt}\n\n### Response:\n", 64, 96)
+    assert e.input_ids[0] == tok.bos_token_id and e.input_ids[-1] == tok.eos_token_id
+    assert tok.decode(e.input_ids[e.n_prompt:], skip_special_tokens=True) == "apple"
+    short = encode_sample(tok, s, "{prompt}", 3, 5)
+    assert short.n_prompt == 3 and len(short.input_ids) == 5
+    batch = collate([e, short], pad_id=tok.pad_token_id)
+    assert batch["input_ids"].shape == (2, len(e.input_ids))
+    assert batch["target_mask"][0].sum() == e.n_response and batch["target_mask"][1].sum() == 2
+    assert torch.equal(batch["attention_mask"][1], torch.tensor([1] * 5 + [0] * (len(e.input_ids) - 5)))

@@ -1,0 +1,80 @@
+import numpy as np
+import pytest
+
+from pocl_core.config import CurriculumConfig
+from pocl_core.difficulty import fuse_difficulty
+from pocl_core.partition import bucket_sizes, partition_by_rank, stage_members
+from pocl_core.schedule import build_schedule, linear_values, stage_batches, stage_num_steps
+
+
+@pytest.mark.parametrize("n, k", [(100, 4), (101, 4), (3, 4), (0, 3), (7, 1)])
+def test_bucket_sizes_are_equal_slices(n, k):
+    sizes = bucket_sizes(n, k)
+    assert sum(sizes) == n and len(sizes) == k and max(sizes) - min(sizes) <= 1
+    assert sizes == sorted(sizes, reverse=True)
+
+
+@pytest.mark.parametrize("strategy", ["curriculum", "anti", "random"])
+def test_partition_sizes_and_cumulative_membership(strategy):
+    n, k = 103, 4
+    ranks = np.random.default_rng(0).permutation(n)
+    buckets = partition_by_rank(ranks, k, strategy, seed=3)
+    assert buckets.dtype == np.int16
+    assert sorted(np.bincount(buckets, minlength=k).tolist(), reverse=True) == bucket_sizes(n, k)
+    for s in range(k):
+        members = stage_members(buckets, s)
+        assert set(members) == {i for i in range(n) if buckets[i] <= s}
+        assert len(members) == sum(bucket_sizes(n, k)[: s + 1])
+    if strategy == "curriculum":  # bucket order follows rank order
+        assert all(ranks[buckets == b].max() < ranks[buckets == b + 1].min() for b in range(k - 1))
+    if strategy == "anti":
+        assert all(ranks[buckets == b].min() > ranks[buckets == b + 1].max() for b in range(k - 1))
+
+
+def test_random_partition_is_seeded_and_not_the_curriculum():
+    ranks = np.arange(200)
+    a = partition_by_rank(ranks, 4, "random", seed=1)
+    assert np.array_equal(a, partition_by_rank(ranks, 4, "random", seed=1))
+    assert not np.array_equal(a, partition_by_rank(ranks, 4, "random", seed=2))
+    assert not np.array_equal(a, partition_by_rank(ranks, 4, "curriculum"))
+
+
+def test_partition_rejects_bad_input():
+    with pytest.raises(ValueError, match="strategy"):
+        partition_by_rank([0, 1], 2, "sideways")
+    with pytest.raises(ValueError, match="permutation"):
+        partition_by_rank([0, 0, 1], 2)
+
+
+def test_single_measure_rank_ties_broken_by_id():
+    ids = ["c", "a", "b", "d"]
+    difficulty, rank = fuse_difficulty(ids, {"nll": [2.0, 1.0, 1.0, 0.5]})
+    assert difficulty.tolist() == [2.0, 1.0, 1.0, 0.5]
+    # easiest first: d (0.5), then a and b tie at 1.0 -> a before b, then c
+    assert rank.tolist() == [3, 1, 2, 0]
+
+
+def test_reference_schedule_table():
+    plans = build_schedule(CurriculumConfig(num_stages=4, epochs_per_stage=8))
+    assert [p.buckets for p in plans] == [(0,), (0, 1), (0, 1, 2), (0, 1, 2, 3)]
+    assert np.allclose([p.temperature for p in plans], [1.0, 4 / 3, 5 / 3, 2.0])
+    assert np.allclose([p.kd_weight for p in plans], [0.7, 0.8, 0.9, 1.0])
+    assert all(p.epochs == 8 for p in plans)
+    explicit = build_schedule(CurriculumConfig(num_stages=2, temperatures=[1.0, 1.5], kd_weights=[0.5, 0.6]))
+    assert [(p.temperature, p.kd_weight) for p in explicit] == [(1.0, 0.5), (1.5, 0.6)]
+    assert linear_values(3.0, 9.0, 1) == [3.0]
+
+
+def test_stage_batches_cover_members_every_epoch_and_resume_midway():
+    members = np.arange(10, 33)  # 23 samples
+    batches = list(stage_batches(members, epochs=2, global_batch=8, seed=5, stage=1))
+    assert len(batches) == stage_num_steps(23, 2, 8) == 6
+    assert all(len(idx) == 8 for _, idx in batches)
+    for epoch in range(2):
+        seen = np.concatenate([idx for step, idx in batches[epoch * 3:(epoch + 1) * 3]])
+        assert set(seen) == set(members)  # wrap-around only repeats the epoch's own samples
+    resumed = list(stage_batches(members, epochs=2, global_batch=8, seed=5, stage=1, start_step=4))
+    assert [s for s, _ in resumed] == [4, 5]
+    assert all(np.array_equal(a, b) for (_, a), (_, b) in zip(resumed, batches[4:]))
+    other_stage = list(stage_batches(members, epochs=1, global_batch=8, seed=5, stage=2))
+    assert not np.array_equal(other_stage[0][1], batches[0][1])
