@@ -36,7 +36,7 @@ def resolve_config(config_path: Optional[str], overrides: Optional[list[str]], r
     extra = list(overrides or [])
     if run_name:
         extra.append(f"run_name={run_name}")
-    return load_config(config_path, extra)
+    return load_config(config_path, extra).with_absolute_paths()
 
 
 @flow(name="pocl-distill", log_prints=True)

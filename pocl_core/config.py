@@ -233,6 +233,30 @@ class PoclConfig(_Section):
         """The run folder, ``<runs_root>/<run_name>``."""
         return str(Path(self.runs_root) / self.run_name)
 
+    def with_absolute_paths(self, base: str | Path | None = None) -> "PoclConfig":
+        """A copy whose local paths are absolute (Ray workers run in another directory).
+
+        Model fields change only when the path exists locally (otherwise they are hub names);
+        data paths and runs_root always do, unless they are URIs (``scheme://``).
+        """
+        root = Path(base) if base is not None else Path.cwd()
+
+        def absolute(value: str | None, must_exist: bool) -> str | None:
+            if value is None or "://" in value:
+                return value
+            p = Path(value).expanduser()
+            if not p.is_absolute():
+                p = root / p
+            return str(p.resolve()) if (p.exists() or not must_exist) else value
+
+        data = self.model_dump()
+        for key in ("teacher", "student", "tokenizer"):
+            data["models"][key] = absolute(data["models"][key], must_exist=True)
+        for key in ("train_path", "eval_path"):
+            data["data"][key] = absolute(data["data"][key], must_exist=False)
+        data["runs_root"] = absolute(data["runs_root"], must_exist=False)
+        return PoclConfig.model_validate(data)
+
     def fingerprint(self, *sections: str) -> str:
         """A short sha256 of the named sections (all when none), for provenance checks."""
         data = self.model_dump(mode="json")

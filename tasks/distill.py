@@ -46,6 +46,13 @@ def training_key(cfg: PoclConfig, data: DatasetSplits, partition_path: str) -> s
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Ray Train checkpoint folders of a run, oldest first (by their reported position)."""
+    root = Path(run_dir) / "train" / EXPERIMENT_NAME
+    folders = [p for p in root.glob("checkpoint_*") if p.is_dir() and (p / "position.json").is_file()]
+    return sorted(folders, key=lambda p: json.loads((p / "position.json").read_text())["global_step"])
+
+
 def ensure_ray(address: str | None) -> None:
     """Connect to ``address`` (or RAY_ADDRESS), or start a local Ray when neither is set."""
     if ray.is_initialized():

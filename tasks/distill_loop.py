@@ -146,9 +146,9 @@ class _Window:
         self.seconds = 0.0
 
     def add(self, losses: Any, weight: float) -> None:
-        self.total += float(losses.total) * weight
-        self.kd += float(losses.kd) * weight
-        self.ce += float(losses.ce) * weight
+        self.total += losses.total.item() * weight
+        self.kd += losses.kd.item() * weight
+        self.ce += losses.ce.item() * weight
         self.weight += weight
 
     def flush(self, **fields: Any) -> dict[str, Any]:

@@ -1,0 +1,71 @@
+"""The whole DAG on tiny models: Prefect flow, local Ray with 2 workers, every output checked."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from pocl_core.contracts import PARTITION_SCHEMA, RunPaths, read_metadata, scores_schema
+from pocl_core.models import load_causal_lm, load_tokenizer
+from tasks.distill import list_checkpoints
+
+pytestmark = pytest.mark.slow
+
+
+def _mtimes(paths):
+    return {str(p): p.stat().st_mtime_ns for p in paths}
+
+
+def test_flow_end_to_end_with_two_ray_workers_and_idempotent_rerun(prefect_harness, local_ray, make_config, tmp_path):
+    from flows.pipeline import pocl_distill
+
+    overrides = [f"models.teacher={make_config().models.teacher}", f"models.student={make_config().models.student}",
+                 f"data.train_path={make_config().data.train_path}", f"runs_root={tmp_path / 'runs'}",
+                 "run_name=e2e", "ray.num_workers=2", "curriculum.num_stages=3"]
+    summary = pocl_distill(config_path="configs/tiny.yaml", overrides=overrides)
+    paths = RunPaths.of(summary.run_dir)
+    assert Path(summary.run_dir) == tmp_path / "runs" / "e2e"
+
+    # scores and partition follow their schemas; every training sample is scored once and bucketed
+    shards = sorted(paths.scores_dir.glob("part-*.parquet"))
+    assert shards
+    scores = pq.read_table(shards)
+    assert scores.schema.remove_metadata() == scores_schema(["nll"])
+    train_ids = set(pq.read_table(paths.train_data).column("sample_id").to_pylist())
+    assert set(scores.column("sample_id").to_pylist()) == train_ids
+    assert sorted(scores.column("rank").to_pylist()) == list(range(len(train_ids)))
+    part = pq.read_table(paths.partition)
+    assert part.schema.remove_metadata() == PARTITION_SCHEMA
+    assert read_metadata(paths.partition)["num_buckets"] == 3
+    assert sorted(set(part.column("bucket").to_pylist())) == [0, 1, 2]
+
+    # a checkpoint per stage boundary, and the student reloads through from_pretrained
+    ckpts = list_checkpoints(paths.root)
+    positions = [json.loads((c / "position.json").read_text())["stage"] for c in ckpts]
+    assert positions == [1, 2, 3]
+    student = load_causal_lm(summary.student)
+    tokenizer = load_tokenizer(summary.student)
+    assert (Path(summary.student) / "model.safetensors").is_file()
+    initial = load_causal_lm(str(make_config().models.student))
+    assert any(not torch.equal(a, b) for a, b in zip(student.state_dict().values(), initial.state_dict().values()))
+    assert len(tokenizer) == student.config.vocab_size
+
+    # evaluation and report
+    metrics = {r["model"]: r for r in pq.read_table(summary.metrics).to_pylist()}
+    assert set(metrics) == {"teacher", "initial_student", "final_student"}
+    assert metrics["final_student"]["nll"] < metrics["initial_student"]["nll"]
+    report = Path(summary.report).read_text()
+    assert "final_student" in report and "| 2 | 0..2 |" in report
+
+    # rerun with the same run name: scoring, partitioning and training are reused, not redone
+    watched = [*shards, *sorted((paths.scores_dir / "measures").glob("*.parquet")), paths.partition,
+               paths.student / "model.safetensors", paths.eval_metrics]
+    before = _mtimes(watched)
+    again = pocl_distill(config_path="configs/tiny.yaml", overrides=overrides)
+    assert again.student == summary.student
+    assert _mtimes(watched) == before
+    assert list_checkpoints(paths.root) == ckpts
