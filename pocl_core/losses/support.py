@@ -72,15 +72,17 @@ def common_support_log_probs(
     dtype = compute_dtype(student_logits.dtype)
     s = student_logits.to(dtype)
     t = teacher_logits.detach().to(dtype)
-    valid = (s != NEG_INF) & (t != NEG_INF)
-    if bool(valid.all()):
-        # Common case (no padded columns): skip the masking, which costs several [n, V] passes.
+    if s.numel() and bool((s.amin() > NEG_INF) & (t.amin() > NEG_INF)):
+        # Common case (no padded columns): two read-only reductions decide it, and the masking
+        # below, which costs several [n, V] passes, is skipped. (A NaN makes amin NaN: slow path.)
+        valid = torch.ones((), dtype=torch.bool, device=s.device).expand_as(s)
         if temperature != 1.0:
             s = s / temperature
             t = t / temperature
         log_q = torch.log_softmax(s, dim=-1)
         log_p = torch.log_softmax(t, dim=-1)
         return SupportLogProbs(log_p=log_p, log_q=log_q, p=log_p.exp(), q=log_q.exp(), valid=valid)
+    valid = (s != NEG_INF) & (t != NEG_INF)
     # Rows with no common column get zeros (a harmless finite softmax) and are zeroed by `valid`.
     row_ok = valid.any(dim=-1, keepdim=True)
     fill = torch.full((), NEG_INF, dtype=dtype, device=s.device)
