@@ -43,11 +43,16 @@ class ModelsConfig(_Section):
 class DataConfig(_Section):
     """Training and held-out data.
 
-    train_path: JSONL / Parquet file (Dolly, Alpaca or ``prompt``/``response`` fields).
+    train_path: JSONL / Parquet file or Hugging Face dataset folder (``Dataset.save_to_disk``) with
+    Dolly, Alpaca or ``prompt``/``response`` fields.
     eval_path: held-out file; when absent, ``eval_fraction`` of train_path is held out by a stable
-    hash of the sample id. prompt_template: formats the prompt; ``{prompt}`` is replaced.
-    max_prompt_length / max_length: token limits (prompt is truncated from the left to keep its end).
-    max_train_samples / max_eval_samples: optional caps, applied after the split (first N by id hash).
+    hash of the sample id. prompt_template: a format string whose ``{prompt}`` is replaced, or
+    ``chat``: the tokenizer's chat template with one user turn and the assistant header.
+    max_prompt_length / max_length: token limits. long_prompts: ``truncate`` cuts a longer prompt from
+    the left (keeps its end); ``drop`` removes such samples at load time (counted in the log).
+    on_bad_rows: ``error`` stops at the first unusable row (naming file and row); ``drop`` skips and
+    counts them. max_train_samples / max_eval_samples: optional caps, applied after the split (first
+    N by id hash).
     """
 
     train_path: str
@@ -56,13 +61,15 @@ class DataConfig(_Section):
     prompt_template: str = "### Instruction:\n{prompt}\n\n### Response:\n"
     max_prompt_length: int = Field(256, gt=0)
     max_length: int = Field(512, gt=1)
+    long_prompts: Literal["truncate", "drop"] = "truncate"
+    on_bad_rows: Literal["error", "drop"] = "error"
     max_train_samples: Optional[int] = Field(None, gt=0)
     max_eval_samples: Optional[int] = Field(None, gt=0)
 
     @model_validator(mode="after")
     def _check(self) -> "DataConfig":
-        if "{prompt}" not in self.prompt_template:
-            raise ValueError("data.prompt_template must contain '{prompt}'")
+        if self.prompt_template != "chat" and "{prompt}" not in self.prompt_template:
+            raise ValueError("data.prompt_template must contain '{prompt}' or be 'chat' (the tokenizer's chat template)")
         if self.max_prompt_length >= self.max_length:
             raise ValueError(
                 f"data.max_prompt_length ({self.max_prompt_length}) must be below data.max_length "

@@ -2,8 +2,17 @@
 
 A sample is ``(sample_id, prompt, response)``. Loaders accept Dolly (``instruction``, ``context``,
 ``response``), Alpaca (``instruction``, ``input``, ``output``) and plain (``prompt``, ``response``)
-records; an ``id`` or ``sample_id`` field is kept as the id, otherwise the id is a hash of
-prompt + response. Prompt tokens are never a training target: ``target_mask`` marks response tokens.
+records from JSONL, Parquet, or a Hugging Face dataset folder (``Dataset.save_to_disk``); an ``id`` or
+``sample_id`` field is kept as the id, otherwise the id is a hash of prompt + response. Bad rows
+(unparseable, missing or non-string fields, empty texts, duplicate ids) name their file and row and
+are either an error or dropped and counted (``on_bad_rows``).
+
+Prompt templates: a format string with ``{prompt}``, or ``"chat"`` (``CHAT_TEMPLATE``) for the
+tokenizer's own chat template with one user turn and the assistant header appended
+(``add_generation_prompt=True``). The response follows, then the tokenizer's EOS (for SmolLM2 that is
+``<|im_end|>``, which closes the assistant turn). Prompt tokens are never a training target:
+``target_mask`` marks response tokens. Over-long prompts are left-truncated (their end is kept) at
+encoding time, or dropped at load time with ``drop_long_prompts``.
 """
 
 from __future__ import annotations
@@ -19,6 +28,7 @@ import pyarrow.parquet as pq
 import torch
 
 BadRowPolicy = Literal["error", "drop"]
+CHAT_TEMPLATE = "chat"
 
 
 class DataError(ValueError):
@@ -47,6 +57,11 @@ def _record_to_sample(rec: Any, where: str) -> Sample:
             if required:
                 raise DataError(f"{where}: missing field '{field}'")
             return ""
+        if isinstance(value, bytes):  # Parquet / Arrow binary columns
+            try:
+                value = value.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataError(f"{where}: field '{field}' is not valid UTF-8 ({exc.reason})") from None
         if not isinstance(value, str):
             raise DataError(f"{where}: field '{field}' must be a string, got {type(value).__name__}")
         return value
@@ -75,7 +90,35 @@ def _record_to_sample(rec: Any, where: str) -> Sample:
     return Sample(sample_id, prompt, response)
 
 
+def _is_hf_dataset_folder(path: Path) -> bool:
+    return path.is_dir() and ((path / "dataset_info.json").is_file() or (path / "state.json").is_file()
+                              or (path / "dataset_dict.json").is_file())
+
+
+def _iter_hf_dataset(path: Path) -> Iterable[tuple[str, Any]]:
+    """Rows of a ``datasets.Dataset.save_to_disk`` folder (``datasets`` is imported only here)."""
+    if (path / "dataset_dict.json").is_file():
+        splits = json.loads((path / "dataset_dict.json").read_text()).get("splits", [])
+        raise DataError(f"{path}: a DatasetDict with splits {splits}; point the path at one split's folder "
+                        f"(e.g. {path / (splits[0] if splits else 'train')})")
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"{path}: reading a Hugging Face dataset folder needs the 'datasets' package "
+                        "(pip install datasets)") from None
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except Exception as exc:  # corrupt or foreign folder: name it
+        raise DataError(f"{path}: cannot read the Hugging Face dataset folder ({exc})") from None
+    for i, rec in enumerate(ds):
+        yield f"{path}: row {i}", rec
+
+
 def _iter_records(path: Path) -> Iterable[tuple[str, Any]]:
+    """(where, record) pairs; an unparseable row comes as a DataError record (the caller decides)."""
+    if _is_hf_dataset_folder(path):
+        yield from _iter_hf_dataset(path)
+        return
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         with path.open("rb") as fh:
@@ -90,21 +133,31 @@ def _iter_records(path: Path) -> Iterable[tuple[str, Any]]:
                 except json.JSONDecodeError as exc:
                     yield where, DataError(f"{where}: not valid JSON ({exc.msg})")
     elif suffix == ".parquet":
-        for i, rec in enumerate(pq.read_table(path).to_pylist()):
+        try:
+            table = pq.read_table(path)
+        except (pa.ArrowException, OSError) as exc:
+            raise DataError(f"{path}: cannot read the Parquet file ({exc})") from None
+        for i, rec in enumerate(table.to_pylist()):
             yield f"{path}: row {i}", rec
+    elif path.is_dir():
+        raise DataError(f"{path}: a folder but not a Hugging Face dataset folder (no dataset_info.json or "
+                        "state.json from Dataset.save_to_disk)")
     else:
-        raise DataError(f"{path}: unsupported data file type '{suffix}' (use .jsonl or .parquet)")
+        raise DataError(f"{path}: unsupported data file type '{suffix}' (use .jsonl, .parquet or a folder "
+                        "saved with datasets.Dataset.save_to_disk)")
 
 
 def load_samples(path: str | Path, on_bad_rows: BadRowPolicy = "error") -> tuple[list[Sample], int]:
-    """Read a JSONL/Parquet instruction file into samples.
+    """Read a JSONL file, Parquet file or Hugging Face dataset folder into samples.
 
     Returns (samples, number of dropped rows). With ``on_bad_rows='error'`` the first bad row raises
     DataError naming file and row; with ``'drop'`` bad rows are skipped and counted. Duplicate ids
-    are bad rows. Zero usable samples is always an error.
+    are bad rows (the first occurrence is kept). Zero usable samples is always an error.
     """
+    if on_bad_rows not in ("error", "drop"):
+        raise ValueError(f"on_bad_rows must be 'error' or 'drop', got {on_bad_rows!r}")
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise DataError(f"data file not found: {path}")
     samples: list[Sample] = []
     seen: dict[str, str] = {}
@@ -182,10 +235,38 @@ class EncodedSample:
         return len(self.input_ids) - self.n_prompt
 
 
+def _prompt_ids(tokenizer: Any, prompt: str, template: str) -> list[int]:
+    """Token ids of the templated prompt, untruncated."""
+    if template == CHAT_TEMPLATE:
+        if not getattr(tokenizer, "chat_template", None):
+            raise DataError(f"data.prompt_template is '{CHAT_TEMPLATE}' but the tokenizer "
+                            f"({getattr(tokenizer, 'name_or_path', type(tokenizer).__name__)}) has no chat_template; "
+                            "use a format string with '{prompt}' instead")
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+        # The rendered template already holds its special tokens (BOS, turn markers): add none.
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return list(tokenizer(template.format(prompt=prompt), add_special_tokens=True)["input_ids"])
+
+
 def encode_prompt(tokenizer: Any, prompt: str, template: str, max_prompt_length: int) -> list[int]:
-    """Template + tokenize a prompt, keeping its last ``max_prompt_length`` tokens."""
-    ids = tokenizer(template.format(prompt=prompt), add_special_tokens=True)["input_ids"]
-    return ids[-max_prompt_length:]
+    """Template + tokenize a prompt, keeping its last ``max_prompt_length`` tokens.
+
+    template: a format string with ``{prompt}`` (special tokens added as the tokenizer does by
+    default), or ``"chat"`` for the tokenizer's chat template (one user turn + the assistant header).
+    """
+    return _prompt_ids(tokenizer, prompt, template)[-max_prompt_length:]
+
+
+def drop_long_prompts(samples: Sequence[Sample], tokenizer: Any, template: str,
+                      max_prompt_length: int) -> tuple[list[Sample], int]:
+    """Remove samples whose templated prompt has more than ``max_prompt_length`` tokens.
+
+    Returns (kept samples in their order, number dropped). For ``data.long_prompts: drop``; the
+    default ``truncate`` keeps every sample and left-truncates in ``encode_prompt``.
+    """
+    kept = [s for s in samples if len(_prompt_ids(tokenizer, s.prompt, template)) <= max_prompt_length]
+    return kept, len(samples) - len(kept)
 
 
 def encode_sample(tokenizer: Any, sample: Sample, template: str, max_prompt_length: int,

@@ -8,7 +8,9 @@ from prefect import task
 
 from pocl_core.config import PoclConfig
 from pocl_core.contracts import SAMPLES_SCHEMA, RunPaths, check_provenance, read_metadata, write_table_atomic
-from pocl_core.data import cap_samples, dataset_fingerprint, load_samples, samples_to_table, split_holdout
+from pocl_core.data import (cap_samples, dataset_fingerprint, drop_long_prompts, load_samples, samples_to_table,
+                            split_holdout)
+from pocl_core.models import load_tokenizer
 from tasks.common import task_logger
 
 
@@ -39,13 +41,19 @@ def load_dataset(cfg: PoclConfig) -> DatasetSplits:
         log.info("reusing loaded data in %s", paths.train_data.parent)
         return DatasetSplits(str(paths.train_data), str(paths.eval_data), meta_t["dataset_fingerprint"],
                              meta_e["dataset_fingerprint"], meta_t["num_samples"], meta_e["num_samples"])
-    samples, dropped = load_samples(cfg.data.train_path)
+    samples, dropped = load_samples(cfg.data.train_path, cfg.data.on_bad_rows)
     if cfg.data.eval_path:
         train = samples
-        held, dropped_eval = load_samples(cfg.data.eval_path)
+        held, dropped_eval = load_samples(cfg.data.eval_path, cfg.data.on_bad_rows)
         dropped += dropped_eval
     else:
         train, held = split_holdout(samples, cfg.data.eval_fraction)
+    if cfg.data.long_prompts == "drop":
+        tokenizer = load_tokenizer(cfg.models.tokenizer or cfg.models.student, cfg.models.trust_remote_code)
+        args = (tokenizer, cfg.data.prompt_template, cfg.data.max_prompt_length)
+        (train, long_train), (held, long_held) = drop_long_prompts(train, *args), drop_long_prompts(held, *args)
+        log.info("dropped %d train / %d held-out samples whose prompt exceeds data.max_prompt_length=%d tokens",
+                 long_train, long_held, cfg.data.max_prompt_length)
     train = cap_samples(train, cfg.data.max_train_samples)
     held = cap_samples(held, cfg.data.max_eval_samples)
     if not train:
