@@ -10,6 +10,8 @@ ARGS ?=
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export RAY_AUTH_MODE ?= disabled
 export TOKENIZERS_PARALLELISM ?= false
+# Prefect's temporary server can take longer than its 20 s default to start on a busy 2-core machine.
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 
 .PHONY: setup run test test-fast bench bench-losses clean tiny-models
 

@@ -78,13 +78,39 @@ class DataConfig(_Section):
         return self
 
 
+class ScoringGenerationConfig(_Section):
+    """How generative measures (``rouge_l``) let the scoring model answer each prompt.
+
+    Defaults are the authors' near-greedy decoding: sampling (``do_sample``) at ``temperature`` 0.01
+    with ``top_k`` 0 and ``top_p`` 1 (both off) and ``no_repeat_ngram_size`` 6. ``do_sample`` False
+    gives plain greedy decoding. max_new_tokens: generated tokens per prompt (the authors' max length
+    512 minus max prompt 256). seed: the sampling seed; each batch derives its own seed from it and
+    the batch's sample ids, so a value never depends on which shard ran first or on which worker.
+    """
+
+    do_sample: bool = True
+    temperature: float = Field(0.01, gt=0.0)
+    top_k: int = Field(0, ge=0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    no_repeat_ngram_size: int = Field(6, ge=0)
+    max_new_tokens: int = Field(256, gt=0)
+    seed: int = 10
+
+
 class ScoringConfig(_Section):
     """Difficulty scoring (the measurer).
 
     model: which model scores the samples (``teacher`` or the initial ``student``).
-    measures: measure names computed per sample (e.g. ``nll``). fusion: ``single`` uses the first
-    measure; ``rrf`` fuses the ranks by reciprocal rank fusion with constant ``rrf_k``.
+    measures: measure names computed per sample: ``nll`` (mean response cross-entropy, nats/token)
+    and ``rouge_l`` (ROUGE-L F1 of the model's own answer vs the reference; see ``generation``).
+    fusion: ``single`` uses the first measure; ``rrf`` fuses the ranks by reciprocal rank fusion
+    with constant ``rrf_k`` (the method: ``rrf`` over ``[nll, rouge_l]`` with k = 60).
     batch_size: samples per forward pass. shard_size: samples per Parquet shard (the resume unit).
+    num_workers: 1 scores in-process; more runs one Ray task per shard, at most this many at once
+    (each loads the scoring model, so keep shards large enough to amortise that; one GPU per task
+    when ``ray.use_gpu``). teacher_cache_topk: when > 0, the same teacher pass also stores the
+    teacher's top-k logits and the full-row log-sum-exp at every response position in
+    ``teacher_cache/`` (needs ``model: teacher``); 0 turns the cache off.
     """
 
     model: Literal["teacher", "student"] = "teacher"
@@ -93,19 +119,36 @@ class ScoringConfig(_Section):
     rrf_k: int = Field(60, gt=0)
     batch_size: int = Field(8, gt=0)
     shard_size: int = Field(256, gt=0)
+    generation: ScoringGenerationConfig = Field(default_factory=ScoringGenerationConfig)
+    num_workers: int = Field(1, ge=1)
+    teacher_cache_topk: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> "ScoringConfig":
+        if len(set(self.measures)) != len(self.measures):
+            raise ValueError(f"scoring.measures lists a measure twice: {self.measures}")
+        if self.teacher_cache_topk and self.model != "teacher":
+            raise ValueError(
+                f"scoring.teacher_cache_topk ({self.teacher_cache_topk}) caches the teacher's logits, but "
+                f"scoring.model is '{self.model}': set scoring.model=teacher or scoring.teacher_cache_topk=0"
+            )
+        return self
 
 
 class CurriculumConfig(_Section):
     """The stage schedule.
 
-    strategy: ``curriculum`` (easy → hard), ``anti`` (hard → easy), ``random`` (shuffled buckets).
+    strategy: ``curriculum`` (easy → hard), ``anti`` (hard → easy), ``random`` (shuffled buckets),
+    ``none`` (plain KD, the baseline: one stage over all the data with the same number of optimizer
+    steps, hence the same sample budget, as the staged schedule, at ``baseline_temperature`` and
+    ``baseline_kd_weight``).
     num_stages: K; stage s trains on buckets 0..s (cumulative). epochs_per_stage: passes over the
     stage's subset. temperatures / kd_weights: explicit per-stage lists; when absent, linear from
     ``*_start`` to ``*_end`` over the stages. fresh_optimizer_per_stage: new AdamW and LR schedule at
     each stage (the reference recipe). shuffle_seed: seeds the within-stage shuffles and random buckets.
     """
 
-    strategy: Literal["curriculum", "anti", "random"] = "curriculum"
+    strategy: Literal["curriculum", "anti", "random", "none"] = "curriculum"
     num_stages: int = Field(4, ge=1, le=64)
     epochs_per_stage: int = Field(1, ge=1)
     temperature_start: float = Field(1.0, gt=0.0)
@@ -116,6 +159,8 @@ class CurriculumConfig(_Section):
     kd_weights: Optional[list[float]] = None
     fresh_optimizer_per_stage: bool = True
     shuffle_seed: int = 10
+    baseline_temperature: float = Field(1.0, gt=0.0)
+    baseline_kd_weight: float = Field(1.0, ge=0.0, le=1.0)
 
     @model_validator(mode="after")
     def _check(self) -> "CurriculumConfig":
@@ -164,11 +209,16 @@ class TrainConfig(_Section):
     checkpoint_every_steps: also checkpoint every N optimizer steps inside a stage (0 = only at
     stage boundaries, which always checkpoint). keep_checkpoints: newest checkpoints kept by Ray
     Train (None keeps all). log_every_steps: metrics window reported to Ray Train and the log.
+    freeze_embeddings: keep the student's input embedding (and a tied LM head) fixed: no gradient
+    and no optimizer state for the largest matrix of a small student. autocast_dtype: run the
+    student's forward under torch.autocast in that dtype (weights and optimizer stay float32).
     """
 
     checkpoint_every_steps: int = Field(0, ge=0)
     keep_checkpoints: Optional[int] = Field(None, ge=1)
     log_every_steps: int = Field(10, ge=1)
+    freeze_embeddings: bool = False
+    autocast_dtype: Literal["none", "bfloat16", "float16"] = "none"
 
 
 class RayConfig(_Section):

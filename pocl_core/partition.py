@@ -1,7 +1,8 @@
 """Partition ranked samples into K buckets (0 = first trained) by strategy.
 
 ``curriculum``: bucket by rank, easy → hard. ``anti``: hard → easy. ``random``: a seeded shuffle of
-the ranks before slicing (the ablation). Buckets are equal slices; when N is not divisible by K the
+the ranks before slicing (the ablation). ``none`` (plain KD) buckets like ``curriculum``; the
+schedule then trains on all buckets at once and uses them only to size the sample budget. Buckets are equal slices; when N is not divisible by K the
 first N mod K buckets get one extra sample. Stage s trains on buckets 0..s (cumulative).
 """
 
@@ -11,7 +12,7 @@ from typing import Sequence
 
 import numpy as np
 
-STRATEGIES = ("curriculum", "anti", "random")
+STRATEGIES = ("curriculum", "anti", "random", "none")
 
 
 def bucket_sizes(n: int, num_buckets: int) -> list[int]:
@@ -31,7 +32,7 @@ def partition_by_rank(ranks: Sequence[int], num_buckets: int, strategy: str = "c
     n = len(ranks)
     if n and not np.array_equal(np.sort(ranks), np.arange(n)):
         raise ValueError("ranks must be a permutation of 0..N-1")
-    if strategy == "curriculum":
+    if strategy in ("curriculum", "none"):
         position = ranks
     elif strategy == "anti":
         position = n - 1 - ranks

@@ -23,12 +23,13 @@ from pocl_core.checkpoint import load_checkpoint
 from pocl_core.config import PoclConfig
 from pocl_core.contracts import RunPaths
 from pocl_core.models import load_causal_lm, load_tokenizer, model_fingerprint
+from pocl_core.schedule import num_trained_stages
 from tasks.common import task_logger
 from tasks.distill_loop import distill_loop
 from tasks.load_data import DatasetSplits
+from tasks.run_checkpoints import EXPERIMENT_NAME
 
 PROVENANCE_FILE = "pocl_provenance.json"
-EXPERIMENT_NAME = "distill"
 
 
 def training_key(cfg: PoclConfig, data: DatasetSplits, partition_path: str) -> str:
@@ -46,18 +47,27 @@ def training_key(cfg: PoclConfig, data: DatasetSplits, partition_path: str) -> s
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Ray Train checkpoint folders of a run, oldest first (by their reported position)."""
-    root = Path(run_dir) / "train" / EXPERIMENT_NAME
-    folders = [p for p in root.glob("checkpoint_*") if p.is_dir() and (p / "position.json").is_file()]
-    return sorted(folders, key=lambda p: json.loads((p / "position.json").read_text())["global_step"])
+def fault_injection() -> dict | None:
+    """The fault to inject into training, from ``POCL_FAULT_INJECT`` (for resilience tests).
+
+    JSON like ``{"at_global_step": 3, "marker": "/tmp/fired", "kind": "raise"}``: rank 0 fails once
+    after that step (``kill`` SIGKILLs the worker instead of raising); the marker file makes it fire
+    only once, so a restarted worker group runs through.
+    """
+    raw = os.environ.get("POCL_FAULT_INJECT")
+    if not raw:
+        return None
+    fault = json.loads(raw)
+    if not isinstance(fault, dict) or "at_global_step" not in fault or "marker" not in fault:
+        raise ValueError(f"POCL_FAULT_INJECT must be a JSON object with at_global_step and marker, got {raw!r}")
+    return fault
 
 
 def ensure_ray(address: str | None) -> None:
     """Connect to ``address`` (or RAY_ADDRESS), or start a local Ray when neither is set."""
     if ray.is_initialized():
         return
-    address = address or os.environ.get("RAY_ADDRESS") or None
+    address = address or os.environ.get("RAY_ADDRESS") or None  # "local" forces a fresh local Ray
     ray.init(address=address, include_dashboard=False, log_to_driver=True,
              runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
 
@@ -83,6 +93,8 @@ def distill(cfg: PoclConfig, data: DatasetSplits, partition_path: str) -> str:
             "partition_path": str(Path(partition_path).resolve()),
             "metrics_path": str((storage / "metrics.jsonl").resolve()),
             "train_key": key,
+            "run_dir": str(paths.root.resolve()),
+            "fault": fault_injection(),
         },
         scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu),
         run_config=RunConfig(
@@ -106,7 +118,7 @@ def save_student(cfg: PoclConfig, checkpoint_dir: str, out: Path, train_key: str
     """Load a checkpoint's weights into the student architecture and save_pretrained it atomically."""
     model = load_causal_lm(cfg.models.student, "float32", cfg.models.trust_remote_code)
     position = load_checkpoint(checkpoint_dir, model=model)
-    if position.stage < cfg.curriculum.num_stages:
+    if position.stage < num_trained_stages(cfg.curriculum):
         raise RuntimeError(f"checkpoint {checkpoint_dir} is at stage {position.stage}, not finished")
     tokenizer = load_tokenizer(cfg.models.tokenizer or cfg.models.student, cfg.models.trust_remote_code)
     tmp = out.with_name(out.name + ".tmp")

@@ -1,19 +1,21 @@
 """The Ray Train worker function: POCL curriculum distillation, stage by stage.
 
-Read top to bottom: setup (config, data, models), resume (from Ray Train's latest checkpoint),
-then the stage loop (optimizer per stage, batches of the stage's buckets, micro-batch
-accumulation, clipping, metrics), checkpointing at every stage boundary and every N steps.
+Read top to bottom: setup (config, data, models), resume (from the newest valid checkpoint), then
+the stage loop (optimizer per stage, batches of the stage's buckets, micro-batch accumulation,
+clipping, metrics), checkpointing at every stage boundary and every N steps.
 
 Loss normalisation: each micro-batch's token-mean loss is weighted by its share of the response
-tokens in the whole global batch (times the world size, since DDP averages gradients), so the step
-equals one token-mean over the global batch whatever the number of workers or micro-batches.
+tokens in the whole global batch (times the world size, since DDP averages gradients), so a step
+is one token-mean over the global batch whatever the number of workers or micro-batches.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
+import signal
 import tempfile
 import time
 from pathlib import Path
@@ -25,14 +27,17 @@ import ray.train
 import ray.train.torch
 import torch
 
-from pocl_core.checkpoint import Position, load_checkpoint, save_checkpoint
+from pocl_core.checkpoint import Position, load_checkpoint, read_position, save_checkpoint
 from pocl_core.config import PoclConfig
 from pocl_core.data import collate, encode_sample, pad_id_of, table_to_samples
 from pocl_core.models import load_causal_lm, load_tokenizer
-from pocl_core.partition import stage_members
-from pocl_core.schedule import build_schedule, stage_batches, stage_num_steps
+from pocl_core.partition import bucket_sizes, stage_members
+from pocl_core.schedule import plan_stages, stage_batches
 from pocl_core.train_step import ResponseLogitsLM, build_lr_scheduler, build_optimizer, distillation_losses
 from pocl_core.vocab import check_vocab_compatible
+from tasks.run_checkpoints import list_checkpoints, newest_valid_checkpoint
+
+AUTOCAST = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def distill_loop(loop_config: dict[str, Any]) -> None:
@@ -43,7 +48,7 @@ def distill_loop(loop_config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device() if cfg.ray.use_gpu else torch.device("cpu")
     torch.manual_seed(cfg.seed)
 
-    # --- setup: data ordered by the partition, models, vocabulary check
+    # --- setup: data in partition order, models, vocabulary check
     tokenizer = load_tokenizer(cfg.models.tokenizer or cfg.models.student, cfg.models.trust_remote_code)
     samples = {s.sample_id: s for s in table_to_samples(pq.read_table(loop_config["train_path"]))}
     part = pq.read_table(loop_config["partition_path"]).to_pydict()
@@ -51,51 +56,45 @@ def distill_loop(loop_config: dict[str, Any]) -> None:
                              cfg.data.max_length) for i in part["sample_id"]]
     buckets = np.asarray(part["bucket"])
     pad = pad_id_of(tokenizer)
+    plans = plan_stages(cfg.curriculum, bucket_sizes(len(buckets), cfg.curriculum.num_stages),
+                        cfg.optim.global_batch_size)
 
     student_lm = load_causal_lm(cfg.models.student, "float32", cfg.models.trust_remote_code)
     teacher_lm = load_causal_lm(cfg.models.teacher, cfg.models.teacher_dtype, cfg.models.trust_remote_code, device)
-    teacher_tok = load_tokenizer(cfg.models.teacher, cfg.models.trust_remote_code)
-    columns = check_vocab_compatible(teacher_tok, tokenizer, teacher_lm.get_output_embeddings().weight.shape[0],
+    columns = check_vocab_compatible(load_tokenizer(cfg.models.teacher, cfg.models.trust_remote_code), tokenizer,
+                                     teacher_lm.get_output_embeddings().weight.shape[0],
                                      student_lm.get_output_embeddings().weight.shape[0])
     teacher = ResponseLogitsLM(teacher_lm).eval().requires_grad_(False)
+    if cfg.train.freeze_embeddings:
+        student_lm.get_input_embeddings().weight.requires_grad_(False)
 
-    # --- resume: the newest checkpoint Ray Train knows for this run (or an explicit one)
-    checkpoint = ray.train.get_checkpoint()
-    position, ckpt_dir = Position(0, 0, 0, 0), None
-    if checkpoint is not None:
-        ckpt_dir = tempfile.mkdtemp(prefix="pocl-resume-")
-        with checkpoint.as_directory() as d:
-            shutil.copytree(d, ckpt_dir, dirs_exist_ok=True)
-        found = json.loads((Path(ckpt_dir) / "position.json").read_text()).get("train_key")
-        if found != loop_config["train_key"]:
-            raise RuntimeError(
-                f"checkpoint {checkpoint.path} was written by a different training config (train_key {found}, "
-                f"now {loop_config['train_key']}); use a new run_name to train with the new settings")
-        position = load_checkpoint(ckpt_dir, model=student_lm)
+    # --- resume: the newest checkpoint that passes its checksums
+    resume_dir, position, resume_copy = _resume_checkpoint(loop_config, student_lm)
     student = ray.train.torch.prepare_model(ResponseLogitsLM(student_lm.to(device)))
+    autocast = torch.autocast(device.type, dtype=AUTOCAST[cfg.train.autocast_dtype]) \
+        if cfg.train.autocast_dtype != "none" else contextlib.nullcontext()
 
     # --- the stage loop
-    schedule = build_schedule(cfg.curriculum)
     per_worker = cfg.optim.global_batch_size // world
-    stage_sizes = [len(stage_members(buckets, p.stage)) for p in schedule]
-    stage_steps = [stage_num_steps(n, p.epochs, cfg.optim.global_batch_size) for n, p in zip(stage_sizes, schedule)]
-    optimizer = scheduler = None
     metrics_path = Path(loop_config["metrics_path"])
+    fault = loop_config.get("fault") or {}
+    optimizer = scheduler = None
     global_step, samples_seen = position.global_step, position.samples_seen
-    for plan in schedule[position.stage:]:
-        members = stage_members(buckets, plan.stage)
+    for plan in plans[position.stage:]:
+        members = stage_members(buckets, max(plan.buckets))
         start = position.step_in_stage if plan.stage == position.stage else 0
         if optimizer is None or cfg.curriculum.fresh_optimizer_per_stage:
             optimizer = build_optimizer(student, cfg.optim)
-            horizon = stage_steps[plan.stage] if cfg.curriculum.fresh_optimizer_per_stage else sum(stage_steps)
+            horizon = plan.num_steps if cfg.curriculum.fresh_optimizer_per_stage else sum(p.num_steps for p in plans)
             scheduler = build_lr_scheduler(optimizer, cfg.optim, horizon)
-        if ckpt_dir is not None and (start > 0 or not cfg.curriculum.fresh_optimizer_per_stage):
-            load_checkpoint(ckpt_dir, optimizer=optimizer, scheduler=scheduler, restore_rng=True)
-        if ckpt_dir is not None:
-            shutil.rmtree(ckpt_dir, ignore_errors=True)
-            ckpt_dir = None
+        if resume_dir is not None:
+            if start > 0 or not cfg.curriculum.fresh_optimizer_per_stage:
+                load_checkpoint(resume_dir, optimizer=optimizer, scheduler=scheduler, restore_rng=True)
+            if resume_copy is not None:
+                shutil.rmtree(resume_copy, ignore_errors=True)
+            resume_dir = None
         window = _Window()
-        for step, idx in stage_batches(members, plan.epochs, cfg.optim.global_batch_size,
+        for step, idx in stage_batches(members, plan.num_steps, cfg.optim.global_batch_size,
                                        cfg.curriculum.shuffle_seed, plan.stage, start):
             t0 = time.perf_counter()
             global_tokens = sum(encoded[i].n_response for i in idx)
@@ -106,9 +105,10 @@ def distill_loop(loop_config: dict[str, Any]) -> None:
                 batch = {n: t.to(device) for n, t in collate([encoded[i] for i in mb], pad).items()}
                 sync = contextlib.nullcontext() if k == len(micro) - 1 or world == 1 else student.no_sync()
                 with sync:
-                    losses = distillation_losses(student, teacher, batch, temperature=plan.temperature,
-                                                 kd_weight=plan.kd_weight, loss_name=cfg.loss.name,
-                                                 loss_params=cfg.loss.params, vocab_columns=columns)
+                    with autocast:
+                        losses = distillation_losses(student, teacher, batch, temperature=plan.temperature,
+                                                     kd_weight=plan.kd_weight, loss_name=cfg.loss.name,
+                                                     loss_params=cfg.loss.params, vocab_columns=columns)
                     share = losses.num_tokens / max(global_tokens, 1) * world
                     (losses.total * share).backward()
                 window.add(losses, share / world)
@@ -120,7 +120,7 @@ def distill_loop(loop_config: dict[str, Any]) -> None:
             samples_seen += len(idx)
             window.tokens += global_tokens
             window.seconds += time.perf_counter() - t0
-            done_stage = step + 1 == stage_steps[plan.stage]
+            done_stage = step + 1 == plan.num_steps
             if done_stage or (step + 1) % cfg.train.log_every_steps == 0:
                 row = window.flush(stage=plan.stage, step_in_stage=step + 1, global_step=global_step,
                                    temperature=plan.temperature, kd_weight=plan.kd_weight,
@@ -133,7 +133,33 @@ def distill_loop(loop_config: dict[str, Any]) -> None:
                     Position(plan.stage, step + 1, global_step, samples_seen)
                 _report_checkpoint(student, optimizer, scheduler, nxt, rank, loop_config["train_key"],
                                    {"stage": plan.stage, "global_step": global_step, "stage_done": done_stage})
+            _maybe_inject_fault(fault, global_step, rank)
         position = Position(plan.stage + 1, 0, global_step, samples_seen)
+
+
+def _resume_checkpoint(loop_config: dict[str, Any], student_lm: torch.nn.Module) -> tuple[Path | None, Position, str | None]:
+    """Load the newest valid checkpoint's weights into ``student_lm``.
+
+    Candidates: Ray Train's latest checkpoint (copied locally), then the older ones in the run's
+    storage folder, newest first. Returns (chosen folder or None, position, local copy to delete).
+    """
+    latest = ray.train.get_checkpoint()
+    if latest is None:
+        return None, Position(0, 0, 0, 0), None
+    local_copy = tempfile.mkdtemp(prefix="pocl-resume-")
+    with latest.as_directory() as d:
+        shutil.copytree(d, local_copy, dirs_exist_ok=True)
+    older = [p for p in reversed(list_checkpoints(loop_config["run_dir"])) if p.name != Path(latest.path).name]
+    chosen = newest_valid_checkpoint([Path(local_copy), *older])
+    if chosen is None:
+        raise RuntimeError(f"no valid checkpoint to resume from in {loop_config['run_dir']} (all fail their checksums)")
+    found = json.loads((chosen / "position.json").read_text()).get("train_key")
+    if found != loop_config["train_key"]:
+        raise RuntimeError(
+            f"checkpoint {chosen} was written by a different training config (train_key {found}, now "
+            f"{loop_config['train_key']}); use a new run_name to train with the new settings")
+    position = load_checkpoint(chosen, model=student_lm)
+    return chosen, position, local_copy
 
 
 class _Window:
@@ -178,3 +204,20 @@ def _report_checkpoint(student: torch.nn.Module, optimizer: torch.optim.Optimize
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def _maybe_inject_fault(fault: dict[str, Any], global_step: int, rank: int) -> None:
+    """Fault injection for resilience tests (``POCL_FAULT_INJECT``, see tasks/distill.py).
+
+    Fires once (a marker file records it) on rank 0 after ``at_global_step``: ``raise`` raises,
+    ``kill`` SIGKILLs the worker process.
+    """
+    if not fault or rank != 0 or global_step != fault["at_global_step"]:
+        return
+    marker = Path(fault["marker"])
+    if marker.exists():
+        return
+    marker.write_text(str(global_step))
+    if fault.get("kind", "raise") == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    raise RuntimeError(f"injected fault at global step {global_step}")

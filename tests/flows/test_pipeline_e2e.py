@@ -11,7 +11,7 @@ import torch
 
 from pocl_core.contracts import PARTITION_SCHEMA, RunPaths, read_metadata, scores_schema
 from pocl_core.models import load_causal_lm, load_tokenizer
-from tasks.distill import list_checkpoints
+from tasks.run_checkpoints import list_checkpoints
 
 pytestmark = pytest.mark.slow
 

@@ -4,7 +4,7 @@ import pytest
 from pocl_core.config import CurriculumConfig
 from pocl_core.difficulty import fuse_difficulty
 from pocl_core.partition import bucket_sizes, partition_by_rank, stage_members
-from pocl_core.schedule import build_schedule, linear_values, stage_batches, stage_num_steps
+from pocl_core.schedule import build_schedule, linear_values, plan_stages, stage_batches, stage_num_steps
 
 
 @pytest.mark.parametrize("n, k", [(100, 4), (101, 4), (3, 4), (0, 3), (7, 1)])
@@ -67,14 +67,30 @@ def test_reference_schedule_table():
 
 def test_stage_batches_cover_members_every_epoch_and_resume_midway():
     members = np.arange(10, 33)  # 23 samples
-    batches = list(stage_batches(members, epochs=2, global_batch=8, seed=5, stage=1))
+    batches = list(stage_batches(members, num_steps=6, global_batch=8, seed=5, stage=1))
     assert len(batches) == stage_num_steps(23, 2, 8) == 6
     assert all(len(idx) == 8 for _, idx in batches)
     for epoch in range(2):
         seen = np.concatenate([idx for step, idx in batches[epoch * 3:(epoch + 1) * 3]])
         assert set(seen) == set(members)  # wrap-around only repeats the epoch's own samples
-    resumed = list(stage_batches(members, epochs=2, global_batch=8, seed=5, stage=1, start_step=4))
+    resumed = list(stage_batches(members, num_steps=6, global_batch=8, seed=5, stage=1, start_step=4))
     assert [s for s, _ in resumed] == [4, 5]
     assert all(np.array_equal(a, b) for (_, a), (_, b) in zip(resumed, batches[4:]))
-    other_stage = list(stage_batches(members, epochs=1, global_batch=8, seed=5, stage=2))
+    other_stage = list(stage_batches(members, num_steps=3, global_batch=8, seed=5, stage=2))
     assert not np.array_equal(other_stage[0][1], batches[0][1])
+
+
+def test_plan_stages_counts_and_the_plain_kd_baseline_has_the_same_budget():
+    sizes = bucket_sizes(103, 4)  # 26, 26, 26, 25
+    cfg = CurriculumConfig(num_stages=4, epochs_per_stage=2)
+    plans = plan_stages(cfg, sizes, global_batch=8)
+    assert [p.num_samples for p in plans] == [26, 52, 78, 103]
+    assert [p.num_steps for p in plans] == [2 * 4, 2 * 7, 2 * 10, 2 * 13]
+    base = plan_stages(CurriculumConfig(num_stages=4, epochs_per_stage=2, strategy="none", baseline_temperature=1.5,
+                                        baseline_kd_weight=0.6), sizes, global_batch=8)
+    assert len(base) == 1 and base[0].buckets == (0, 1, 2, 3) and base[0].num_samples == 103
+    assert base[0].num_steps == sum(p.num_steps for p in plans)
+    assert (base[0].temperature, base[0].kd_weight) == (1.5, 0.6)
+    assert base[0].epochs * 13 >= base[0].num_steps > (base[0].epochs - 1) * 13
+    with pytest.raises(ValueError, match="buckets"):
+        plan_stages(cfg, sizes[:3], 8)

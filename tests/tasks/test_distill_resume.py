@@ -1,0 +1,131 @@
+"""Curriculum training on Ray Train: exact resume after SIGKILL, worker failure, DDP == 1 worker."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pocl_core.contracts import RunPaths
+from tasks.distill import distill
+from tasks.load_data import load_dataset
+from tasks.partition import partition
+from tasks.run_checkpoints import list_checkpoints
+from tasks.score import score_difficulty
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[2]
+
+# Two stages, long enough for a mid-stage kill; the same recipe in every test of this module.
+RECIPE = ["curriculum.num_stages=2", "curriculum.epochs_per_stage=4", "optim.global_batch_size=8",
+          "optim.micro_batch_size=4", "train.checkpoint_every_steps=5", "data.max_train_samples=160"]
+
+
+def _run_distill(make_config, run_name: str, *extra: str):
+    cfg = make_config(*RECIPE, f"run_name={run_name}", *extra).with_absolute_paths()
+    data = load_dataset.fn(cfg)
+    part = partition.fn(cfg, score_difficulty.fn(cfg, data))
+    return cfg, distill.fn(cfg, data, part)
+
+
+def _weights(student_dir) -> dict[str, torch.Tensor]:
+    return load_file(str(Path(student_dir) / "model.safetensors"))
+
+
+def _assert_same_weights(a, b, atol=0.0):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], rtol=0, atol=atol), f"{k}: max diff {(a[k] - b[k]).abs().max():.3g}"
+
+
+@pytest.fixture(scope="module")
+def baseline(local_ray, tiny_models, tmp_path_factory):
+    """The uninterrupted one-worker run everything else is compared with."""
+    root = tmp_path_factory.mktemp("baseline-runs")
+
+    def make(*overrides):
+        from tests.conftest import TINY_CONFIG, TINY_DATA
+        from pocl_core.config import load_config
+        return load_config(TINY_CONFIG, [f"models.teacher={tiny_models.teacher}", f"models.student={tiny_models.student}",
+                                         f"data.train_path={TINY_DATA}", f"runs_root={root}", *overrides])
+
+    cfg, student = _run_distill(make, "uninterrupted", "ray.num_workers=1")
+    return make, cfg, _weights(student)
+
+
+def test_checkpoints_at_stage_boundaries_and_every_n_steps(baseline):
+    _, cfg, _ = baseline
+    positions = [json.loads((c / "position.json").read_text()) for c in list_checkpoints(cfg.run_dir)]
+    boundaries = [p for p in positions if p["step_in_stage"] == 0]
+    assert [p["stage"] for p in boundaries] == [1, 2]
+    mid = [p for p in positions if p["step_in_stage"]]
+    assert mid and all(p["step_in_stage"] % 5 == 0 for p in mid)
+    metrics = [json.loads(line) for line in (RunPaths.of(cfg.run_dir).train_storage / "metrics.jsonl").read_text().splitlines()]
+    assert {m["stage"] for m in metrics} == {0, 1}
+    assert sorted({round(m["temperature"], 3) for m in metrics}) == [1.0, 2.0]
+
+
+def test_two_worker_ddp_equals_one_worker(baseline):
+    make, _, reference = baseline
+    _, student = _run_distill(make, "ddp2", "ray.num_workers=2")
+    _assert_same_weights(_weights(student), reference, atol=1e-5)
+
+
+def test_worker_failure_is_retried_from_the_last_checkpoint(baseline, tmp_path, monkeypatch):
+    make, _, reference = baseline
+    marker = tmp_path / "fired"
+    monkeypatch.setenv("POCL_FAULT_INJECT", json.dumps({"at_global_step": 12, "marker": str(marker), "kind": "kill"}))
+    _, student = _run_distill(make, "failure", "ray.num_workers=1", "ray.max_failures=1")
+    assert marker.read_text() == "12"  # the fault did fire
+    _assert_same_weights(_weights(student), reference)
+
+
+def test_sigkill_mid_stage_then_rerun_resumes_exactly(baseline):
+    make, base_cfg, reference = baseline
+    cfg = make(*RECIPE, "run_name=killed", "ray.num_workers=1", "ray.address=local")
+    args = [f"{k}={v}" for k, v in (("models.teacher", cfg.models.teacher), ("models.student", cfg.models.student),
+                                     ("data.train_path", cfg.data.train_path), ("runs_root", cfg.runs_root))]
+    args += [*RECIPE, "run_name=killed", "ray.num_workers=1", "ray.address=local"]
+    cmd = [sys.executable, "-m", "flows.pipeline", "--config", "configs/tiny.yaml", *args]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("PREFECT_API_URL", None)
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        killed_at = None
+        while time.time() < deadline and proc.poll() is None:
+            mid_stage_1 = [c for c in list_checkpoints(cfg.run_dir)
+                           if (p := json.loads((c / "position.json").read_text()))["stage"] == 1 and p["step_in_stage"] > 0]
+            if mid_stage_1:
+                os.killpg(proc.pid, signal.SIGKILL)
+                killed_at = json.loads((mid_stage_1[-1] / "position.json").read_text())
+                break
+            time.sleep(0.05)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert killed_at is not None, "the run finished or timed out before a mid-stage checkpoint appeared"
+    paths = RunPaths.of(cfg.run_dir)
+    assert not (paths.student / "model.safetensors").exists()
+    before = {c.name for c in list_checkpoints(cfg.run_dir)}
+
+    # restart with the same run name (in this process, on the session's Ray)
+    _, student = _run_distill(make, "killed", "ray.num_workers=1")
+    _assert_same_weights(_weights(student), reference)
+    # The kill may land between a checkpoint's upload and its registration, so the rerun can replay
+    # a few steps of stage 1 from the previous checkpoint; it must never redo stage 0.
+    positions = [json.loads((c / "position.json").read_text()) for c in list_checkpoints(base_cfg.run_dir)]
+    stage0_steps = next(p["global_step"] for p in positions if p["stage"] == 1 and p["step_in_stage"] == 0)
+    new = [json.loads((c / "position.json").read_text()) for c in list_checkpoints(cfg.run_dir) if c.name not in before]
+    assert new and all(p["stage"] >= 1 for p in new)
+    assert min(p["global_step"] for p in new) > max(stage0_steps, killed_at["global_step"] - 5)
