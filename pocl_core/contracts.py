@@ -7,6 +7,7 @@ Run folder layout (``<runs_root>/<run_name>/``)::
     data/eval.parquet           SAMPLES_SCHEMA, the held-out split
     scores/measures/part-*.parquet  measures_schema: raw per-sample measures (the resume unit)
     scores/part-00000.parquet   scores_schema(measures): fused difficulty and rank, same sharding
+    teacher_cache/part-*.parquet  teacher_cache_schema(): optional top-k teacher logits, same sharding
     partition.parquet           PARTITION_SCHEMA: sample -> bucket
     train/                      Ray Train storage: checkpoints
     student/                    final student (save_pretrained, safetensors) + tokenizer
@@ -98,6 +99,29 @@ def scores_schema(measures: Iterable[str]) -> pa.Schema:
     return pa.schema(fields)
 
 
+def teacher_cache_schema() -> pa.Schema:
+    """Schema of a teacher-cache shard (teacher_cache/part-*.parquet): one row per sample.
+
+    For a sample with ``n_positions`` response positions (the positions whose next token is a
+    response token, in sequence order: the rows of ``train_step.ResponseLogitsLM`` for that sample)
+    and ``k`` = metadata ``topk``, the list columns hold row-major arrays:
+
+    * ``topk_ids``: int32 ``[n_positions, k]`` vocabulary ids of the teacher's k largest logits;
+    * ``topk_logits``: float32 ``[n_positions, k]`` those raw logits (T = 1), descending per row;
+    * ``lse``: float32 ``[n_positions]`` log-sum-exp of the full logit row (first
+      ``vocab_columns`` columns, see metadata), so the tail mass ``1 - sum(exp(topk - lse))`` is exact.
+    """
+    return pa.schema(
+        [
+            pa.field("sample_id", pa.string(), nullable=False),
+            pa.field("n_positions", pa.int32(), nullable=False),
+            pa.field("topk_ids", pa.list_(pa.int32()), nullable=False),
+            pa.field("topk_logits", pa.list_(pa.float32()), nullable=False),
+            pa.field("lse", pa.list_(pa.float32()), nullable=False),
+        ]
+    )
+
+
 @dataclass(frozen=True)
 class RunPaths:
     """Named paths of one run folder (see the module docstring)."""
@@ -129,6 +153,13 @@ class RunPaths:
 
     def measures_shard(self, index: int) -> Path:
         return self.scores_dir / "measures" / f"part-{index:05d}.parquet"
+
+    @property
+    def teacher_cache_dir(self) -> Path:
+        return self.root / "teacher_cache"
+
+    def teacher_cache_shard(self, index: int) -> Path:
+        return self.teacher_cache_dir / f"part-{index:05d}.parquet"
 
     @property
     def partition(self) -> Path:

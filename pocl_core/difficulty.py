@@ -1,9 +1,15 @@
 """From per-sample measures to one difficulty and an easy → hard rank.
 
 ``single``: difficulty is the first measure (negated when lower means harder).
-``rrf``: reciprocal rank fusion, score = Σ_m 1/(k + rank_m) with rank_m starting at 1 for the
-easiest sample under measure m; difficulty = −score (higher = harder).
-Ties are broken by sample_id so the order never depends on file position.
+``rrf``: reciprocal rank fusion (the method, k = 60): per measure, rank the samples easy → hard
+(rank_m = 1 for the easiest: lowest ``nll``, highest ``rouge_l``; see ``HIGHER_IS_HARDER``), then
+score = Σ_m 1/(k + rank_m); sorting by score descending gives the easy → hard order, and
+difficulty = −score (higher = harder).
+
+Ties are broken by sample_id, so the order never depends on file position: samples with equal
+values of a measure get consecutive ranks in sample_id order, and samples with equal fused scores
+are ordered by sample_id. The terms of each sample's score are summed in a canonical order, so
+equal multisets of ranks give bit-identical scores (a tie stays a tie with any number of measures).
 """
 
 from __future__ import annotations
@@ -49,9 +55,11 @@ def fuse_difficulty(sample_ids: Sequence[str], measures: Mapping[str, Sequence[f
         name = next(iter(arrays))
         difficulty = arrays[name] if direction[name] else -arrays[name]
     elif fusion == "rrf":
+        terms = np.stack([1.0 / (rrf_k + _easy_first_ranks(sample_ids, arr, direction[name]))
+                          for name, arr in arrays.items()])
         score = np.zeros(n)
-        for name, arr in arrays.items():
-            score += 1.0 / (rrf_k + _easy_first_ranks(sample_ids, arr, direction[name]))
+        for row in np.sort(terms, axis=0):  # canonical summation order per sample
+            score += row
         difficulty = -score
     else:
         raise ValueError(f"unknown fusion '{fusion}' (use 'single' or 'rrf')")

@@ -1,0 +1,204 @@
+"""The teacher's top-k logits cache: building its rows, and reading it back for the training loop.
+
+The scoring pass (``tasks.score``) runs the teacher once over every training sample. With
+``scoring.teacher_cache_topk = k > 0`` it keeps, for every response position of a sample (the
+positions whose *next* token is a response token, in sequence order, i.e. the rows that
+``train_step.ResponseLogitsLM`` returns for that sample), the k largest raw logits (T = 1), their
+token ids, and the log-sum-exp of the whole row. That is exactly what
+:class:`pocl_core.losses.SparseTeacher` needs, so distillation can skip the teacher forward.
+
+Rows are keyed by ``sample_id`` (never by position in an epoch: the curriculum reorders data), and
+stored one Parquet row per sample in ``teacher_cache/part-*.parquet`` (schema:
+``contracts.teacher_cache_schema``). Logits are cut to the first ``vocab_columns`` columns (the
+tokenizer's size, as the dense KD path does) before the top-k and the log-sum-exp.
+
+    cache = TeacherCache.load(run_paths.teacher_cache_dir)
+    teacher = cache.sparse_for(batch_sample_ids, device)   # rows in ResponseLogitsLM order
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from pocl_core.contracts import check_provenance, read_metadata, read_table_checked, teacher_cache_schema
+from pocl_core.losses import SparseTeacher
+
+CacheRows = tuple[np.ndarray, np.ndarray, np.ndarray]  # ids int32 [n, k], logits float32 [n, k], lse float32 [n]
+
+
+def topk_rows(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The cache entry of ``N`` logit rows.
+
+    Args:
+        logits: ``[N, V]`` raw logits at T = 1 (any float dtype; already cut to the vocabulary width).
+        k: columns kept per row, ``1 <= k <= V``.
+
+    Returns:
+        ``(ids int32 [N, k], top logits float32 [N, k] in descending order, lse float32 [N])``, where
+        ``lse`` is the log-sum-exp of the full row computed in float32. Same device as ``logits``.
+    """
+    if logits.dim() != 2:
+        raise ValueError(f"topk_rows: logits must be [N, V], got shape {tuple(logits.shape)}")
+    vocab = logits.shape[-1]
+    if not 1 <= k <= vocab:
+        raise ValueError(f"topk_rows: k must be in [1, {vocab}] (the vocabulary width), got {k}")
+    values, ids = torch.topk(logits, k, dim=-1, sorted=True)
+    lse = torch.logsumexp(logits.to(torch.float32), dim=-1)
+    return ids.to(torch.int32), values.to(torch.float32), lse
+
+
+def cache_table(sample_ids: Sequence[str], rows: Sequence[CacheRows], k: int) -> pa.Table:
+    """A teacher-cache shard's table: one row per sample, arrays flattened row-major.
+
+    ``rows[i]`` is ``(ids int32 [n_i, k], logits float32 [n_i, k], lse float32 [n_i])`` of sample
+    ``sample_ids[i]``.
+    """
+    if len(sample_ids) != len(rows):
+        raise ValueError(f"cache_table: {len(sample_ids)} sample ids but {len(rows)} row groups")
+    counts = np.array([len(r[2]) for r in rows], dtype=np.int64)
+    for sid, (ids, logits, lse) in zip(sample_ids, rows):
+        if ids.shape != (len(lse), k) or logits.shape != (len(lse), k):
+            raise ValueError(f"cache_table: sample '{sid}' has ids {ids.shape} / logits {logits.shape}, "
+                             f"expected ({len(lse)}, {k})")
+    row_offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+
+    def flat(i: int, dtype: Any) -> np.ndarray:
+        parts = [np.asarray(r[i], dtype=dtype).reshape(-1) for r in rows]
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
+
+    return pa.table({
+        "sample_id": pa.array(list(sample_ids), pa.string()),
+        "n_positions": pa.array(counts.astype(np.int32)),
+        "topk_ids": pa.ListArray.from_arrays(pa.array(row_offsets * k), pa.array(flat(0, np.int32))),
+        "topk_logits": pa.ListArray.from_arrays(pa.array(row_offsets * k), pa.array(flat(1, np.float32))),
+        "lse": pa.ListArray.from_arrays(pa.array(row_offsets), pa.array(flat(2, np.float32))),
+    })
+
+
+class TeacherCache:
+    """All teacher-cache shards of a run, in memory, addressable by sample id.
+
+    Attributes:
+        k: columns per position. metadata: the provenance of the shards (``topk``, ``vocab_columns``,
+        the teacher's fingerprint, the dataset fingerprint, tokenization settings).
+    """
+
+    def __init__(self, ids: np.ndarray, logits: np.ndarray, lse: np.ndarray, index: dict[str, tuple[int, int]],
+                 metadata: dict[str, Any], folder: Path) -> None:
+        self._ids, self._logits, self._lse = ids, logits, lse
+        self._index = index
+        self.metadata = metadata
+        self.k = int(ids.shape[1])
+        self.folder = folder
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike, expected: dict[str, Any] | None = None) -> "TeacherCache":
+        """Read every ``part-*.parquet`` in ``folder``.
+
+        ``expected``: provenance keys every shard must carry (e.g. the teacher fingerprint); a
+        mismatch raises ``contracts.StaleOutputError`` naming the file and key. Raises
+        FileNotFoundError for a folder without shards and ValueError for malformed rows or a sample
+        id found twice (naming the files).
+        """
+        folder = Path(folder)
+        shards = sorted(folder.glob("part-*.parquet"))
+        if not shards:
+            raise FileNotFoundError(f"no teacher-cache shards (part-*.parquet) in {folder}")
+        schema = teacher_cache_schema()
+        ids_parts, logit_parts, lse_parts = [], [], []
+        index: dict[str, tuple[int, int]] = {}
+        where: dict[str, Path] = {}
+        metadata: dict[str, Any] = {}
+        k: int | None = None
+        offset = 0
+        for path in shards:
+            if expected:
+                check_provenance(path, expected)
+            meta = read_metadata(path)
+            shard_k = int(meta.get("topk", 0))
+            if k is None:
+                k, metadata = shard_k, meta
+            elif shard_k != k:
+                raise ValueError(f"{path}: topk={shard_k} but {shards[0]} has topk={k}; rebuild the cache")
+            table = read_table_checked(path, schema)
+            counts = table.column("n_positions").to_numpy().astype(np.int64)
+            ids = np.asarray(table.column("topk_ids").combine_chunks().flatten(), dtype=np.int32)
+            logits = np.asarray(table.column("topk_logits").combine_chunks().flatten(), dtype=np.float32)
+            lse = np.asarray(table.column("lse").combine_chunks().flatten(), dtype=np.float32)
+            total = int(counts.sum())
+            if ids.size != total * k or logits.size != total * k or lse.size != total:
+                _raise_bad_row(path, table, k)
+            for row, (sid, n) in enumerate(zip(table.column("sample_id").to_pylist(), counts.tolist())):
+                if sid in index:
+                    raise ValueError(f"{path}: row {row}: sample '{sid}' is also cached in {where[sid]}")
+                index[sid] = (offset, n)
+                where[sid] = path
+                offset += n
+            ids_parts.append(ids.reshape(total, k))
+            logit_parts.append(logits.reshape(total, k))
+            lse_parts.append(lse)
+        return cls(np.concatenate(ids_parts), np.concatenate(logit_parts), np.concatenate(lse_parts),
+                   index, metadata, folder)
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def __contains__(self, sample_id: object) -> bool:
+        return sample_id in self._index
+
+    def entry(self, sample_id: str) -> CacheRows:
+        """``(ids int32 [n, k], logits float32 [n, k], lse float32 [n])`` of one sample (views)."""
+        start, n = self._locate(sample_id)
+        return self._ids[start:start + n], self._logits[start:start + n], self._lse[start:start + n]
+
+    def sparse_for(self, sample_ids: Sequence[str], device: torch.device | str = "cpu",
+                   n_positions: Sequence[int] | None = None) -> SparseTeacher:
+        """The cached teacher for one micro-batch, rows concatenated sample by sample in the given order.
+
+        Returns ``SparseTeacher(topk_ids int64 [N, k], topk_logits float32 [N, k], lse float32 [N])``
+        on ``device``, N = total response positions: the same rows, in the same order, as
+        ``ResponseLogitsLM`` gives for a batch of these samples. ``n_positions`` (optional): each
+        sample's response-token count as the loop encoded it; a mismatch (other tokenizer or length
+        settings) raises ValueError naming the sample.
+        """
+        if n_positions is not None and len(n_positions) != len(sample_ids):
+            raise ValueError(f"sparse_for: {len(sample_ids)} sample ids but {len(n_positions)} position counts")
+        spans = []
+        for i, sid in enumerate(sample_ids):
+            start, n = self._locate(sid)
+            if n_positions is not None and int(n_positions[i]) != n:
+                raise ValueError(
+                    f"teacher cache {self.folder}: sample '{sid}' has {n} cached positions but the batch has "
+                    f"{int(n_positions[i])} response tokens (tokenizer or data.max_length changed?); rebuild the cache")
+            spans.append(np.arange(start, start + n))
+        rows = np.concatenate(spans) if spans else np.zeros(0, dtype=np.int64)
+        return SparseTeacher(
+            topk_ids=torch.from_numpy(self._ids[rows]).to(device=device, dtype=torch.int64),
+            topk_logits=torch.from_numpy(self._logits[rows]).to(device),
+            lse=torch.from_numpy(self._lse[rows]).to(device),
+        )
+
+    def _locate(self, sample_id: str) -> tuple[int, int]:
+        try:
+            return self._index[sample_id]
+        except KeyError:
+            raise KeyError(f"sample '{sample_id}' is not in the teacher cache {self.folder} "
+                           f"({len(self._index)} samples); was it scored with this dataset?") from None
+
+
+def _raise_bad_row(path: Path, table: pa.Table, k: int) -> None:
+    """Find and report the first row whose list lengths disagree with n_positions and k."""
+    cols = table.select(["sample_id", "n_positions", "topk_ids", "topk_logits", "lse"]).to_pylist()
+    for row, rec in enumerate(cols):
+        n = rec["n_positions"]
+        if len(rec["topk_ids"]) != n * k or len(rec["topk_logits"]) != n * k or len(rec["lse"]) != n:
+            raise ValueError(
+                f"{path}: row {row} (sample '{rec['sample_id']}'): n_positions={n}, topk={k} but lists have "
+                f"{len(rec['topk_ids'])} ids, {len(rec['topk_logits'])} logits, {len(rec['lse'])} lse values")
+    raise ValueError(f"{path}: list lengths disagree with n_positions and topk={k}")
