@@ -1,6 +1,24 @@
-"""Task: assign every scored sample to a curriculum bucket (``partition.parquet``)."""
+"""Task: assign every scored sample to a curriculum bucket (``partition.parquet``) and show the split.
+
+Reads exactly the score shards the scoring task reported (``part-00000`` … ``part-{n-1}``) and
+refuses any whose ``scores_key`` differs from it. Publishes, besides the Parquet file:
+
+* a table artifact ``partition-buckets``: samples, mean difficulty and the mean of every measure
+  per bucket;
+* ``<run>/plots/difficulty_by_bucket.png``: a histogram of difficulty per bucket (matplotlib,
+  Agg canvas, no pyplot state). Prefect's image artifacts only take a URL the browser can fetch
+  (``create_image_artifact(image_url=...)``), and a run folder is a local path or object store,
+  so the plot is published as a markdown artifact ``partition-difficulty-plot`` naming the PNG's
+  path together with the per-bucket summary.
+"""
 
 from __future__ import annotations
+
+import io
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -9,9 +27,11 @@ from prefect import task
 
 from pocl_core.config import PoclConfig
 from pocl_core.contracts import PARTITION_SCHEMA, RunPaths, check_provenance, write_table_atomic
-from pocl_core.partition import bucket_sizes, partition_by_rank
-from tasks.common import publish_table, task_logger
+from pocl_core.partition import partition_by_rank
+from tasks.common import publish_markdown, publish_table, task_logger
 from tasks.score import ScoresResult
+
+PLOT_NAME = "difficulty_by_bucket.png"
 
 
 def partition_provenance(cfg: PoclConfig, scores: ScoresResult) -> dict:
@@ -20,29 +40,110 @@ def partition_provenance(cfg: PoclConfig, scores: ScoresResult) -> dict:
             "seed": c.shuffle_seed}
 
 
+def read_scores(scores: ScoresResult) -> pa.Table:
+    """The scores table from the reported shards, after checking each shard's scores_key."""
+    paths = [Path(scores.scores_dir) / f"part-{i:05d}.parquet" for i in range(scores.num_shards)]
+    for path in paths:
+        if not path.is_file():
+            raise FileNotFoundError(f"score shard {path} is missing; rerun the scoring task")
+        check_provenance(path, {"scores_key": scores.scores_key})
+    table = pq.read_table(paths)
+    ids = table.column("sample_id").to_pylist()
+    if not ids:
+        raise ValueError(f"{scores.scores_dir}: the score shards hold no samples")
+    if len(set(ids)) != len(ids):
+        dup = next(i for i in ids if ids.count(i) > 1)
+        raise ValueError(f"{scores.scores_dir}: sample '{dup}' is scored more than once; delete the scores and rerun")
+    return table
+
+
 @task(name="partition")
 def partition(cfg: PoclConfig, scores: ScoresResult) -> str:
-    """Write partition.parquet (sample_id, rank, bucket) and publish bucket sizes; returns its path."""
+    """Write partition.parquet (sample_id, rank, bucket), the bucket table and plot; returns its path."""
     log = task_logger()
     paths = RunPaths.of(cfg.run_dir)
     provenance = partition_provenance(cfg, scores)
     if check_provenance(paths.partition, provenance):
         log.info("reusing %s", paths.partition)
         return str(paths.partition)
-    table = pq.read_table(sorted(paths.scores_dir.glob("part-*.parquet")))
+    table = read_scores(scores)
     ranks = table.column("rank").to_numpy()
-    buckets = partition_by_rank(ranks, cfg.curriculum.num_stages, cfg.curriculum.strategy, cfg.curriculum.shuffle_seed)
+    k = cfg.curriculum.num_stages
+    buckets = partition_by_rank(ranks, k, cfg.curriculum.strategy, cfg.curriculum.shuffle_seed)
     out = pa.table({"sample_id": table.column("sample_id"), "rank": pa.array(ranks), "bucket": pa.array(buckets)})
     out = out.sort_by([("bucket", "ascending"), ("rank", "ascending")])
     write_table_atomic(out, paths.partition, PARTITION_SCHEMA, provenance)
+
     difficulty = table.column("difficulty").to_numpy()
-    rows = [
-        {"bucket": b, "samples": int((buckets == b).sum()),
-         "mean_difficulty": round(float(difficulty[buckets == b].mean()), 4) if (buckets == b).any() else None}
-        for b in range(cfg.curriculum.num_stages)
-    ]
-    assert [r["samples"] for r in rows] == bucket_sizes(len(ranks), cfg.curriculum.num_stages)
-    publish_table("partition-buckets", rows, "samples and mean difficulty per curriculum bucket")
-    log.info("partitioned %d samples into %d buckets (%s): %s", len(ranks), cfg.curriculum.num_stages,
-             cfg.curriculum.strategy, [r["samples"] for r in rows])
+    measures = [m for m in cfg.scoring.measures if m in table.column_names]
+    rows = bucket_summary(buckets, k, difficulty, {m: table.column(m).to_numpy() for m in measures})
+    publish_table("partition-buckets", rows, "samples, mean difficulty and mean measures per curriculum bucket")
+    title = f"{cfg.run_name}: difficulty by bucket ({cfg.curriculum.strategy}, {cfg.scoring.fusion} of " \
+            f"{'+'.join(cfg.scoring.measures)})"
+    plot = plot_difficulty_by_bucket(difficulty, buckets, k, paths.plots_dir / PLOT_NAME, title)
+    publish_markdown("partition-difficulty-plot", _plot_markdown(plot, rows),
+                     "histogram of difficulty per curriculum bucket (PNG in the run folder)")
+    log.info("partitioned %d samples into %d buckets (%s): %s; plot %s", len(ranks), k,
+             cfg.curriculum.strategy, [r["samples"] for r in rows], plot)
     return str(paths.partition)
+
+
+def bucket_summary(buckets: np.ndarray, num_buckets: int, difficulty: np.ndarray,
+                   measures: dict[str, np.ndarray]) -> list[dict[str, Any]]:
+    """One row per bucket: ``bucket``, ``samples``, ``mean_difficulty`` and ``mean_<measure>`` (None if empty)."""
+    rows = []
+    for b in range(num_buckets):
+        sel = buckets == b
+        row: dict[str, Any] = {"bucket": b, "samples": int(sel.sum())}
+        for name, values in {"difficulty": difficulty, **measures}.items():
+            row[f"mean_{name}"] = round(float(values[sel].mean()), 4) if sel.any() else None
+        rows.append(row)
+    return rows
+
+
+def plot_difficulty_by_bucket(difficulty: np.ndarray, buckets: np.ndarray, num_buckets: int, path: Path,
+                              title: str) -> Path:
+    """Save overlaid step histograms of ``difficulty`` (float [N]) per bucket (int [N]) as a PNG, atomically."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7.0, 4.0), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    finite = difficulty[np.isfinite(difficulty)]
+    lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    bins = np.linspace(lo, hi if hi > lo else lo + 1.0, 31)
+    for b in range(num_buckets):
+        values = difficulty[buckets == b]
+        if values.size:
+            ax.hist(values, bins=bins, histtype="step", linewidth=1.5, label=f"bucket {b} (n={values.size})")
+    ax.set_xlabel("difficulty (higher = harder)")
+    ax.set_ylabel("samples")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return _write_bytes_atomic(path, buf.getvalue())
+
+
+def _write_bytes_atomic(path: Path, data: bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _plot_markdown(plot: Path, rows: Sequence[dict[str, Any]]) -> str:
+    header = list(rows[0]) if rows else ["bucket", "samples"]
+    lines = ["# Difficulty by curriculum bucket", "",
+             f"Histogram: `{plot.resolve()}` (PNG in the run folder; Prefect image artifacts need a URL).", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join("" if r[h] is None else str(r[h]) for h in header) + " |" for r in rows]
+    return "\n".join(lines) + "\n"

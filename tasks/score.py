@@ -1,29 +1,43 @@
 """Task: score every training sample's difficulty with one model, in resumable Parquet shards.
 
-Phase 1 writes raw measures per shard (``scores/measures/part-*.parquet``, samples sorted by id,
-``scoring.shard_size`` per shard); a rerun skips shards that are complete and refuses shards
-produced from another model, dataset or measurer config. Phase 2 fuses the measures into one
+Samples are sorted by id and cut into shards of ``scoring.shard_size``; a shard is the unit of
+work, of resume and of parallelism. Phase 1 writes, per shard, the raw measures
+(``scores/measures/part-*.parquet``) and, with ``scoring.teacher_cache_topk > 0``, the teacher's
+top-k logits from the same forward pass (``teacher_cache/part-*.parquet``). Inside a shard the
+samples run in length-sorted batches, with no gradients, in ``models.teacher_dtype`` when the
+teacher scores. With ``scoring.num_workers`` 1 the shards run in this process; with more, each
+shard is one Ray task (at most ``num_workers`` in flight, one GPU each when ``ray.use_gpu``) that
+loads the scoring model and writes its own shard files. Phase 2 fuses the measures into one
 difficulty and an easy-first rank and writes ``scores/part-*.parquet`` with the same sharding.
+
+Every file carries its provenance (scorer weights fingerprint and dtype, dataset fingerprint,
+tokenization, measures, generation settings of generative measures, shard size). A rerun skips
+shards whose files are complete and match, computes only the missing ones, and refuses (raises
+``StaleOutputError`` naming the file and the differing keys) files made from other inputs.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, replace
+from typing import Any, Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import ray
 import torch
 from prefect import task
 
 from pocl_core.config import PoclConfig
 from pocl_core.contracts import (RunPaths, check_provenance, measures_schema, read_table_checked, scores_schema,
-                                 write_table_atomic)
-from pocl_core.data import encode_sample, pad_id_of, table_to_samples
+                                 teacher_cache_schema, write_table_atomic)
+from pocl_core.data import Sample, encode_sample, pad_id_of, table_to_samples
 from pocl_core.difficulty import fuse_difficulty
-from pocl_core.measures import ScoringContext, get_measure, length_sorted_batches
+from pocl_core.measures import GENERATIVE_MEASURES, ScoringContext, get_measure, length_sorted_batches, score_batch
 from pocl_core.models import load_causal_lm, load_tokenizer, model_fingerprint, resolve_device
+from pocl_core.teacher_cache import cache_table
 from tasks.common import Progress, task_logger
 from tasks.load_data import DatasetSplits
 
@@ -33,44 +47,96 @@ class ScoresResult:
     scores_dir: str
     num_shards: int
     scores_key: str  # hash of everything the scores depend on; downstream provenance
+    teacher_cache_dir: str | None = None  # teacher_cache/ when scoring.teacher_cache_topk > 0
 
 
-def scoring_provenance(cfg: PoclConfig, data: DatasetSplits) -> dict:
-    """What the measures depend on: scorer weights, dataset, measures and tokenization settings."""
-    scorer = cfg.models.teacher if cfg.scoring.model == "teacher" else cfg.models.student
+@dataclass(frozen=True)
+class ShardJob:
+    """One shard's work: its samples (sorted by id) and which of its files are missing."""
+
+    index: int
+    samples: list[Sample]
+    measures: bool
+    cache: bool
+
+
+def _scorer(cfg: PoclConfig) -> tuple[str, str]:
+    """(model path, dtype) of the scoring model: the teacher in teacher_dtype, or the student in float32."""
+    if cfg.scoring.model == "teacher":
+        return cfg.models.teacher, cfg.models.teacher_dtype
+    return cfg.models.student, "float32"
+
+
+def _pass_provenance(cfg: PoclConfig, data: DatasetSplits) -> dict[str, Any]:
+    scorer, dtype = _scorer(cfg)
     return {
         "scorer": scorer,
         "scorer_fingerprint": model_fingerprint(scorer),
+        "scorer_dtype": dtype,
         "dataset_fingerprint": data.train_fingerprint,
-        "measurer": {"measures": cfg.scoring.measures, "template": cfg.data.prompt_template,
-                     "max_prompt_length": cfg.data.max_prompt_length, "max_length": cfg.data.max_length},
+        "shard_size": cfg.scoring.shard_size,
     }
+
+
+def _tokenization(cfg: PoclConfig) -> dict[str, Any]:
+    return {"template": cfg.data.prompt_template, "max_prompt_length": cfg.data.max_prompt_length,
+            "max_length": cfg.data.max_length}
+
+
+def scoring_provenance(cfg: PoclConfig, data: DatasetSplits) -> dict[str, Any]:
+    """What the raw measures depend on: scorer weights and dtype, dataset, measures, tokenization."""
+    measurer: dict[str, Any] = {"measures": cfg.scoring.measures, **_tokenization(cfg)}
+    if GENERATIVE_MEASURES.intersection(cfg.scoring.measures):
+        measurer["generation"] = cfg.scoring.generation.model_dump(mode="json")
+    return {**_pass_provenance(cfg, data), "measurer": measurer}
+
+
+def cache_provenance(cfg: PoclConfig, data: DatasetSplits) -> dict[str, Any]:
+    """What the teacher cache depends on: teacher weights and dtype, dataset, tokenization, top-k."""
+    return {**_pass_provenance(cfg, data), "tokenization": _tokenization(cfg), "topk": cfg.scoring.teacher_cache_topk}
 
 
 @task(name="score-difficulty")
 def score_difficulty(cfg: PoclConfig, data: DatasetSplits) -> ScoresResult:
-    """Compute missing measure shards, then fuse into difficulty + rank; returns the scores folder."""
+    """Compute missing shards (measures and teacher cache), then fuse into difficulty + rank."""
     log = task_logger()
     paths = RunPaths.of(cfg.run_dir)
     provenance = scoring_provenance(cfg, data)
     fused_provenance = {**provenance, "fusion": {"fusion": cfg.scoring.fusion, "rrf_k": cfg.scoring.rrf_k}}
     key = hashlib.sha256(json.dumps(fused_provenance, sort_keys=True).encode()).hexdigest()[:16]
     fused_provenance["scores_key"] = key
+    topk = cfg.scoring.teacher_cache_topk
+    cache_prov = cache_provenance(cfg, data) if topk else {}
+    cache_dir = str(paths.teacher_cache_dir) if topk else None
 
     samples = sorted(table_to_samples(pq.read_table(data.train_path)), key=lambda s: s.sample_id)
     size = cfg.scoring.shard_size
     shards = [samples[i:i + size] for i in range(0, len(samples), size)]
-    if all(check_provenance(paths.score_shard(i), fused_provenance) for i in range(len(shards))):
+    scores_fresh = all(check_provenance(paths.score_shard(i), fused_provenance) for i in range(len(shards)))
+    jobs = []
+    for i, shard in enumerate(shards):
+        need_measures = not scores_fresh and not check_provenance(paths.measures_shard(i), provenance)
+        need_cache = bool(topk) and not check_provenance(paths.teacher_cache_shard(i), cache_prov)
+        if need_measures or need_cache:
+            jobs.append(ShardJob(i, shard, need_measures, need_cache))
+    if jobs:
+        log.info("scoring %d of %d shards with %s (%d worker(s))", len(jobs), len(shards), provenance["scorer"],
+                 cfg.scoring.num_workers)
+        run = _run_in_process if cfg.scoring.num_workers == 1 else _run_on_ray
+        run(cfg.with_absolute_paths(), jobs, provenance, cache_prov, str(paths.root.resolve()))
+    if scores_fresh:
         log.info("reusing %d finished score shards in %s", len(shards), paths.scores_dir)
-        return ScoresResult(str(paths.scores_dir), len(shards), key)
-
-    todo = [i for i in range(len(shards)) if not check_provenance(paths.measures_shard(i), provenance)]
-    if todo:
-        log.info("scoring %d of %d shards with %s", len(todo), len(shards), provenance["scorer"])
-        _score_shards(cfg, provenance, shards, todo, paths)
+        return ScoresResult(str(paths.scores_dir), len(shards), key, cache_dir)
 
     m_schema = measures_schema(cfg.scoring.measures)
-    table = pa.concat_tables([read_table_checked(paths.measures_shard(i), m_schema) for i in range(len(shards))])
+    tables = []
+    for i, shard in enumerate(shards):
+        table = read_table_checked(paths.measures_shard(i), m_schema)
+        if table.column("sample_id").to_pylist() != [s.sample_id for s in shard]:
+            raise ValueError(f"{paths.measures_shard(i)}: its sample ids are not shard {i}'s samples; delete it "
+                             f"to recompute it")
+        tables.append(table)
+    table = pa.concat_tables(tables)
     ids = table.column("sample_id").to_pylist()
     difficulty, rank = fuse_difficulty(
         ids, {m: table.column(m).to_numpy() for m in cfg.scoring.measures}, cfg.scoring.fusion, cfg.scoring.rrf_k)
@@ -81,32 +147,117 @@ def score_difficulty(cfg: PoclConfig, data: DatasetSplits) -> ScoresResult:
         write_table_atomic(table.slice(offset, len(shard)), paths.score_shard(i), s_schema, fused_provenance)
         offset += len(shard)
     log.info("wrote %d score shards (%d samples) to %s", len(shards), len(ids), paths.scores_dir)
-    return ScoresResult(str(paths.scores_dir), len(shards), key)
+    return ScoresResult(str(paths.scores_dir), len(shards), key, cache_dir)
 
 
-def _score_shards(cfg: PoclConfig, provenance: dict, shards: list, todo: list[int], paths: RunPaths) -> None:
+def load_scorer(cfg: PoclConfig) -> tuple[ScoringContext, int]:
+    """The scoring model in eval mode on its device, as a ScoringContext, and the vocabulary width.
+
+    The width (logit columns kept in the teacher cache) is the tokenizer's size, capped by the model's.
+    """
+    path, dtype = _scorer(cfg)
     device = resolve_device(cfg.ray.use_gpu)
-    dtype = cfg.models.teacher_dtype if cfg.scoring.model == "teacher" else "float32"
-    model = load_causal_lm(provenance["scorer"], dtype, cfg.models.trust_remote_code, device).eval()
+    model = load_causal_lm(path, dtype, cfg.models.trust_remote_code, device).eval()
     tokenizer = load_tokenizer(cfg.models.tokenizer or cfg.models.student, cfg.models.trust_remote_code)
-    ctx = ScoringContext(model, tokenizer, pad_id_of(tokenizer), device)
-    measures = {m: get_measure(m) for m in cfg.scoring.measures}
-    schema = measures_schema(cfg.scoring.measures)
-    progress = Progress("score-difficulty", len(todo), "scoring shards")
-    for done, i in enumerate(todo, start=1):
-        encoded = [encode_sample(tokenizer, s, cfg.data.prompt_template, cfg.data.max_prompt_length,
-                                 cfg.data.max_length) for s in shards[i]]
-        values: dict[str, dict[str, float]] = {m: {} for m in measures}
-        with torch.inference_mode():
-            for batch in length_sorted_batches(encoded, cfg.scoring.batch_size):
-                for name, fn in measures.items():
-                    values[name].update(zip((e.sample_id for e in batch), fn(ctx, batch)))
-        columns = {
-            "sample_id": [e.sample_id for e in encoded],
-            "n_prompt_tokens": [e.n_prompt for e in encoded],
-            "n_response_tokens": [e.n_response for e in encoded],
-        }
+    for name in cfg.scoring.measures:
+        get_measure(name)  # unknown names fail before any compute
+    width = min(len(tokenizer), model.get_output_embeddings().weight.shape[0])
+    return ScoringContext(model, tokenizer, pad_id_of(tokenizer), device, cfg.scoring.generation), width
+
+
+def score_shard(cfg: PoclConfig, ctx: ScoringContext, vocab_columns: int, job: ShardJob, provenance: dict,
+                cache_prov: dict, run_dir: str) -> dict[str, float]:
+    """Score one shard and write its missing files atomically; returns {"tokens", "seconds"}."""
+    t0 = time.perf_counter()
+    paths = RunPaths.of(run_dir)
+    encoded = [encode_sample(ctx.tokenizer, s, cfg.data.prompt_template, cfg.data.max_prompt_length,
+                             cfg.data.max_length) for s in job.samples]
+    ctx = replace(ctx, references={s.sample_id: s.response for s in job.samples})
+    measures = cfg.scoring.measures if job.measures else []
+    topk = cfg.scoring.teacher_cache_topk if job.cache else 0
+    values: dict[str, dict[str, float]] = {m: {} for m in measures}
+    cache: dict[str, Any] = {}
+    with torch.inference_mode():
+        for batch in length_sorted_batches(encoded, cfg.scoring.batch_size):
+            result = score_batch(ctx, batch, measures, topk, vocab_columns)
+            for name in measures:
+                values[name].update(zip((e.sample_id for e in batch), result.values[name]))
+            if topk:
+                cache.update(zip((e.sample_id for e in batch), result.cache))
+    ids = [e.sample_id for e in encoded]
+    if job.measures:
+        columns: dict[str, list] = {"sample_id": ids, "n_prompt_tokens": [e.n_prompt for e in encoded],
+                                    "n_response_tokens": [e.n_response for e in encoded]}
         for name in measures:
-            columns[name] = [values[name][e.sample_id] for e in encoded]
-        write_table_atomic(pa.table(columns), paths.measures_shard(i), schema, provenance)
+            columns[name] = [values[name][i] for i in ids]
+        write_table_atomic(pa.table(columns), paths.measures_shard(job.index), measures_schema(measures), provenance)
+    if topk:
+        table = cache_table(ids, [cache[i] for i in ids], topk)
+        write_table_atomic(table, paths.teacher_cache_shard(job.index), teacher_cache_schema(),
+                           {**cache_prov, "vocab_columns": vocab_columns, "shard": job.index})
+    return {"tokens": float(sum(len(e.input_ids) for e in encoded)), "seconds": time.perf_counter() - t0}
+
+
+def _run_in_process(cfg: PoclConfig, jobs: Sequence[ShardJob], provenance: dict, cache_prov: dict, run_dir: str) -> None:
+    ctx, width = load_scorer(cfg)
+    progress = Progress("score-difficulty", len(jobs), "scoring shards")
+    for done, job in enumerate(jobs, start=1):
+        stats = score_shard(cfg, ctx, width, job, provenance, cache_prov, run_dir)
         progress.update(done)
+        _log_shard(job, stats)
+
+
+def _score_shard_on_worker(cfg_json: dict, job: ShardJob, provenance: dict, cache_prov: dict,
+                           run_dir: str) -> dict[str, float]:
+    """Body of one Ray task: load the scorer and score one shard (writes its own files)."""
+    cfg = PoclConfig.model_validate(cfg_json)
+    ctx, width = load_scorer(cfg)
+    return score_shard(cfg, ctx, width, job, provenance, cache_prov, run_dir)
+
+
+_remote_score_shard = ray.remote(_score_shard_on_worker)
+
+
+def _run_on_ray(cfg: PoclConfig, jobs: Sequence[ShardJob], provenance: dict, cache_prov: dict, run_dir: str) -> None:
+    """One Ray task per shard, at most ``scoring.num_workers`` in flight.
+
+    After a failure no new shard starts; the running ones finish (their files are kept for the
+    resume) and the first error is raised, naming the shard.
+    """
+    from tasks.distill import ensure_ray  # tasks.distill pulls in Ray Train: import only when needed
+
+    ensure_ray(cfg.ray.address)
+    options = {"num_cpus": 1, "num_gpus": 1 if cfg.ray.use_gpu else 0}
+    cfg_json = cfg.model_dump(mode="json")
+    queue = list(jobs)
+    pending: dict[Any, ShardJob] = {}
+    failures: list[tuple[ShardJob, BaseException]] = []
+    progress = Progress("score-difficulty", len(jobs), "scoring shards")
+    done = 0
+    while queue or pending:
+        while queue and not failures and len(pending) < cfg.scoring.num_workers:
+            job = queue.pop(0)
+            ref = _remote_score_shard.options(**options).remote(cfg_json, job, provenance, cache_prov, run_dir)
+            pending[ref] = job
+        if not pending:
+            break
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        for ref in ready:
+            job = pending.pop(ref)
+            try:
+                stats = ray.get(ref)
+            except Exception as exc:  # a task error or a lost worker: keep draining, then raise
+                failures.append((job, exc))
+                continue
+            done += 1
+            progress.update(done)
+            _log_shard(job, stats)
+    if failures:
+        job, exc = failures[0]
+        raise RuntimeError(f"scoring shard {job.index} failed on Ray ({len(failures)} shard(s) failed); finished "
+                           f"shards are kept, rerun to resume: {exc}") from exc
+
+
+def _log_shard(job: ShardJob, stats: dict[str, float]) -> None:
+    task_logger().info("shard %d: %d samples, %.0f tokens/s", job.index, len(job.samples),
+                       stats["tokens"] / max(stats["seconds"], 1e-9))

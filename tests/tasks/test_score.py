@@ -1,0 +1,186 @@
+"""The scoring task: order independence, resume after a kill, stale inputs, the teacher cache, Ray."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+import tasks.score as score_mod
+from pocl_core.config import ConfigError, load_config
+from pocl_core.contracts import RunPaths, StaleOutputError
+from pocl_core.data import encode_sample
+from pocl_core.models import load_causal_lm, load_tokenizer
+from pocl_core.teacher_cache import TeacherCache
+from tasks.load_data import load_dataset
+from tasks.score import cache_provenance, score_difficulty
+
+REPO = Path(__file__).resolve().parents[2]
+TINY_CONFIG = REPO / "configs" / "tiny.yaml"
+BASE = ["data.max_train_samples=96", "scoring.shard_size=32", "scoring.batch_size=16"]
+
+
+def config(tiny_models, runs_root: Path, data_path: Path, *overrides: str):
+    return load_config(TINY_CONFIG, [f"models.teacher={tiny_models.teacher}", f"models.student={tiny_models.student}",
+                                     f"data.train_path={data_path}", f"runs_root={runs_root}", *BASE, *overrides])
+
+
+def run_scoring(cfg):
+    data = load_dataset.fn(cfg)
+    return data, score_difficulty.fn(cfg, data)
+
+
+def tables(run_dir: Path, sub: str) -> dict[str, dict]:
+    """Rows of every shard under run_dir/sub, by file name."""
+    return {p.name: pq.read_table(p).to_pylist() for p in sorted((run_dir / sub).glob("part-*.parquet"))}
+
+
+@pytest.fixture(scope="module")
+def baseline(tiny_models, tiny_data_path, tmp_path_factory):
+    """One uninterrupted in-process run: nll, teacher cache top-4, 3 shards of 32."""
+    cfg = config(tiny_models, tmp_path_factory.mktemp("runs"), tiny_data_path, "run_name=base",
+                 "scoring.teacher_cache_topk=4")
+    data, result = run_scoring(cfg)
+    return cfg, data, result
+
+
+def test_scores_match_by_sample_id_after_shuffling_the_input(tiny_models, tiny_data_path, tmp_path):
+    lines = tiny_data_path.read_text().splitlines()
+    random.Random(0).shuffle(lines)
+    shuffled = tmp_path / "shuffled.jsonl"
+    shuffled.write_text("\n".join(lines) + "\n")
+    method = ["data.max_train_samples=64", "scoring.measures=[nll,rouge_l]", "scoring.fusion=rrf",
+              "scoring.generation.max_new_tokens=8"]
+    per_id = []
+    for name, path in (("ordered", tiny_data_path), ("shuffled", shuffled)):
+        cfg = config(tiny_models, tmp_path / "runs", path, f"run_name={name}", *method)
+        _, result = run_scoring(cfg)
+        rows = pq.read_table(sorted(Path(result.scores_dir).glob("part-*.parquet"))).to_pylist()
+        per_id.append({r["sample_id"]: r for r in rows})
+    assert len(per_id[0]) == 64 and per_id[0] == per_id[1]
+    values = list(per_id[0].values())
+    assert all(0.0 <= r["rouge_l"] <= 1.0 for r in values) and sorted(r["rank"] for r in values) == list(range(64))
+
+
+def test_killed_run_resumes_only_missing_shards_and_equals_an_uninterrupted_run(
+        baseline, tiny_models, tiny_data_path, tmp_path, monkeypatch):
+    base_cfg, _, base_result = baseline
+    cfg = config(tiny_models, tmp_path / "runs", tiny_data_path, "run_name=killed", "scoring.teacher_cache_topk=4")
+    paths = RunPaths.of(cfg.run_dir)
+    real = score_mod.score_shard
+    calls: list[int] = []
+
+    def dies_on_second_shard(cfg_, ctx, width, job, *args):
+        calls.append(job.index)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("simulated kill")
+        return real(cfg_, ctx, width, job, *args)
+
+    monkeypatch.setattr(score_mod, "score_shard", dies_on_second_shard)
+    with pytest.raises(KeyboardInterrupt):
+        run_scoring(cfg)
+    assert calls == [0, 1]
+    written = [paths.measures_shard(0), paths.teacher_cache_shard(0)]
+    assert all(p.is_file() for p in written) and not paths.measures_shard(1).exists()
+    assert not list(paths.scores_dir.glob("part-*.parquet")) and not list(paths.scores_dir.rglob("*.tmp"))
+    mtimes = {p: p.stat().st_mtime_ns for p in written}
+
+    calls.clear()
+    monkeypatch.setattr(score_mod, "score_shard", lambda *a: calls.append(a[3].index) or real(*a))
+    _, result = run_scoring(cfg)
+    assert calls == [1, 2]
+    assert {p: p.stat().st_mtime_ns for p in written} == mtimes
+    base_dir = Path(base_cfg.run_dir)
+    for sub in ("scores", "scores/measures", "teacher_cache"):
+        assert tables(paths.root, sub) == tables(base_dir, sub), sub
+    assert result.scores_key == base_result.scores_key and result.num_shards == 3
+
+    calls.clear()  # a third run finds everything finished and computes nothing
+    run_scoring(cfg)
+    assert calls == []
+
+
+def test_a_changed_dataset_is_refused_naming_file_and_key(baseline, tiny_models, tiny_data_path, tmp_path):
+    cfg, _, _ = baseline
+    other = load_dataset.fn(config(tiny_models, tmp_path / "runs", tiny_data_path, "run_name=other",
+                                   "data.max_train_samples=80"))
+    with pytest.raises(StaleOutputError, match=r"scores/part-00000\.parquet was produced from different inputs "
+                                               r"\(dataset_fingerprint: found"):
+        score_difficulty.fn(cfg, other)
+
+
+def test_a_changed_model_is_refused_naming_file_and_key(baseline, tmp_path):
+    cfg, data, _ = baseline
+    changed = tmp_path / "teacher"
+    shutil.copytree(cfg.models.teacher, changed)
+    model = load_causal_lm(str(changed))
+    with torch.no_grad():
+        model.get_output_embeddings().weight.add_(0.01)
+    model.save_pretrained(changed, safe_serialization=True)
+    moved = cfg.model_copy(update={"models": cfg.models.model_copy(update={"teacher": str(changed)})})
+    with pytest.raises(StaleOutputError, match=r"scores/part-00000\.parquet .*scorer_fingerprint: found '[0-9a-f]+', "
+                                               r"expected '[0-9a-f]+'"):
+        score_difficulty.fn(moved, data)
+
+
+def test_a_changed_cache_setting_is_refused_naming_the_cache_shard(baseline):
+    cfg, data, _ = baseline
+    other = cfg.model_copy(update={"scoring": cfg.scoring.model_copy(update={"teacher_cache_topk": 6})})
+    with pytest.raises(StaleOutputError, match=r"teacher_cache/part-00000\.parquet .*topk: found 4, expected 6"):
+        score_difficulty.fn(other, data)
+
+
+def test_teacher_cache_reproduces_a_direct_teacher_forward(baseline):
+    cfg, data, result = baseline
+    cache = TeacherCache.load(result.teacher_cache_dir, expected=cache_provenance(cfg, data))
+    assert len(cache) == data.num_train == 96 and cache.k == 4
+    tokenizer = load_tokenizer(cfg.models.student)
+    teacher = load_causal_lm(cfg.models.teacher).eval()
+    samples = {s["sample_id"]: s for s in pq.read_table(data.train_path).to_pylist()}
+    from pocl_core.data import Sample
+
+    for sid in sorted(samples)[::20]:
+        enc = encode_sample(tokenizer, Sample(**samples[sid]), cfg.data.prompt_template, cfg.data.max_prompt_length,
+                            cfg.data.max_length)
+        with torch.no_grad():
+            logits = teacher(input_ids=torch.tensor([enc.input_ids])).logits[0, enc.n_prompt - 1:-1]
+        values, ids = logits[:, :len(tokenizer)].topk(4)
+        got = cache.sparse_for([sid], "cpu", n_positions=[enc.n_response])
+        assert torch.equal(got.topk_ids, ids), sid
+        torch.testing.assert_close(got.topk_logits, values, rtol=0, atol=1e-5)
+        torch.testing.assert_close(got.lse, logits[:, :len(tokenizer)].logsumexp(-1), rtol=0, atol=1e-5)
+    meta = json.loads(json.dumps(cache.metadata))
+    assert meta["vocab_columns"] == len(tokenizer) and meta["scorer_dtype"] == "float32"
+
+
+def test_cache_with_a_student_scorer_is_a_config_error(tiny_models, tiny_data_path, tmp_path):
+    with pytest.raises(ConfigError, match=r"scoring.teacher_cache_topk \(8\).*scoring.model is 'student'"):
+        config(tiny_models, tmp_path, tiny_data_path, "scoring.model=student", "scoring.teacher_cache_topk=8")
+    with pytest.raises(ConfigError, match="scoring.num_workers"):
+        config(tiny_models, tmp_path, tiny_data_path, "scoring.num_workers=0")
+
+
+@pytest.mark.slow
+def test_ray_scoring_with_two_workers_equals_in_process(baseline, local_ray, tiny_models, tiny_data_path, tmp_path):
+    base_cfg, _, base_result = baseline
+    cfg = config(tiny_models, tmp_path / "runs", tiny_data_path, "run_name=ray", "scoring.teacher_cache_topk=4",
+                 "scoring.num_workers=2")
+    _, result = run_scoring(cfg)
+    assert result.scores_key == base_result.scores_key
+    for sub in ("scores", "scores/measures", "teacher_cache"):
+        got, want = tables(Path(cfg.run_dir), sub), tables(Path(base_cfg.run_dir), sub)
+        assert list(got) == list(want) == [f"part-{i:05d}.parquet" for i in range(3)], sub
+        for name in want:
+            for g, w in zip(got[name], want[name]):
+                assert g.keys() == w.keys() and g["sample_id"] == w["sample_id"]
+                for key in w:
+                    if isinstance(w[key], (float, list)) and key != "topk_ids":
+                        np.testing.assert_allclose(g[key], w[key], rtol=1e-5, atol=1e-5, err_msg=f"{sub}/{name} {key}")
+                    else:
+                        assert g[key] == w[key], f"{sub}/{name} {key}"
