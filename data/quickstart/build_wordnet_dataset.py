@@ -36,7 +36,7 @@ POS_FILES = {"n": "noun", "v": "verb", "a": "adj", "r": "adv"}
 # cntlist.rev sense keys encode the part of speech as ss_type 1..5 (5 = adjective satellite).
 SS_TYPE_POS = {"1": "n", "2": "v", "3": "a", "4": "r", "5": "a"}
 WORD_RE = re.compile(r"^[a-z]{3,}$")
-MAX_DEFINITION_CHARS = 160
+MAX_RESPONSE_CHARS = 120  # with SmolLM2's chat template nearly every record fits in 64 tokens
 
 
 @dataclass
@@ -132,10 +132,11 @@ def make_records(lemma: Lemma, synsets: dict[str, dict[str, Synset]], common: se
     word, senses = lemma.word, ordered_senses(lemma)
     out: dict[str, dict] = {}
     first = synsets[senses[0][0]][senses[0][1]]
-    if first.definition and len(first.definition) <= MAX_DEFINITION_CHARS:
+    if first.definition and len(first.definition) <= MAX_RESPONSE_CHARS:
         out["define"] = (f"Define the word '{word}'.", as_sentence(first.definition))
     uses = re.compile(word_forms(word), re.IGNORECASE)
-    example = next((e for pos, off in senses for e in synsets[pos][off].examples if uses.search(e)), None)
+    example = next((e for pos, off in senses for e in synsets[pos][off].examples
+                    if uses.search(e) and len(e) <= MAX_RESPONSE_CHARS), None)
     if example is not None:
         out["sentence"] = (f"Use the word '{word}' in a sentence.", as_sentence(example))
     for pos, off in senses[:3]:  # only the most frequent senses give natural synonyms
