@@ -13,7 +13,7 @@ export TOKENIZERS_PARALLELISM ?= false
 # Prefect's temporary server can take longer than its 20 s default to start on a busy 2-core machine.
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 
-.PHONY: setup run test test-fast bench bench-losses clean tiny-models
+.PHONY: setup run test test-fast bench bench-losses bench-training clean tiny-models
 
 setup: $(STAMP)
 
@@ -36,10 +36,13 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" tests
 
-bench: bench-losses
+bench: bench-losses bench-training
 
 bench-losses: $(STAMP)
 	$(PY) -m benchmarks.bench_losses
+
+bench-training: $(STAMP)
+	$(PY) -m benchmarks.bench_training
 
 clean:
 	rm -rf $(VENV) .cache runs

@@ -180,7 +180,7 @@ class _Window:
     def flush(self, **fields: Any) -> dict[str, Any]:
         w = max(self.weight, 1e-12)
         row = {**fields, "loss": self.total / w, "kd_loss": self.kd / w, "ce_loss": self.ce / w,
-               "tokens_per_s": self.tokens / max(self.seconds, 1e-9)}
+               "tokens_per_s": self.tokens / max(self.seconds, 1e-9), "seconds": self.seconds}
         self.__init__()
         return row
 

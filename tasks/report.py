@@ -12,6 +12,7 @@ from pocl_core.config import PoclConfig
 from pocl_core.contracts import RunPaths, write_text_atomic
 from pocl_core.schedule import build_schedule
 from tasks.common import publish_markdown, publish_table, task_logger
+from tasks.plots import plot_eval, plot_training, png_data_uri
 
 
 def read_train_metrics(path: Path) -> list[dict]:
@@ -56,9 +57,17 @@ def report(cfg: PoclConfig, metrics_path: str, partition_path: str) -> str:
     paths = RunPaths.of(cfg.run_dir)
     metrics = pq.read_table(metrics_path).to_pylist()
     train_rows = read_train_metrics(paths.train_storage / "metrics.jsonl")
+    plots = {"eval": plot_eval(metrics, paths.plots_dir / "eval_rouge_l.png")}
+    if train_rows:
+        plots["training"] = plot_training(train_rows, paths.plots_dir / "training_loss.png")
+    histogram = paths.plots_dir / "difficulty_by_bucket.png"
+    if histogram.is_file():
+        plots["difficulty"] = histogram
     text = render_report(cfg, metrics, train_rows, partition_path)
-    write_text_atomic(paths.report, text)
-    publish_markdown("pocl-report", text, f"POCL report for run {cfg.run_name}")
+    figures = "\n## Plots\n\n" + "\n".join(f"![{k}]({{src}}{p.name})" for k, p in plots.items()) + "\n"
+    write_text_atomic(paths.report, text + figures.replace("{src}", "plots/"))
+    embedded = text + "\n## Plots\n\n" + "\n".join(f"![{k}]({png_data_uri(p)})" for k, p in plots.items()) + "\n"
+    publish_markdown("pocl-report", embedded, f"POCL report for run {cfg.run_name}")
     publish_table("pocl-eval", [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in m.items()} for m in metrics],
                   "held-out ROUGE-L and NLL per model")
     task_logger().info("report written to %s", paths.report)

@@ -60,6 +60,21 @@ def test_flow_end_to_end_with_two_ray_workers_and_idempotent_rerun(prefect_harne
     assert metrics["final_student"]["nll"] < metrics["initial_student"]["nll"]
     report = Path(summary.report).read_text()
     assert "final_student" in report and "| 2 | 0..2 |" in report
+    for png in ("eval_rouge_l.png", "training_loss.png"):
+        assert (paths.plots_dir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"plots/{png}" in report
+
+    # the same report is published as keyed Prefect artifacts
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=["pocl-report", "pocl-eval", "partition-buckets"])))
+    by_key = {a.key: a for a in artifacts}
+    assert set(by_key) == {"pocl-report", "pocl-eval", "partition-buckets"}
+    assert "data:image/png;base64," in by_key["pocl-report"].data
+    assert by_key["pocl-report"].type == "markdown" and by_key["pocl-eval"].type == "table"
 
     # rerun with the same run name: scoring, partitioning and training are reused, not redone
     watched = [*shards, *sorted((paths.scores_dir / "measures").glob("*.parquet")), paths.partition,
