@@ -49,7 +49,7 @@ def pocl_distill(config_path: str = "configs/tiny.yaml", overrides: Optional[lis
     data = load_dataset(cfg)
     scores = score_difficulty(cfg, data)
     partition_path = partition(cfg, scores)
-    student = distill(cfg, data, partition_path)
+    student = distill(cfg, data, partition_path, scores.teacher_cache_dir)
     metrics = evaluate(cfg, data, student)
     report_path = report(cfg, metrics, partition_path)
     return RunSummary(run_dir=str(paths.root), student=student, report=report_path, metrics=metrics)

@@ -212,6 +212,9 @@ class TrainConfig(_Section):
     freeze_embeddings: keep the student's input embedding (and a tied LM head) fixed: no gradient
     and no optimizer state for the largest matrix of a small student. autocast_dtype: run the
     student's forward under torch.autocast in that dtype (weights and optimizer stay float32).
+    use_teacher_cache: distil from the top-k teacher logits stored by the scoring pass
+    (``scoring.teacher_cache_topk`` > 0) instead of running the teacher at every step; the teacher
+    is then never loaded by the workers. Exact at T = 1; see docs/losses.md for T ≠ 1.
     """
 
     checkpoint_every_steps: int = Field(0, ge=0)
@@ -219,6 +222,7 @@ class TrainConfig(_Section):
     log_every_steps: int = Field(10, ge=1)
     freeze_embeddings: bool = False
     autocast_dtype: Literal["none", "bfloat16", "float16"] = "none"
+    use_teacher_cache: bool = False
 
 
 class RayConfig(_Section):
@@ -283,6 +287,13 @@ class PoclConfig(_Section):
                 f"optim.global_batch_size / ray.num_workers ({per_worker}) must be a multiple of "
                 f"optim.micro_batch_size ({self.optim.micro_batch_size})"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _check_cache(self) -> "PoclConfig":
+        if self.train.use_teacher_cache and not self.scoring.teacher_cache_topk:
+            raise ValueError("train.use_teacher_cache needs the scoring pass to write the cache: set "
+                             "scoring.teacher_cache_topk > 0 (e.g. 50)")
         return self
 
     @property

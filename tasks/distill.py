@@ -21,7 +21,7 @@ from ray.train.torch import TorchTrainer
 
 from pocl_core.checkpoint import load_checkpoint
 from pocl_core.config import PoclConfig
-from pocl_core.contracts import RunPaths
+from pocl_core.contracts import RunPaths, read_metadata
 from pocl_core.models import load_causal_lm, load_tokenizer, model_fingerprint
 from pocl_core.schedule import num_trained_stages
 from tasks.common import task_logger
@@ -32,10 +32,8 @@ from tasks.run_checkpoints import EXPERIMENT_NAME
 PROVENANCE_FILE = "pocl_provenance.json"
 
 
-def training_key(cfg: PoclConfig, data: DatasetSplits, partition_path: str) -> str:
+def training_key(cfg: PoclConfig, data: DatasetSplits, partition_path: str, teacher_cache_dir: str | None = None) -> str:
     """Hash of everything the trained weights depend on (recipe, models, data, partition)."""
-    from pocl_core.contracts import read_metadata
-
     blob = {
         "recipe": json.loads(json.dumps(cfg.model_dump(mode="json", include={
             "seed", "curriculum", "loss", "optim", "data"}))),
@@ -43,8 +41,19 @@ def training_key(cfg: PoclConfig, data: DatasetSplits, partition_path: str) -> s
         "student": model_fingerprint(cfg.models.student),
         "train": data.train_fingerprint,
         "partition": read_metadata(partition_path),
+        "train": cfg.train.model_dump(mode="json", include={"freeze_embeddings", "autocast_dtype", "use_teacher_cache"}),
+        "teacher_cache": _cache_fingerprint(teacher_cache_dir) if cfg.train.use_teacher_cache else None,
     }
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _cache_fingerprint(folder: str | None) -> dict:
+    if folder is None:
+        raise ValueError("train.use_teacher_cache is set but the scoring pass wrote no teacher cache")
+    shards = sorted(Path(folder).glob("part-*.parquet"))
+    if not shards:
+        raise FileNotFoundError(f"no teacher-cache shards in {folder}")
+    return {p.name: read_metadata(p) for p in shards}
 
 
 def fault_injection() -> dict | None:
@@ -73,11 +82,14 @@ def ensure_ray(address: str | None) -> None:
 
 
 @task(name="distill")
-def distill(cfg: PoclConfig, data: DatasetSplits, partition_path: str) -> str:
-    """Train (or resume) the curriculum and return the final student's folder."""
+def distill(cfg: PoclConfig, data: DatasetSplits, partition_path: str, teacher_cache_dir: str | None = None) -> str:
+    """Train (or resume) the curriculum and return the final student's folder.
+
+    ``teacher_cache_dir``: the scoring pass's top-k teacher cache, used when train.use_teacher_cache.
+    """
     log = task_logger()
     paths = RunPaths.of(cfg.run_dir)
-    key = training_key(cfg, data, partition_path)
+    key = training_key(cfg, data, partition_path, teacher_cache_dir)
     provenance_file = paths.student / PROVENANCE_FILE
     if provenance_file.is_file() and json.loads(provenance_file.read_text()).get("train_key") == key:
         log.info("reusing the trained student in %s", paths.student)
@@ -95,6 +107,7 @@ def distill(cfg: PoclConfig, data: DatasetSplits, partition_path: str) -> str:
             "train_key": key,
             "run_dir": str(paths.root.resolve()),
             "fault": fault_injection(),
+            "teacher_cache_dir": str(Path(teacher_cache_dir).resolve()) if teacher_cache_dir else None,
         },
         scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu),
         run_config=RunConfig(

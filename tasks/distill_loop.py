@@ -33,6 +33,7 @@ from pocl_core.data import collate, encode_sample, pad_id_of, table_to_samples
 from pocl_core.models import load_causal_lm, load_tokenizer
 from pocl_core.partition import bucket_sizes, stage_members
 from pocl_core.schedule import plan_stages, stage_batches
+from pocl_core.teacher_cache import TeacherCache
 from pocl_core.train_step import ResponseLogitsLM, build_lr_scheduler, build_optimizer, distillation_losses
 from pocl_core.vocab import check_vocab_compatible
 from tasks.run_checkpoints import list_checkpoints, newest_valid_checkpoint
@@ -60,11 +61,11 @@ def distill_loop(loop_config: dict[str, Any]) -> None:
                         cfg.optim.global_batch_size)
 
     student_lm = load_causal_lm(cfg.models.student, "float32", cfg.models.trust_remote_code)
-    teacher_lm = load_causal_lm(cfg.models.teacher, cfg.models.teacher_dtype, cfg.models.trust_remote_code, device)
+    teacher, cache = _load_teacher(cfg, loop_config, device)
+    teacher_width = cache.metadata["vocab_columns"] if cache is not None else \
+        teacher.lm.get_output_embeddings().weight.shape[0]
     columns = check_vocab_compatible(load_tokenizer(cfg.models.teacher, cfg.models.trust_remote_code), tokenizer,
-                                     teacher_lm.get_output_embeddings().weight.shape[0],
-                                     student_lm.get_output_embeddings().weight.shape[0])
-    teacher = ResponseLogitsLM(teacher_lm).eval().requires_grad_(False)
+                                     teacher_width, student_lm.get_output_embeddings().weight.shape[0])
     if cfg.train.freeze_embeddings:
         student_lm.get_input_embeddings().weight.requires_grad_(False)
 
@@ -103,12 +104,15 @@ def distill_loop(loop_config: dict[str, Any]) -> None:
             student.train()
             for k, mb in enumerate(micro):
                 batch = {n: t.to(device) for n, t in collate([encoded[i] for i in mb], pad).items()}
+                cached = None if cache is None else cache.sparse_for(
+                    [encoded[i].sample_id for i in mb], device, n_positions=[encoded[i].n_response for i in mb])
                 sync = contextlib.nullcontext() if k == len(micro) - 1 or world == 1 else student.no_sync()
                 with sync:
                     with autocast:
                         losses = distillation_losses(student, teacher, batch, temperature=plan.temperature,
                                                      kd_weight=plan.kd_weight, loss_name=cfg.loss.name,
-                                                     loss_params=cfg.loss.params, vocab_columns=columns)
+                                                     loss_params=cfg.loss.params, vocab_columns=columns,
+                                                     teacher_logits=cached)
                     share = losses.num_tokens / max(global_tokens, 1) * world
                     (losses.total * share).backward()
                 window.add(losses, share / world)
@@ -135,6 +139,15 @@ def distill_loop(loop_config: dict[str, Any]) -> None:
                                    {"stage": plan.stage, "global_step": global_step, "stage_done": done_stage})
             _maybe_inject_fault(fault, global_step, rank)
         position = Position(plan.stage + 1, 0, global_step, samples_seen)
+
+
+def _load_teacher(cfg: PoclConfig, loop_config: dict[str, Any],
+                  device: torch.device) -> tuple[ResponseLogitsLM | None, TeacherCache | None]:
+    """The live teacher (frozen, eval mode), or the scoring pass's top-k cache when configured."""
+    if cfg.train.use_teacher_cache:
+        return None, TeacherCache.load(loop_config["teacher_cache_dir"])
+    lm = load_causal_lm(cfg.models.teacher, cfg.models.teacher_dtype, cfg.models.trust_remote_code, device)
+    return ResponseLogitsLM(lm).eval().requires_grad_(False), None
 
 
 def _resume_checkpoint(loop_config: dict[str, Any], student_lm: torch.nn.Module) -> tuple[Path | None, Position, str | None]:
