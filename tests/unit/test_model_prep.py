@@ -174,3 +174,11 @@ def test_find_smollm2_gguf_names_the_install_command(monkeypatch):
 def test_find_smollm2_gguf_in_the_installed_package():
     path = find_smollm2_gguf()
     assert path.suffix == ".gguf" and path.stat().st_size > 50_000_000
+
+
+def test_prepare_quickstart_pair_from_the_located_gguf(tmp_path, tokenizer, monkeypatch):
+    gguf_file = write_tiny_gguf(tmp_path / "tiny.gguf", tokenizer, layers=3)
+    monkeypatch.setattr(model_prep, "find_smollm2_gguf", lambda: gguf_file)
+    teacher, student = model_prep.prepare_smollm2_quickstart(tmp_path / "models", student_layers=2)
+    assert (teacher.name, student.name) == ("smollm2-135m-instruct", "smollm2-2l-student")
+    assert json.loads((student / "config.json").read_text())["num_hidden_layers"] == 2
