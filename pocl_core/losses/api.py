@@ -114,9 +114,11 @@ def _evaluate(
         chunk_size = max(1, CHUNK_ELEMENTS // vocab) if rows.numel() * vocab > AUTO_CHUNK_MIN_ELEMENTS else 0
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 0:
         raise ValueError(f"chunk_size must be None, 0 (unchunked) or a positive int, got {chunk_size!r}")
-    if chunk_size == 0:
-        return dense_rows_objective(student_flat, rows, aux, fn, weights)
-    return chunked_rows_objective(student_flat, rows, aux, fn, weights, chunk_size)
+    # Autocast (bf16 training) must not lower the loss's precision: the float32 softmax is the point.
+    with torch.autocast(device_type=student_flat.device.type, enabled=False):
+        if chunk_size == 0:
+            return dense_rows_objective(student_flat, rows, aux, fn, weights)
+        return chunked_rows_objective(student_flat, rows, aux, fn, weights, chunk_size)
 
 
 def kd_divergence(

@@ -93,7 +93,7 @@ def test_gradcheck_chunked_sparse(name):
     def f(x):
         return kd_divergence(name, x, sparse, torch.tensor([1, 1, 0, 1, 1]), 1.8, chunk_size=2)
 
-    assert torch.autograd.gradcheck(f, (s,), eps=1e-6, atol=1e-7)
+    assert torch.autograd.gradcheck(f, (s,), eps=1e-6, atol=1e-7, fast_mode=True)
 
 
 def test_automatic_selection_uses_threshold(monkeypatch):
@@ -118,3 +118,14 @@ def test_no_grad_evaluation_skips_gradient():
     with torch.no_grad():
         value = kd_divergence("tvd", s, rand(4, 9, seed=16), torch.ones(4), chunk_size=2)
     assert not value.requires_grad
+
+
+@pytest.mark.parametrize("chunk_size", [0, 3])
+def test_autocast_does_not_change_the_result(chunk_size):
+    s, t = rand(6, 30, seed=17), rand(6, 30, seed=18)
+    ref_value, ref_grad = value_and_grad("jsd", s, t, torch.ones(6), chunk_size)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        value, grad = value_and_grad("jsd", s, t, torch.ones(6), chunk_size)
+    assert value.dtype == torch.float32
+    torch.testing.assert_close(value, ref_value)
+    torch.testing.assert_close(grad, ref_grad)
