@@ -78,14 +78,17 @@ class _ChunkedRowsObjective(torch.autograd.Function):
             sums += out.detach().sum(0)
             del out, student, aux_chunk
         total = (sums * w).sum()
-        ctx.grad_buf = grad_buf
+        # Saved (not a ctx attribute) so autograd frees it after backward, even while the caller
+        # still holds the returned loss (e.g. during the next step's forward).
+        ctx.has_grad = grad_buf is not None
+        ctx.save_for_backward(*([grad_buf] if ctx.has_grad else []))
         ctx.mark_non_differentiable(sums)
         return total, sums
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_total, _grad_sums):  # type: ignore[override]
-        grad_buf = ctx.grad_buf
+        grad_buf = ctx.saved_tensors[0] if ctx.has_grad else None
         if grad_buf is None:
             grad = None
         elif bool(grad_total == 1):

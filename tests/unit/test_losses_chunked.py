@@ -129,3 +129,12 @@ def test_autocast_does_not_change_the_result(chunk_size):
     assert value.dtype == torch.float32
     torch.testing.assert_close(value, ref_value)
     torch.testing.assert_close(grad, ref_grad)
+
+
+def test_gradient_buffer_is_released_after_backward():
+    s = rand(6, 20, seed=19).requires_grad_(True)
+    value = kd_divergence("fkl", s, rand(6, 20, seed=20), torch.ones(6), chunk_size=2)
+    assert value.grad_fn.saved_tensors[0].shape == (6, 20)
+    value.backward()
+    with pytest.raises(RuntimeError):  # freed: the [N, V] buffer does not outlive backward
+        value.grad_fn.saved_tensors
