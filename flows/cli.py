@@ -3,6 +3,7 @@
     pocl run --config configs/tiny.yaml [key=value ...]   run the flow (overrides are dotted keys)
     pocl build-tiny --out .cache/tiny                      build the tiny teacher/student pair
     pocl prepare-quickstart --out .cache/models            SmolLM2-135M teacher + layer-subset student
+    pocl compare --config C --strategies curriculum none --losses fkl rkl --seeds 10 20 [key=value ...]
 """
 
 from __future__ import annotations
@@ -33,6 +34,18 @@ def _cmd_run(args: argparse.Namespace) -> int:
     print(f"{'model':<16} {'ROUGE-L':>8} {'NLL':>8}")
     for row in pq.read_table(summary.metrics).to_pylist():
         print(f"{row['model']:<16} {row['rouge_l']:>8.2f} {row['nll']:>8.3f}")
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from flows.compare import pocl_compare
+
+    load_config(args.config, args.overrides)
+    out = pocl_compare(config_path=args.config, overrides=args.overrides, strategies=args.strategies,
+                       losses=args.losses, seeds=args.seeds, compare_name=args.name)
+    print()
+    print(Path(out).read_text())
+    print(f"comparison: {out}")
     return 0
 
 
@@ -71,6 +84,15 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--config", default="configs/tiny.yaml", help="YAML config (default: configs/tiny.yaml)")
     run.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. curriculum.num_stages=3")
     run.set_defaults(func=_cmd_run)
+    cmp_ = sub.add_parser("compare", help="compare strategies x losses x seeds over one shared scoring pass")
+    cmp_.add_argument("--config", default="configs/quickstart.yaml")
+    cmp_.add_argument("--strategies", nargs="+", default=["curriculum", "none"],
+                      help="curriculum, none (plain KD, same sample budget), anti, random")
+    cmp_.add_argument("--losses", nargs="+", default=None, help="loss names (default: the config's)")
+    cmp_.add_argument("--seeds", nargs="+", type=int, default=None, help="seeds (default: the config's)")
+    cmp_.add_argument("--name", default="compare", help="folder under runs_root for this comparison")
+    cmp_.add_argument("overrides", nargs="*", help="dotted key=value overrides for every variant")
+    cmp_.set_defaults(func=_cmd_compare)
     tiny = sub.add_parser("build-tiny", help="build the tiny teacher/student pair used by configs/tiny.yaml")
     tiny.add_argument("--out", default=".cache/tiny")
     tiny.add_argument("--data", default="data/tiny/instructions.jsonl")

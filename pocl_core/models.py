@@ -7,6 +7,7 @@ from safetensors where the folder has them.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,23 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> Any:
     return tok
 
 
+def cpu_has_native_bf16() -> bool:
+    """True when this x86 CPU has AVX512-BF16 or AMX (Linux /proc/cpuinfo); otherwise bf16 is emulated."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return True  # unknown platform: do not warn
+    return any(f in flags for f in ("avx512_bf16", "amx_bf16"))
+
+
+def warn_if_slow_dtype(dtype: str, device: torch.device) -> None:
+    """Log a warning when a bf16/fp16 model will run emulated (and very slowly) on this CPU."""
+    if device.type == "cpu" and dtype in ("bfloat16", "float16") and not cpu_has_native_bf16():
+        logging.getLogger("pocl").warning(
+            "%s on a CPU without native bf16 support (no AVX512-BF16/AMX) is emulated and can be ~50x "
+            "slower than float32; use float32 here", dtype)
+
+
 def load_causal_lm(name_or_path: str, dtype: str = "float32", trust_remote_code: bool = False,
                    device: str | torch.device = "cpu") -> torch.nn.Module:
     """AutoModelForCausalLM in ``dtype`` on ``device`` (safetensors preferred)."""
@@ -33,6 +51,7 @@ def load_causal_lm(name_or_path: str, dtype: str = "float32", trust_remote_code:
 
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype '{dtype}'; choose one of {sorted(DTYPES)}")
+    warn_if_slow_dtype(dtype, torch.device(device))
     model = AutoModelForCausalLM.from_pretrained(
         name_or_path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, use_safetensors=_has_safetensors(name_or_path)
     )

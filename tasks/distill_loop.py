@@ -30,7 +30,7 @@ import torch
 from pocl_core.checkpoint import Position, load_checkpoint, read_position, save_checkpoint
 from pocl_core.config import PoclConfig
 from pocl_core.data import collate, encode_sample, pad_id_of, table_to_samples
-from pocl_core.models import load_causal_lm, load_tokenizer
+from pocl_core.models import load_causal_lm, load_tokenizer, warn_if_slow_dtype
 from pocl_core.partition import bucket_sizes, stage_members
 from pocl_core.schedule import plan_stages, stage_batches
 from pocl_core.teacher_cache import TeacherCache
@@ -72,6 +72,8 @@ def distill_loop(loop_config: dict[str, Any]) -> None:
     # --- resume: the newest checkpoint that passes its checksums
     resume_dir, position, resume_copy = _resume_checkpoint(loop_config, student_lm)
     student = ray.train.torch.prepare_model(ResponseLogitsLM(student_lm.to(device)))
+    if cfg.train.autocast_dtype != "none":
+        warn_if_slow_dtype(cfg.train.autocast_dtype, device)
     autocast = torch.autocast(device.type, dtype=AUTOCAST[cfg.train.autocast_dtype]) \
         if cfg.train.autocast_dtype != "none" else contextlib.nullcontext()
 

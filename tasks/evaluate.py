@@ -23,11 +23,19 @@ def models_to_evaluate(cfg: PoclConfig, student_path: str) -> dict[str, str]:
 
 
 @task(name="evaluate")
-def evaluate(cfg: PoclConfig, data: DatasetSplits, student_path: str) -> str:
-    """Write eval/generations.parquet and eval/metrics.parquet; returns the metrics path."""
+def evaluate(cfg: PoclConfig, data: DatasetSplits, student_path: str | None,
+             models: dict[str, str] | None = None) -> str:
+    """Write eval/generations.parquet and eval/metrics.parquet; returns the metrics path.
+
+    Evaluates teacher, initial student and ``student_path`` (the final student), or exactly the
+    ``models`` given (name -> folder) when set.
+    """
     log = task_logger()
     paths = RunPaths.of(cfg.run_dir)
-    models = models_to_evaluate(cfg, student_path)
+    if models is None:
+        if student_path is None:
+            raise ValueError("evaluate needs student_path or an explicit models mapping")
+        models = models_to_evaluate(cfg, student_path)
     provenance = {"eval": cfg.eval.model_dump(mode="json"), "eval_data": data.eval_fingerprint,
                   "models": {name: model_fingerprint(p) for name, p in models.items()}}
     if check_provenance(paths.eval_metrics, provenance) and paths.generations.exists():

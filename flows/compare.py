@@ -1,0 +1,113 @@
+"""Compare POCL variants on one data set with one shared scoring pass.
+
+    pocl compare --config configs/quickstart.yaml --strategies curriculum none --losses fkl rkl srkl \\
+        --seeds 10 20 30 [key=value ...]
+
+Layout under ``<runs_root>/<compare_name>/``: ``shared/`` holds the loaded data, the difficulty
+scores (and teacher cache) and the evaluation of the teacher and the initial student, computed
+once; each variant ``<strategy>-<loss>-s<seed>/`` holds its partition, training run, final student
+and evaluation. ``comparison.md`` (also a Prefect artifact) tabulates mean ± std over seeds.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import pyarrow.parquet as pq
+from prefect import flow
+
+from pocl_core.config import PoclConfig, load_config
+from pocl_core.contracts import RunPaths, write_text_atomic
+from tasks.common import publish_markdown, publish_table
+from tasks.distill import distill
+from tasks.evaluate import evaluate
+from tasks.load_data import load_dataset
+from tasks.partition import partition
+from tasks.score import score_difficulty
+
+
+@dataclass(frozen=True)
+class Variant:
+    strategy: str
+    loss: str
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.strategy}-{self.loss}-s{self.seed}"
+
+
+def variant_config(base: PoclConfig, root: Path, variant: Variant) -> PoclConfig:
+    """The base config with the variant's strategy, loss and seed (model init and data order)."""
+    data = base.model_dump()
+    data.update(runs_root=str(root), run_name=variant.name, seed=variant.seed)
+    data["curriculum"].update(strategy=variant.strategy, shuffle_seed=variant.seed)
+    if variant.loss != base.loss.name:
+        data["loss"] = {"name": variant.loss, "params": {}}
+    return PoclConfig.model_validate(data)
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """Mean ± std over seeds of final ROUGE-L and NLL, per (strategy, loss)."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["strategy"], r["loss"]), []).append(r)
+    out = []
+    for (strategy, loss), rs in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        rouge = [r["rouge_l"] for r in rs]
+        nll = [r["nll"] for r in rs]
+        out.append({"loss": loss, "strategy": strategy, "seeds": len(rs),
+                    "rouge_l_mean": statistics.fmean(rouge), "rouge_l_std": statistics.stdev(rouge) if len(rs) > 1 else 0.0,
+                    "nll_mean": statistics.fmean(nll), "nll_std": statistics.stdev(nll) if len(rs) > 1 else 0.0})
+    return out
+
+
+def render_comparison(name: str, reference: list[dict], summary: list[dict], command: str) -> str:
+    lines = [f"# POCL comparison: `{name}`", "", f"Command: `{command}`", "", "## Reference models", "",
+             "| model | ROUGE-L | NLL |", "|---|---:|---:|"]
+    lines += [f"| {m['model']} | {m['rouge_l']:.2f} | {m['nll']:.3f} |" for m in reference]
+    lines += ["", "## Final students (mean ± std over seeds)", "",
+              "| loss | strategy | seeds | ROUGE-L | NLL |", "|---|---|---:|---:|---:|"]
+    lines += [f"| {s['loss']} | {s['strategy']} | {s['seeds']} | {s['rouge_l_mean']:.2f} ± {s['rouge_l_std']:.2f} | "
+              f"{s['nll_mean']:.3f} ± {s['nll_std']:.3f} |" for s in summary]
+    return "\n".join(lines) + "\n"
+
+
+@flow(name="pocl-compare", log_prints=True)
+def pocl_compare(config_path: str = "configs/quickstart.yaml", overrides: Optional[list[str]] = None,
+                 strategies: Optional[list[str]] = None, losses: Optional[list[str]] = None,
+                 seeds: Optional[list[int]] = None, compare_name: str = "compare") -> str:
+    """Train every (strategy × loss × seed) variant over one shared scoring pass; returns comparison.md."""
+    base = load_config(config_path, list(overrides or [])).with_absolute_paths()
+    strategies = strategies or ["curriculum", "none"]
+    losses = losses or [base.loss.name]
+    seeds = seeds or [base.seed]
+    variants = [Variant(s, loss, seed) for loss in losses for s in strategies for seed in seeds]
+    for v in variants:  # validate every variant before any compute
+        variant_config(base, Path(base.runs_root), v)
+    root = Path(base.runs_root) / compare_name
+    shared = PoclConfig.model_validate({**base.model_dump(), "runs_root": str(root), "run_name": "shared"})
+    write_text_atomic(RunPaths.of(shared.run_dir).config, shared.to_yaml())
+    data = load_dataset(shared)
+    scores = score_difficulty(shared, data)
+    reference_path = evaluate(shared, data, None, models={"teacher": base.models.teacher,
+                                                          "initial_student": base.models.student})
+    rows = []
+    for v in variants:
+        cfg = variant_config(base, root, v)
+        write_text_atomic(RunPaths.of(cfg.run_dir).config, cfg.to_yaml())
+        student = distill(cfg, data, partition(cfg, scores), scores.teacher_cache_dir)
+        metrics = pq.read_table(evaluate(cfg, data, student, models={"final_student": student})).to_pylist()[0]
+        rows.append({"strategy": v.strategy, "loss": v.loss, "seed": v.seed, "rouge_l": metrics["rouge_l"],
+                     "nll": metrics["nll"]})
+    summary = summarize(rows)
+    command = (f"pocl compare --config {config_path} --strategies {' '.join(strategies)} --losses {' '.join(losses)} "
+               f"--seeds {' '.join(map(str, seeds))} --name {compare_name} {' '.join(overrides or [])}").strip()
+    text = render_comparison(compare_name, pq.read_table(reference_path).to_pylist(), summary, command)
+    out = write_text_atomic(root / "comparison.md", text)
+    publish_markdown("pocl-comparison", text, f"POCL comparison {compare_name}")
+    publish_table("pocl-comparison-runs", rows, "final ROUGE-L and NLL of every variant")
+    return str(out)

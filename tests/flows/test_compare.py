@@ -1,0 +1,50 @@
+"""`pocl compare`: variants share one scoring pass and end in a mean ± std table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from flows.compare import Variant, summarize, variant_config
+from pocl_core.config import load_config
+from tests.conftest import TINY_CONFIG
+
+pytestmark = pytest.mark.slow
+
+
+def test_variant_config_sets_strategy_loss_and_seed(tmp_path):
+    base = load_config(TINY_CONFIG)
+    cfg = variant_config(base, tmp_path, Variant("none", "rkl", 20))
+    assert (cfg.curriculum.strategy, cfg.loss.name, cfg.seed, cfg.curriculum.shuffle_seed) == ("none", "rkl", 20, 20)
+    assert cfg.run_dir == str(tmp_path / "none-rkl-s20")
+    assert cfg.optim == base.optim and cfg.models == base.models
+
+
+def test_summarize_mean_and_std_over_seeds():
+    rows = [{"strategy": "curriculum", "loss": "fkl", "seed": s, "rouge_l": r, "nll": n}
+            for s, r, n in ((1, 10.0, 2.0), (2, 12.0, 4.0))]
+    (row,) = summarize(rows)
+    assert row["rouge_l_mean"] == 11.0 and row["nll_mean"] == 3.0
+    assert row["rouge_l_std"] == pytest.approx(2 ** 0.5) and row["seeds"] == 2
+
+
+def test_compare_flow_shares_scoring_and_tabulates(prefect_harness, local_ray, make_config, tmp_path):
+    from flows.compare import pocl_compare
+
+    cfg = make_config()
+    overrides = [f"models.teacher={cfg.models.teacher}", f"models.student={cfg.models.student}",
+                 f"data.train_path={cfg.data.train_path}", f"runs_root={tmp_path}", "ray.num_workers=1",
+                 "curriculum.num_stages=2", "data.max_train_samples=96", "eval.max_new_tokens=8"]
+    out = Path(pocl_compare(config_path=str(TINY_CONFIG), overrides=overrides, strategies=["curriculum", "none"],
+                            losses=["fkl"], seeds=[10], compare_name="cmp"))
+    root = tmp_path / "cmp"
+    assert out == root / "comparison.md"
+    assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ["curriculum-fkl-s10", "none-fkl-s10", "shared"]
+    assert list((root / "shared" / "scores").glob("part-*.parquet"))
+    assert not (root / "curriculum-fkl-s10" / "scores").exists()  # scoring ran once, in shared/
+    for v in ("curriculum-fkl-s10", "none-fkl-s10"):
+        assert (root / v / "student" / "model.safetensors").is_file()
+        assert (root / v / "partition.parquet").is_file()
+    text = out.read_text()
+    assert "| fkl | curriculum | 1 |" in text and "| fkl | none | 1 |" in text and "initial_student" in text
