@@ -3,6 +3,7 @@
     pocl run --config configs/tiny.yaml [key=value ...]   run the flow (overrides are dotted keys)
     pocl build-tiny --out .cache/tiny                      build the tiny teacher/student pair
     pocl prepare-quickstart --out .cache/models            SmolLM2-135M teacher + layer-subset student
+    pocl plan --config configs/paper.yaml --num-samples 14000   the stage plan, no models loaded
     pocl compare --config C --strategies curriculum none --losses fkl rkl --seeds 10 20 [key=value ...]
 """
 
@@ -49,6 +50,34 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_plan(args: argparse.Namespace) -> int:
+    """Print the stage plan (samples, steps, T, λ per stage) without loading any model."""
+    from pocl_core.data import cap_samples, load_samples, split_holdout
+    from pocl_core.partition import bucket_sizes
+    from pocl_core.schedule import plan_stages
+
+    cfg = load_config(args.config, args.overrides)
+    if args.num_samples is not None:
+        n = args.num_samples
+        source = f"--num-samples {n}"
+    else:
+        samples, _ = load_samples(cfg.data.train_path, cfg.data.on_bad_rows)
+        train = samples if cfg.data.eval_path else split_holdout(samples, cfg.data.eval_fraction)[0]
+        n = len(cap_samples(train, cfg.data.max_train_samples))
+        source = cfg.data.train_path
+    gb = cfg.optim.global_batch_size
+    plans = plan_stages(cfg.curriculum, bucket_sizes(n, cfg.curriculum.num_stages), gb)
+    print(f"{cfg.run_name}: {n} training samples ({source}), strategy {cfg.curriculum.strategy}, "
+          f"loss {cfg.loss.name} {cfg.loss.params or ''}, global batch {gb} on {cfg.ray.num_workers} worker(s)")
+    print(f"{'stage':>5} {'buckets':>8} {'samples':>8} {'epochs':>6} {'steps':>7} {'T':>6} {'lambda':>7}")
+    for p in plans:
+        print(f"{p.stage:>5} {'0..' + str(max(p.buckets)):>8} {p.num_samples:>8} {p.epochs:>6} {p.num_steps:>7} "
+              f"{p.temperature:>6.2f} {p.kd_weight:>7.2f}")
+    total = sum(p.num_steps for p in plans)
+    print(f"total: {total} optimizer steps, {total * gb} samples ({total * gb / max(n, 1):.1f} passes over the data)")
+    return 0
+
+
 def _cmd_build_tiny(args: argparse.Namespace) -> int:
     from pocl_core.data import load_samples
     from pocl_core.tiny import build_tiny_models
@@ -84,6 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--config", default="configs/tiny.yaml", help="YAML config (default: configs/tiny.yaml)")
     run.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. curriculum.num_stages=3")
     run.set_defaults(func=_cmd_run)
+    plan = sub.add_parser("plan", help="print the stage plan of a config without loading models")
+    plan.add_argument("--config", required=True)
+    plan.add_argument("--num-samples", type=int, default=None,
+                      help="training-set size to plan for (default: count the config's data file)")
+    plan.add_argument("overrides", nargs="*")
+    plan.set_defaults(func=_cmd_plan)
     cmp_ = sub.add_parser("compare", help="compare strategies x losses x seeds over one shared scoring pass")
     cmp_.add_argument("--config", default="configs/quickstart.yaml")
     cmp_.add_argument("--strategies", nargs="+", default=["curriculum", "none"],

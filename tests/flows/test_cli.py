@@ -1,0 +1,43 @@
+"""The `pocl` command line: clear errors, the dry-run stage plan, and every shipped config validates."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from flows.cli import main
+from pocl_core.config import load_config
+
+CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_shipped_configs_validate(path):
+    cfg = load_config(path)
+    assert cfg.models.trust_remote_code is False
+
+
+def test_paper_plan_is_the_reference_schedule(capsys):
+    assert main(["plan", "--config", "configs/paper.yaml", "--num-samples", "14000"]) == 0
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit()]
+    assert [(r[0], r[2], r[3], r[5], r[6]) for r in rows] == [
+        ("0", "3500", "8", "1.00", "0.70"), ("1", "7000", "8", "1.33", "0.80"),
+        ("2", "10500", "8", "1.67", "0.90"), ("3", "14000", "8", "2.00", "1.00")]
+    assert "20.1 passes over the data" in out  # 8 x (1+2+3+4)/4 = 20 passes, the baselines' budget
+
+
+def test_plan_counts_the_data_file_and_the_baseline_has_one_stage(capsys):
+    assert main(["plan", "--config", "configs/tiny.yaml", "curriculum.strategy=none"]) == 0
+    out = capsys.readouterr().out
+    assert "324 training samples" in out and "strategy none" in out
+    assert len([line for line in out.splitlines() if line.strip()[:1].isdigit()]) == 1
+
+
+def test_bad_override_is_a_clear_error_not_a_traceback(capsys):
+    assert main(["run", "--config", "configs/tiny.yaml", "curriculum.num_stagez=3"]) == 2
+    err = capsys.readouterr().err
+    assert "curriculum.num_stagez: unknown key" in err and "Traceback" not in err
+    assert main(["plan", "--config", "configs/absent.yaml"]) == 2
+    assert "config file not found" in capsys.readouterr().err
