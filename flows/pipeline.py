@@ -3,18 +3,29 @@
 Run it with ``pocl run --config configs/tiny.yaml [key=value ...]`` or
 ``python -m flows.pipeline --config configs/tiny.yaml [key=value ...]``. Starting it again with the
 same run name reuses every finished step and resumes training from its newest checkpoint.
+
+Parameters a person fills in the Prefect UI (see docs/operations.md): ``config_path``, ``overrides``
+(dotted ``key=value`` strings), ``run_name``, ``ray_address`` (the override ``ray.address``) and
+``resume`` (False refuses to start when the run folder already exists). A bad parameter (a
+ConfigError or DataError) is logged as one message and re-raised without the library traceback.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Optional
+from pathlib import Path
+from typing import Iterator, Optional
 
-from prefect import flow
+from prefect import flow, get_run_logger
+from prefect.exceptions import MissingContextError
 
-from pocl_core.config import PoclConfig, load_config
+from pocl_core.config import ConfigError, PoclConfig, load_config
 from pocl_core.contracts import RunPaths, write_text_atomic
+from pocl_core.data import DataError
 from tasks.distill import distill
 from tasks.evaluate import evaluate
 from tasks.load_data import load_dataset
@@ -31,27 +42,68 @@ class RunSummary:
     metrics: str
 
 
-def resolve_config(config_path: Optional[str], overrides: Optional[list[str]], run_name: Optional[str]) -> PoclConfig:
-    """The config file plus overrides; ``run_name`` (when given) wins over both."""
+def resolve_config(config_path: Optional[str], overrides: Optional[list[str]], run_name: Optional[str],
+                   ray_address: Optional[str] = None, resume: bool = True) -> PoclConfig:
+    """The config file plus overrides; ``run_name`` and ``ray_address`` (when given) win over both.
+
+    Both are quoted as YAML strings, so a name like ``007`` or an address like ``10.0.0.5:6379`` stays
+    text. With ``resume=False`` an existing run folder is a ConfigError naming it.
+    """
     extra = list(overrides or [])
     if run_name:
-        extra.append(f"run_name={run_name}")
-    return load_config(config_path, extra).with_absolute_paths()
+        extra.append(f"run_name={json.dumps(run_name)}")
+    if ray_address:
+        extra.append(f"ray.address={json.dumps(ray_address)}")
+    cfg = load_config(config_path, extra).with_absolute_paths()
+    if not resume and "://" not in cfg.run_dir and Path(cfg.run_dir).exists():
+        raise ConfigError(f"run folder {cfg.run_dir} already exists and resume is false: choose a new "
+                          f"run_name (e.g. {cfg.run_name}-2), or set resume=true to continue that run")
+    return cfg
+
+
+@contextmanager
+def parameter_errors_logged() -> Iterator[None]:
+    """Turn a ConfigError/DataError into one error line in the run's logs and a short exception.
+
+    The exception keeps its type (the ``pocl`` CLI prints it as ``error: ...``) but drops the chain
+    and the library frames, so the UI shows the message rather than a traceback wall.
+    """
+    try:
+        yield
+    except (ConfigError, DataError) as exc:
+        _logger().error(str(exc))
+        raise type(exc)(str(exc)) from None
+
+
+def _logger() -> logging.Logger | logging.LoggerAdapter:
+    """The flow run's logger (shown in the UI), or a module logger outside a run (``pocl_distill.fn``)."""
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logging.getLogger(__name__)
 
 
 @flow(name="pocl-distill", log_prints=True)
 def pocl_distill(config_path: str = "configs/tiny.yaml", overrides: Optional[list[str]] = None,
-                 run_name: Optional[str] = None) -> RunSummary:
-    """Distil the configured teacher into the student with the POCL curriculum; returns the run's paths."""
-    cfg = resolve_config(config_path, overrides, run_name)
-    paths = RunPaths.of(cfg.run_dir)
-    write_text_atomic(paths.config, cfg.to_yaml())
-    data = load_dataset(cfg)
-    scores = score_difficulty(cfg, data)
-    partition_path = partition(cfg, scores)
-    student = distill(cfg, data, partition_path, scores.teacher_cache_dir)
-    metrics = evaluate(cfg, data, student)
-    report_path = report(cfg, metrics, partition_path)
+                 run_name: Optional[str] = None, ray_address: Optional[str] = None,
+                 resume: bool = True) -> RunSummary:
+    """Distil the configured teacher into the student with the POCL curriculum; returns the run's paths.
+
+    config_path: YAML config (relative to the working directory). overrides: dotted ``key=value``
+    strings. run_name: the run folder's name under runs_root (default: the config's). ray_address:
+    an existing Ray cluster (default: RAY_ADDRESS, else a local Ray). resume: continue the run when
+    its folder exists (False: refuse to start).
+    """
+    with parameter_errors_logged():
+        cfg = resolve_config(config_path, overrides, run_name, ray_address, resume)
+        paths = RunPaths.of(cfg.run_dir)
+        write_text_atomic(paths.config, cfg.to_yaml())
+        data = load_dataset(cfg)
+        scores = score_difficulty(cfg, data)
+        partition_path = partition(cfg, scores)
+        student = distill(cfg, data, partition_path, scores.teacher_cache_dir)
+        metrics = evaluate(cfg, data, student)
+        report_path = report(cfg, metrics, partition_path)
     return RunSummary(run_dir=str(paths.root), student=student, report=report_path, metrics=metrics)
 
 

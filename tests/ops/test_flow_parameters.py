@@ -1,0 +1,74 @@
+"""The flow's UI parameters: ray_address and resume, and parameter errors as one clear message.
+
+These call the resolver or ``pocl_distill.fn`` with inputs that fail before any model, Ray or Prefect
+server is needed.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+
+from flows.pipeline import parameter_errors_logged, pocl_distill, resolve_config
+from pocl_core.config import ConfigError
+from pocl_core.data import DataError
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = str(REPO / "configs" / "tiny.yaml")
+
+
+def test_ray_address_and_run_name_become_overrides_and_stay_strings(tmp_path):
+    cfg = resolve_config(TINY, [f"runs_root={tmp_path}", "ray.address=ignored:1"], "007", "10.0.0.5:6379")
+    assert cfg.ray.address == "10.0.0.5:6379" and cfg.run_name == "007"
+    assert resolve_config(TINY, [f"runs_root={tmp_path}"], None, None).ray.address is None
+
+
+def test_resume_false_refuses_an_existing_run_folder(tmp_path):
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(ConfigError) as err:
+        resolve_config(TINY, [f"runs_root={tmp_path}"], "taken", resume=False)
+    msg = str(err.value)
+    assert str(tmp_path / "taken") in msg and "new run_name" in msg
+    assert resolve_config(TINY, [f"runs_root={tmp_path}"], "taken", resume=True).run_name == "taken"
+    assert resolve_config(TINY, [f"runs_root={tmp_path}"], "fresh", resume=False).run_name == "fresh"
+
+
+def test_resume_false_in_the_flow_is_one_logged_message(tmp_path, caplog):
+    (tmp_path / "taken").mkdir()
+    with caplog.at_level(logging.ERROR), pytest.raises(ConfigError) as err:
+        pocl_distill.fn(config_path=TINY, overrides=[f"runs_root={tmp_path}"], run_name="taken", resume=False)
+    assert err.value.__cause__ is None and err.value.__suppress_context__
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR] == [str(err.value)]
+    assert not (tmp_path / "taken" / "config.yaml").exists()
+
+
+def test_bad_override_in_the_flow_is_a_short_config_error(caplog):
+    with caplog.at_level(logging.ERROR), pytest.raises(ConfigError) as err:
+        pocl_distill.fn(config_path=TINY, overrides=["curriculum.num_stagez=3"])
+    assert "curriculum.num_stagez: unknown key" in str(err.value)
+    assert isinstance(err.value, ValueError) and err.value.__cause__ is None
+    assert any("num_stagez" in r.getMessage() for r in caplog.records)
+
+
+def test_data_errors_are_logged_once_and_keep_their_type(caplog):
+    # Calling a task outside a flow run would start Prefect's temporary server, so the data error
+    # is raised directly inside the helper that wraps the flow body.
+    def bad_data() -> None:
+        raise DataError("data/x.jsonl row 3: missing field 'response'")
+
+    with caplog.at_level(logging.ERROR), pytest.raises(DataError) as err:
+        with parameter_errors_logged():
+            bad_data()
+    assert str(err.value) == "data/x.jsonl row 3: missing field 'response'"
+    assert err.value.__suppress_context__ and err.value.__cause__ is None
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR] == [str(err.value)]
+
+
+def test_other_errors_pass_through_unchanged():
+    boom = RuntimeError("worker died")
+    with pytest.raises(RuntimeError) as err:
+        with parameter_errors_logged():
+            raise boom
+    assert err.value is boom
