@@ -15,8 +15,6 @@ refuses any whose ``scores_key`` differs from it. Publishes, besides the Parquet
 from __future__ import annotations
 
 import io
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -26,7 +24,7 @@ import pyarrow.parquet as pq
 from prefect import task
 
 from pocl_core.config import PoclConfig
-from pocl_core.contracts import PARTITION_SCHEMA, RunPaths, check_provenance, write_table_atomic
+from pocl_core.contracts import PARTITION_SCHEMA, RunPaths, check_provenance, write_bytes_atomic, write_table_atomic
 from pocl_core.partition import partition_by_rank
 from tasks.common import publish_markdown, publish_table, task_logger
 from tasks.score import ScoresResult
@@ -124,20 +122,8 @@ def plot_difficulty_by_bucket(difficulty: np.ndarray, buckets: np.ndarray, num_b
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
-    return _write_bytes_atomic(path, buf.getvalue())
+    return write_bytes_atomic(path, buf.getvalue())
 
-
-def _write_bytes_atomic(path: Path, data: bytes) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def _plot_markdown(plot: Path, rows: Sequence[dict[str, Any]]) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import io
 from pathlib import Path
 from typing import Sequence
 
@@ -10,6 +11,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+from pocl_core.contracts import write_bytes_atomic  # noqa: E402
 
 
 def plot_training(rows: Sequence[dict], out: Path) -> Path:
@@ -46,13 +49,11 @@ def plot_eval(metrics: Sequence[dict], out: Path) -> Path:
 
 
 def _save(fig, out: Path) -> Path:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp.png")
+    buf = io.BytesIO()
     fig.tight_layout()
-    fig.savefig(tmp)
+    fig.savefig(buf, format="png")
     plt.close(fig)
-    tmp.replace(out)
-    return out
+    return write_bytes_atomic(out, buf.getvalue())
 
 
 def png_data_uri(path: Path) -> str:
