@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -24,7 +24,7 @@ class TinyPaths:
     student: Path
 
 
-def train_tokenizer(texts: Sequence[str], vocab_size: int = 512) -> "PreTrainedTokenizerFast":  # noqa: F821
+def train_tokenizer(texts: Sequence[str], vocab_size: int = 512) -> Any:
     """A byte-level BPE tokenizer with <pad>=0, <s>=1, </s>=2; BOS is prepended to encoded text."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast

@@ -35,13 +35,13 @@ PROVENANCE_FILE = "pocl_provenance.json"
 def training_key(cfg: PoclConfig, data: DatasetSplits, partition_path: str, teacher_cache_dir: str | None = None) -> str:
     """Hash of everything the trained weights depend on (recipe, models, data, partition)."""
     blob = {
-        "recipe": json.loads(json.dumps(cfg.model_dump(mode="json", include={
-            "seed", "curriculum", "loss", "optim", "data"}))),
+        "recipe": cfg.model_dump(mode="json", include={"seed", "curriculum", "loss", "optim", "data"}),
         "teacher": model_fingerprint(cfg.models.teacher),
         "student": model_fingerprint(cfg.models.student),
-        "train": data.train_fingerprint,
+        "train_data": data.train_fingerprint,
         "partition": read_metadata(partition_path),
-        "train": cfg.train.model_dump(mode="json", include={"freeze_embeddings", "autocast_dtype", "use_teacher_cache"}),
+        "train_settings": cfg.train.model_dump(mode="json", include={"freeze_embeddings", "autocast_dtype",
+                                                                      "use_teacher_cache"}),
         "teacher_cache": _cache_fingerprint(teacher_cache_dir) if cfg.train.use_teacher_cache else None,
     }
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]

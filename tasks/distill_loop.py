@@ -27,7 +27,7 @@ import ray.train
 import ray.train.torch
 import torch
 
-from pocl_core.checkpoint import Position, load_checkpoint, read_position, save_checkpoint
+from pocl_core.checkpoint import Position, load_checkpoint, save_checkpoint
 from pocl_core.config import PoclConfig
 from pocl_core.data import collate, encode_sample, pad_id_of, table_to_samples
 from pocl_core.models import load_causal_lm, load_tokenizer, warn_if_slow_dtype

@@ -76,3 +76,19 @@ def test_fingerprint_changes_with_the_section_it_covers():
     b = load_config(TINY_CONFIG, ["optim.lr=0.5"])
     assert a.fingerprint("data") == b.fingerprint("data")
     assert a.fingerprint("optim") != b.fingerprint("optim")
+
+
+def test_training_key_depends_on_the_data_and_the_train_settings(monkeypatch):
+    from types import SimpleNamespace
+
+    import tasks.distill as distill_mod
+
+    monkeypatch.setattr(distill_mod, "model_fingerprint", lambda p: "fp")
+    monkeypatch.setattr(distill_mod, "read_metadata", lambda p: {"strategy": "curriculum"})
+    cfg = load_config(TINY_CONFIG)
+    key = distill_mod.training_key(cfg, SimpleNamespace(train_fingerprint="a"), "partition.parquet")
+    assert key != distill_mod.training_key(cfg, SimpleNamespace(train_fingerprint="b"), "partition.parquet")
+    frozen = load_config(TINY_CONFIG, ["train.freeze_embeddings=true"])
+    assert key != distill_mod.training_key(frozen, SimpleNamespace(train_fingerprint="a"), "partition.parquet")
+    logging_only = load_config(TINY_CONFIG, ["train.log_every_steps=3"])
+    assert key == distill_mod.training_key(logging_only, SimpleNamespace(train_fingerprint="a"), "partition.parquet")
