@@ -125,7 +125,6 @@ def plot_difficulty_by_bucket(difficulty: np.ndarray, buckets: np.ndarray, num_b
     return write_bytes_atomic(path, buf.getvalue())
 
 
-
 def _plot_markdown(plot: Path, rows: Sequence[dict[str, Any]]) -> str:
     header = list(rows[0]) if rows else ["bucket", "samples"]
     lines = ["# Difficulty by curriculum bucket", "",
