@@ -99,20 +99,6 @@ class _ChunkedRowsObjective(torch.autograd.Function):
             grad = grad_buf * grad_total.to(grad_buf.dtype)
         return (grad, None, None, None, None, None) + (None,) * ctx.num_aux
 
-    @classmethod
-    def run(
-        cls,
-        student_flat: Tensor,
-        rows: Tensor,
-        aux: Sequence[Tensor],
-        fn: TokenFn,
-        weights: Sequence[float],
-        chunk_rows: int,
-    ) -> tuple[Tensor, Tensor]:
-        needs_grad = torch.is_grad_enabled() and student_flat.requires_grad
-        w = torch.tensor(list(weights), dtype=torch.float64)
-        return cls.apply(student_flat, rows, w, fn, chunk_rows, needs_grad, *aux)
-
 
 def chunked_rows_objective(
     student_flat: Tensor,
@@ -128,4 +114,6 @@ def chunked_rows_objective(
     """
     if chunk_rows < 1:
         raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
-    return _ChunkedRowsObjective.run(student_flat, rows, aux, fn, weights, chunk_rows)
+    needs_grad = torch.is_grad_enabled() and student_flat.requires_grad
+    w = torch.tensor(list(weights), dtype=torch.float64)
+    return _ChunkedRowsObjective.apply(student_flat, rows, w, fn, chunk_rows, needs_grad, *aux)
