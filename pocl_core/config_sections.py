@@ -1,0 +1,249 @@
+"""The sections of the run configuration: one pydantic model per part of the pipeline.
+
+``pocl_core.config.PoclConfig`` assembles them; import them from ``pocl_core.config``. Every model
+forbids unknown keys, so a typo is an error naming the key.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Dtype = Literal["float32", "bfloat16", "float16"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelsConfig(_Section):
+    """Which models distil into which.
+
+    teacher / student: a local save_pretrained folder or a hub name. tokenizer: defaults to the
+    student's. dtype: weights dtype of the teacher for scoring and distillation (the student trains in
+    float32 with optional autocast). trust_remote_code stays False unless you vouch for the model code.
+    """
+
+    teacher: str
+    student: str
+    tokenizer: Optional[str] = None
+    teacher_dtype: Dtype = "float32"
+    trust_remote_code: bool = False
+
+
+class DataConfig(_Section):
+    """Training and held-out data.
+
+    train_path: JSONL / Parquet file or Hugging Face dataset folder (``Dataset.save_to_disk``) with
+    Dolly, Alpaca or ``prompt``/``response`` fields.
+    eval_path: held-out file; when absent, ``eval_fraction`` of train_path is held out by a stable
+    hash of the sample id. prompt_template: a format string whose ``{prompt}`` is replaced, or
+    ``chat``: the tokenizer's chat template with one user turn and the assistant header.
+    max_prompt_length / max_length: token limits. long_prompts: ``truncate`` cuts a longer prompt from
+    the left (keeps its end); ``drop`` removes such samples at load time (counted in the log).
+    on_bad_rows: ``error`` stops at the first unusable row (naming file and row); ``drop`` skips and
+    counts them. max_train_samples / max_eval_samples: optional caps, applied after the split (first
+    N by id hash).
+    """
+
+    train_path: str
+    eval_path: Optional[str] = None
+    eval_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    prompt_template: str = "### Instruction:\n{prompt}\n\n### Response:\n"
+    max_prompt_length: int = Field(256, gt=0)
+    max_length: int = Field(512, gt=1)
+    long_prompts: Literal["truncate", "drop"] = "truncate"
+    on_bad_rows: Literal["error", "drop"] = "error"
+    max_train_samples: Optional[int] = Field(None, gt=0)
+    max_eval_samples: Optional[int] = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> "DataConfig":
+        if self.prompt_template != "chat" and "{prompt}" not in self.prompt_template:
+            raise ValueError("data.prompt_template must contain '{prompt}' or be 'chat' (the tokenizer's chat template)")
+        if self.max_prompt_length >= self.max_length:
+            raise ValueError(
+                f"data.max_prompt_length ({self.max_prompt_length}) must be below data.max_length "
+                f"({self.max_length}) to leave room for the response"
+            )
+        return self
+
+
+class ScoringGenerationConfig(_Section):
+    """How generative measures (``rouge_l``) let the scoring model answer each prompt.
+
+    Defaults are the authors' near-greedy decoding: sampling (``do_sample``) at ``temperature`` 0.01
+    with ``top_k`` 0 and ``top_p`` 1 (both off) and ``no_repeat_ngram_size`` 6. ``do_sample`` False
+    gives plain greedy decoding. max_new_tokens: generated tokens per prompt (the authors' max length
+    512 minus max prompt 256). seed: the sampling seed; each batch derives its own seed from it and
+    the batch's sample ids, so a value never depends on which shard ran first or on which worker.
+    """
+
+    do_sample: bool = True
+    temperature: float = Field(0.01, gt=0.0)
+    top_k: int = Field(0, ge=0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    no_repeat_ngram_size: int = Field(6, ge=0)
+    max_new_tokens: int = Field(256, gt=0)
+    seed: int = 10
+
+
+class ScoringConfig(_Section):
+    """Difficulty scoring (the measurer).
+
+    model: which model scores the samples (``teacher`` or the initial ``student``).
+    measures: measure names computed per sample: ``nll`` (mean response cross-entropy, nats/token)
+    and ``rouge_l`` (ROUGE-L F1 of the model's own answer vs the reference; see ``generation``).
+    fusion: ``single`` uses the first measure; ``rrf`` fuses the ranks by reciprocal rank fusion
+    with constant ``rrf_k`` (the method: ``rrf`` over ``[nll, rouge_l]`` with k = 60).
+    batch_size: samples per forward pass. shard_size: samples per Parquet shard (the resume unit).
+    num_workers: 1 scores in-process; more runs one Ray task per shard, at most this many at once
+    (each loads the scoring model, so keep shards large enough to amortise that; one GPU per task
+    when ``ray.use_gpu``). teacher_cache_topk: when > 0, the same teacher pass also stores the
+    teacher's top-k logits and the full-row log-sum-exp at every response position in
+    ``teacher_cache/`` (needs ``model: teacher``); 0 turns the cache off.
+    """
+
+    model: Literal["teacher", "student"] = "teacher"
+    measures: list[str] = Field(default_factory=lambda: ["nll"], min_length=1)
+    fusion: Literal["single", "rrf"] = "single"
+    rrf_k: int = Field(60, gt=0)
+    batch_size: int = Field(8, gt=0)
+    shard_size: int = Field(256, gt=0)
+    generation: ScoringGenerationConfig = Field(default_factory=ScoringGenerationConfig)
+    num_workers: int = Field(1, ge=1)
+    teacher_cache_topk: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> "ScoringConfig":
+        if len(set(self.measures)) != len(self.measures):
+            raise ValueError(f"scoring.measures lists a measure twice: {self.measures}")
+        if self.teacher_cache_topk and self.model != "teacher":
+            raise ValueError(
+                f"scoring.teacher_cache_topk ({self.teacher_cache_topk}) caches the teacher's logits, but "
+                f"scoring.model is '{self.model}': set scoring.model=teacher or scoring.teacher_cache_topk=0"
+            )
+        return self
+
+
+class CurriculumConfig(_Section):
+    """The stage schedule.
+
+    strategy: ``curriculum`` (easy → hard), ``anti`` (hard → easy), ``random`` (shuffled buckets),
+    ``none`` (plain KD, the baseline: one stage over all the data with the same number of optimizer
+    steps, hence the same sample budget, as the staged schedule, at ``baseline_temperature`` and
+    ``baseline_kd_weight``).
+    num_stages: K; stage s trains on buckets 0..s (cumulative). epochs_per_stage: passes over the
+    stage's subset. temperatures / kd_weights: explicit per-stage lists; when absent, linear from
+    ``*_start`` to ``*_end`` over the stages. fresh_optimizer_per_stage: new AdamW and LR schedule at
+    each stage (the reference recipe). shuffle_seed: seeds the within-stage shuffles and random buckets.
+    """
+
+    strategy: Literal["curriculum", "anti", "random", "none"] = "curriculum"
+    num_stages: int = Field(4, ge=1, le=64)
+    epochs_per_stage: int = Field(1, ge=1)
+    temperature_start: float = Field(1.0, gt=0.0)
+    temperature_end: float = Field(2.0, gt=0.0)
+    temperatures: Optional[list[float]] = None
+    kd_weight_start: float = Field(0.7, ge=0.0, le=1.0)
+    kd_weight_end: float = Field(1.0, ge=0.0, le=1.0)
+    kd_weights: Optional[list[float]] = None
+    fresh_optimizer_per_stage: bool = True
+    shuffle_seed: int = 10
+    baseline_temperature: float = Field(1.0, gt=0.0)
+    baseline_kd_weight: float = Field(1.0, ge=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _check(self) -> "CurriculumConfig":
+        for name in ("temperatures", "kd_weights"):
+            values = getattr(self, name)
+            if values is None:
+                continue
+            if len(values) != self.num_stages:
+                raise ValueError(
+                    f"curriculum.{name} has {len(values)} values but curriculum.num_stages is "
+                    f"{self.num_stages}"
+                )
+            if name == "temperatures" and any(v <= 0 for v in values):
+                raise ValueError("curriculum.temperatures must all be > 0")
+            if name == "kd_weights" and any(not 0.0 <= v <= 1.0 for v in values):
+                raise ValueError("curriculum.kd_weights must all lie in [0, 1]")
+        return self
+
+
+class LossConfig(_Section):
+    """The KD divergence: ``name`` (fkl, rkl, jsd, tvd, skl, srkl, akl, gjsd) and its ``params``."""
+
+    name: str = "fkl"
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class OptimConfig(_Section):
+    """AdamW with cosine decay from ``lr`` to ``min_lr`` within each stage (no warm-up by default).
+
+    global_batch_size: samples per optimizer step over all workers; micro_batch_size: samples per
+    forward pass on one worker (gradient accumulation fills the rest). grad_clip: max grad norm.
+    """
+
+    lr: float = Field(1e-4, gt=0.0)
+    min_lr: float = Field(1e-7, ge=0.0)
+    weight_decay: float = Field(0.01, ge=0.0)
+    grad_clip: float = Field(1.0, gt=0.0)
+    warmup_steps: int = Field(0, ge=0)
+    global_batch_size: int = Field(8, gt=0)
+    micro_batch_size: int = Field(8, gt=0)
+
+
+class TrainConfig(_Section):
+    """Training-loop mechanics (not the recipe).
+
+    checkpoint_every_steps: also checkpoint every N optimizer steps inside a stage (0 = only at
+    stage boundaries, which always checkpoint). keep_checkpoints: newest checkpoints kept by Ray
+    Train (None keeps all). log_every_steps: metrics window reported to Ray Train and the log.
+    freeze_embeddings: keep the student's input embedding (and a tied LM head) fixed: no gradient
+    and no optimizer state for the largest matrix of a small student. autocast_dtype: run the
+    student's forward under torch.autocast in that dtype (weights and optimizer stay float32).
+    use_teacher_cache: distil from the top-k teacher logits stored by the scoring pass
+    (``scoring.teacher_cache_topk`` > 0) instead of running the teacher at every step; the teacher
+    is then never loaded by the workers. Exact at T = 1; see docs/losses.md for T ≠ 1.
+    """
+
+    checkpoint_every_steps: int = Field(0, ge=0)
+    keep_checkpoints: Optional[int] = Field(None, ge=1)
+    log_every_steps: int = Field(10, ge=1)
+    freeze_embeddings: bool = False
+    autocast_dtype: Literal["none", "bfloat16", "float16"] = "none"
+    use_teacher_cache: bool = False
+
+
+class RayConfig(_Section):
+    """Where and how wide the distillation job runs.
+
+    address: an existing Ray cluster (``ray://`` or ``host:port``); None starts a local Ray (or uses
+    RAY_ADDRESS). num_workers: Ray Train workers (0 runs the loop in-process, for debugging).
+    use_gpu: one GPU per worker. max_failures: worker-group restarts from the last checkpoint.
+    """
+
+    address: Optional[str] = None
+    num_workers: int = Field(1, ge=0)
+    use_gpu: bool = False
+    max_failures: int = Field(0, ge=-1)
+
+
+class EvalConfig(_Section):
+    """Held-out evaluation: ROUGE-L F1 (×100) of generations and mean response NLL.
+
+    seeds: one sampled generation pass per seed (the mean is reported). do_sample False gives greedy.
+    max_new_tokens: generation length. temperature/top_k/top_p/no_repeat_ngram_size: sampling
+    settings (the method's defaults). batch_size: prompts per generate call.
+    """
+
+    seeds: list[int] = Field(default_factory=lambda: [10], min_length=1)
+    do_sample: bool = True
+    temperature: float = Field(1.0, gt=0.0)
+    top_k: int = Field(0, ge=0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    no_repeat_ngram_size: int = Field(6, ge=0)
+    max_new_tokens: int = Field(64, gt=0)
+    batch_size: int = Field(16, gt=0)
