@@ -155,17 +155,23 @@ def _load_teacher(cfg: PoclConfig, loop_config: dict[str, Any],
 def _resume_checkpoint(loop_config: dict[str, Any], student_lm: torch.nn.Module) -> tuple[Path | None, Position, str | None]:
     """Load the newest valid checkpoint's weights into ``student_lm``.
 
-    Candidates: Ray Train's latest checkpoint (copied locally), then the older ones in the run's
-    storage folder, newest first. Returns (chosen folder or None, position, local copy to delete).
+    Candidates, newest first: every checkpoint folder in the run's storage (Ray Train registers a
+    reported checkpoint only at its next poll, so a run killed right after a report can leave a
+    complete, verified checkpoint that Ray does not know; using it avoids redoing finished work),
+    then Ray Train's latest checkpoint if it lives elsewhere (copied locally). Each must pass its
+    checksums. Returns (chosen folder or None, position, local copy to delete).
     """
+    candidates = list(reversed(list_checkpoints(loop_config["run_dir"])))
     latest = ray.train.get_checkpoint()
-    if latest is None:
+    local_copy = None
+    if latest is not None and Path(latest.path).name not in {c.name for c in candidates}:
+        local_copy = tempfile.mkdtemp(prefix="pocl-resume-")
+        with latest.as_directory() as d:
+            shutil.copytree(d, local_copy, dirs_exist_ok=True)
+        candidates.insert(0, Path(local_copy))
+    if not candidates:
         return None, Position(0, 0, 0, 0), None
-    local_copy = tempfile.mkdtemp(prefix="pocl-resume-")
-    with latest.as_directory() as d:
-        shutil.copytree(d, local_copy, dirs_exist_ok=True)
-    older = [p for p in reversed(list_checkpoints(loop_config["run_dir"])) if p.name != Path(latest.path).name]
-    chosen = newest_valid_checkpoint([Path(local_copy), *older])
+    chosen = newest_valid_checkpoint(candidates)
     if chosen is None:
         raise RuntimeError(f"no valid checkpoint to resume from in {loop_config['run_dir']} (all fail their checksums)")
     found = json.loads((chosen / "position.json").read_text()).get("train_key")
