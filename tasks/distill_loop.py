@@ -29,6 +29,7 @@ import torch
 
 from pocl_core.checkpoint import Position, load_checkpoint, save_checkpoint
 from pocl_core.config import PoclConfig
+from pocl_core.contracts import RunPaths
 from pocl_core.data import collate, encode_sample, pad_id_of, table_to_samples
 from pocl_core.models import load_causal_lm, load_tokenizer, warn_if_slow_dtype
 from pocl_core.partition import bucket_sizes, stage_members
@@ -134,6 +135,8 @@ def distill_loop(loop_config: dict[str, Any]) -> None:
                 if rank == 0:
                     _append_jsonl(metrics_path, row)
             every = cfg.train.checkpoint_every_steps
+            if done_stage and rank == 0 and cfg.eval.at_stage_boundaries and plan.stage < len(plans) - 1:
+                _save_stage_student(student, loop_config["run_dir"], plan.stage, loop_config["train_key"])
             if done_stage or (every and (step + 1) % every == 0):
                 nxt = Position(plan.stage + 1, 0, global_step, samples_seen) if done_stage else \
                     Position(plan.stage, step + 1, global_step, samples_seen)
@@ -225,6 +228,22 @@ def _report_checkpoint(student: torch.nn.Module, optimizer: torch.optim.Optimize
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def _save_stage_student(student: torch.nn.Module, run_dir: str, stage: int, train_key: str) -> None:
+    """Save the student as it ends ``stage`` to ``<run>/stages/stage_<s>`` (save_pretrained, atomic).
+
+    Written before the stage-boundary checkpoint is reported, so a resumed run past that checkpoint
+    always finds it.
+    """
+    inner = student.module.lm if hasattr(student, "module") else student.lm
+    out = RunPaths.of(run_dir).stage_student(stage)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    inner.save_pretrained(tmp, safe_serialization=True)
+    (tmp / "pocl_provenance.json").write_text(json.dumps({"train_key": train_key, "stage": stage}))
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
 
 
 def _maybe_inject_fault(fault: dict[str, Any], global_step: int, rank: int) -> None:
