@@ -20,7 +20,7 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from pocl_core.checkpoint import load_checkpoint
-from pocl_core.config import PoclConfig
+from pocl_core.config import LossConfig, PoclConfig
 from pocl_core.contracts import RunPaths, read_metadata
 from pocl_core.models import load_causal_lm, load_tokenizer, model_fingerprint
 from pocl_core.schedule import num_trained_stages
@@ -33,9 +33,16 @@ PROVENANCE_FILE = "pocl_provenance.json"
 
 
 def training_key(cfg: PoclConfig, data: DatasetSplits, partition_path: str, teacher_cache_dir: str | None = None) -> str:
-    """Hash of everything the trained weights depend on (recipe, models, data, partition)."""
+    """Hash of everything the trained weights depend on (recipe, models, data, partition).
+
+    With on-policy mixing off (``loss.on_policy_fraction`` 0) its other knobs change nothing, so they
+    stay out of the hash: such runs keep their key whatever those knobs say.
+    """
+    recipe = cfg.model_dump(mode="json", include={"seed", "curriculum", "loss", "optim", "data"})
+    if not cfg.loss.on_policy_fraction:
+        recipe["loss"] = {k: v for k, v in recipe["loss"].items() if k not in LossConfig.ON_POLICY_FIELDS}
     blob = {
-        "recipe": cfg.model_dump(mode="json", include={"seed", "curriculum", "loss", "optim", "data"}),
+        "recipe": recipe,
         "teacher": model_fingerprint(cfg.models.teacher),
         "student": model_fingerprint(cfg.models.student),
         "train_data": data.train_fingerprint,

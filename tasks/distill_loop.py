@@ -7,6 +7,11 @@ clipping, metrics), checkpointing at every stage boundary and every N steps.
 Loss normalisation: each micro-batch's token-mean loss is weighted by its share of the response
 tokens in the whole global batch (times the world size, since DDP averages gradients), so a step
 is one token-mean over the global batch whatever the number of workers or micro-batches.
+
+GKD on-policy mixing (``loss.on_policy_fraction`` > 0, ``pocl_core.on_policy``): on a step chosen by
+(seed, global step), each worker swaps its samples' responses for the unwrapped student's own
+samples before cutting micro-batches; the response-token count is then summed over workers, the
+loss is the divergence alone (λ = 1), and the metrics window reports the share of such steps.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from pocl_core.config import PoclConfig
 from pocl_core.contracts import RunPaths
 from pocl_core.data import collate, encode_sample, pad_id_of, table_to_samples
 from pocl_core.models import load_causal_lm, load_tokenizer, warn_if_slow_dtype
+from pocl_core.on_policy import OnPolicyMixer
 from pocl_core.partition import bucket_sizes, stage_members
 from pocl_core.schedule import plan_stages, stage_batches
 from pocl_core.teacher_cache import TeacherCache
@@ -73,6 +79,7 @@ def distill_loop(loop_config: dict[str, Any]) -> None:
     # --- resume: the newest checkpoint that passes its checksums
     resume_dir, position, resume_copy = _resume_checkpoint(loop_config, student_lm)
     student = ray.train.torch.prepare_model(ResponseLogitsLM(student_lm.to(device)))
+    mixer = _on_policy_mixer(cfg, student, rank, tokenizer, pad, columns)
     if cfg.train.autocast_dtype != "none":
         warn_if_slow_dtype(cfg.train.autocast_dtype, device)
     autocast = torch.autocast(device.type, dtype=AUTOCAST[cfg.train.autocast_dtype]) \
@@ -102,18 +109,25 @@ def distill_loop(loop_config: dict[str, Any]) -> None:
                                        cfg.curriculum.shuffle_seed, plan.stage, start):
             t0 = time.perf_counter()
             global_tokens = sum(encoded[i].n_response for i in idx)
-            local = idx[rank * per_worker:(rank + 1) * per_worker]
-            micro = [local[j:j + cfg.optim.micro_batch_size] for j in range(0, len(local), cfg.optim.micro_batch_size)]
+            local = [encoded[i] for i in idx[rank * per_worker:(rank + 1) * per_worker]]
             student.train()
+            on_policy = False
+            if mixer is not None:  # GKD: maybe replace the responses with the student's own
+                with autocast:
+                    local, on_policy = mixer.samples_for_step(global_step, local)
+                if on_policy:
+                    global_tokens = _sum_over_ranks(sum(e.n_response for e in local), world, device)
+            kd_weight = 1.0 if on_policy else plan.kd_weight  # no CE on the student's own tokens
+            micro = [local[j:j + cfg.optim.micro_batch_size] for j in range(0, len(local), cfg.optim.micro_batch_size)]
             for k, mb in enumerate(micro):
-                batch = {n: t.to(device) for n, t in collate([encoded[i] for i in mb], pad).items()}
+                batch = {n: t.to(device) for n, t in collate(mb, pad).items()}
                 cached = None if cache is None else cache.sparse_for(
-                    [encoded[i].sample_id for i in mb], device, n_positions=[encoded[i].n_response for i in mb])
+                    [e.sample_id for e in mb], device, n_positions=[e.n_response for e in mb])
                 sync = contextlib.nullcontext() if k == len(micro) - 1 or world == 1 else student.no_sync()
                 with sync:
                     with autocast:
                         losses = distillation_losses(student, teacher, batch, temperature=plan.temperature,
-                                                     kd_weight=plan.kd_weight, loss_name=cfg.loss.name,
+                                                     kd_weight=kd_weight, loss_name=cfg.loss.name,
                                                      loss_params=cfg.loss.params, vocab_columns=columns,
                                                      teacher_logits=cached)
                     share = losses.num_tokens / max(global_tokens, 1) * world
@@ -126,6 +140,8 @@ def distill_loop(loop_config: dict[str, Any]) -> None:
             global_step += 1
             samples_seen += len(idx)
             window.tokens += global_tokens
+            window.steps += 1
+            window.on_policy_steps += int(on_policy)
             window.seconds += time.perf_counter() - t0
             done_stage = step + 1 == plan.num_steps
             if done_stage or (step + 1) % cfg.train.log_every_steps == 0:
@@ -153,6 +169,27 @@ def _load_teacher(cfg: PoclConfig, loop_config: dict[str, Any],
         return None, TeacherCache.load(loop_config["teacher_cache_dir"])
     lm = load_causal_lm(cfg.models.teacher, cfg.models.teacher_dtype, cfg.models.trust_remote_code, device)
     return ResponseLogitsLM(lm).eval().requires_grad_(False), None
+
+
+def _on_policy_mixer(cfg: PoclConfig, student: torch.nn.Module, rank: int, tokenizer: Any, pad: int,
+                     columns: int) -> OnPolicyMixer | None:
+    """GKD on-policy mixing over the unwrapped student (no DDP hooks while sampling), or None when off."""
+    if not cfg.loss.on_policy_fraction:
+        return None
+    inner = student.module.lm if hasattr(student, "module") else student.lm
+    return OnPolicyMixer(inner, fraction=cfg.loss.on_policy_fraction, max_new_tokens=cfg.loss.on_policy_max_new_tokens,
+                         temperature=cfg.loss.on_policy_temperature, replay_buffer_size=cfg.loss.replay_buffer_size,
+                         seed=cfg.seed, rank=rank, max_length=cfg.data.max_length, eos_id=tokenizer.eos_token_id,
+                         pad_id=pad, vocab_columns=columns)
+
+
+def _sum_over_ranks(value: int, world: int, device: torch.device) -> int:
+    """``value`` summed over all workers (a collective: every rank must call it)."""
+    if world == 1:
+        return value
+    total = torch.tensor([value], dtype=torch.long, device=device)
+    torch.distributed.all_reduce(total)
+    return int(total.item())
 
 
 def _resume_checkpoint(loop_config: dict[str, Any], student_lm: torch.nn.Module) -> tuple[Path | None, Position, str | None]:
@@ -194,6 +231,7 @@ class _Window:
         self.weight = 0.0
         self.tokens = 0
         self.seconds = 0.0
+        self.steps = self.on_policy_steps = 0
 
     def add(self, losses: Any, weight: float) -> None:
         self.total += losses.total.item() * weight
@@ -204,7 +242,8 @@ class _Window:
     def flush(self, **fields: Any) -> dict[str, Any]:
         w = max(self.weight, 1e-12)
         row = {**fields, "loss": self.total / w, "kd_loss": self.kd / w, "ce_loss": self.ce / w,
-               "tokens_per_s": self.tokens / max(self.seconds, 1e-9), "seconds": self.seconds}
+               "tokens_per_s": self.tokens / max(self.seconds, 1e-9), "seconds": self.seconds,
+               "on_policy_fraction": self.on_policy_steps / max(self.steps, 1)}
         self.__init__()
         return row
 
