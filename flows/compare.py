@@ -45,8 +45,8 @@ def variant_config(base: PoclConfig, root: Path, variant: Variant) -> PoclConfig
     data = base.model_dump()
     data.update(runs_root=str(root), run_name=variant.name, seed=variant.seed)
     data["curriculum"].update(strategy=variant.strategy, shuffle_seed=variant.seed)
-    if variant.loss != base.loss.name:
-        data["loss"] = {"name": variant.loss, "params": {}}
+    if variant.loss != base.loss.name:  # the base loss's params belong to it; other loss settings carry over
+        data["loss"].update(name=variant.loss, params={})
     return PoclConfig.model_validate(data)
 
 

@@ -78,6 +78,10 @@ class PoclConfig(_Section):
     def _check_on_policy(self) -> "PoclConfig":
         if not self.loss.on_policy_fraction:
             return self
+        if self.train.parallel_strategy == "fsdp":
+            raise ValueError(
+                f"loss.on_policy_fraction ({self.loss.on_policy_fraction}) samples from the whole student on each "
+                "worker, which train.parallel_strategy=fsdp shards: use parallel_strategy=ddp with on-policy mixing")
         if self.train.use_teacher_cache:
             raise ValueError(
                 f"loss.on_policy_fraction ({self.loss.on_policy_fraction}) needs the live teacher on the "

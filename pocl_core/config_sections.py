@@ -235,6 +235,9 @@ class TrainConfig(_Section):
     use_teacher_cache: distil from the top-k teacher logits stored by the scoring pass
     (``scoring.teacher_cache_topk`` > 0) instead of running the teacher at every step; the teacher
     is then never loaded by the workers. Exact at T = 1; see docs/losses.md for T ≠ 1.
+    parallel_strategy: ``ddp`` (every worker holds the whole student; Ray Train's prepare_model) or
+    ``fsdp`` (FSDP2: weights, gradients and optimizer state sharded across workers, one shard unit
+    per transformer block; for students that do not fit one device; CUDA or CPU).
     """
 
     checkpoint_every_steps: int = Field(0, ge=0)
@@ -243,6 +246,7 @@ class TrainConfig(_Section):
     freeze_embeddings: bool = False
     autocast_dtype: Literal["none", "bfloat16", "float16"] = "none"
     use_teacher_cache: bool = False
+    parallel_strategy: Literal["ddp", "fsdp"] = "ddp"
 
 
 class RayConfig(_Section):

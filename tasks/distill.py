@@ -36,7 +36,8 @@ def training_key(cfg: PoclConfig, data: DatasetSplits, partition_path: str, teac
     """Hash of everything the trained weights depend on (recipe, models, data, partition).
 
     With on-policy mixing off (``loss.on_policy_fraction`` 0) its other knobs change nothing, so they
-    stay out of the hash: such runs keep their key whatever those knobs say.
+    stay out of the hash: such runs keep their key whatever those knobs say. The parallel strategy
+    enters only when it is not the default ``ddp`` (FSDP checkpoints store the optimizer differently).
     """
     recipe = cfg.model_dump(mode="json", include={"seed", "curriculum", "loss", "optim", "data"})
     if not cfg.loss.on_policy_fraction:
@@ -51,6 +52,8 @@ def training_key(cfg: PoclConfig, data: DatasetSplits, partition_path: str, teac
                                                                       "use_teacher_cache"}),
         "teacher_cache": _cache_fingerprint(teacher_cache_dir) if cfg.train.use_teacher_cache else None,
     }
+    if cfg.train.parallel_strategy != "ddp":  # its checkpoints' optimizer state has another layout
+        blob["parallel_strategy"] = cfg.train.parallel_strategy
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -32,12 +32,14 @@ import ray.train
 import ray.train.torch
 import torch
 
-from pocl_core.checkpoint import Position, load_checkpoint, save_checkpoint
+from pocl_core.checkpoint import Position, load_checkpoint, read_optimizer_state, save_checkpoint
 from pocl_core.config import PoclConfig
 from pocl_core.contracts import RunPaths
 from pocl_core.data import collate, encode_sample, pad_id_of, table_to_samples
 from pocl_core.models import load_causal_lm, load_tokenizer, warn_if_slow_dtype
 from pocl_core.on_policy import OnPolicyMixer
+from pocl_core.parallel import (full_state, grad_sync, load_optimizer_state, shard_fsdp, transformer_blocks,
+                                unwrap)
 from pocl_core.partition import bucket_sizes, stage_members
 from pocl_core.schedule import plan_stages, stage_batches
 from pocl_core.teacher_cache import TeacherCache
@@ -78,7 +80,7 @@ def distill_loop(loop_config: dict[str, Any]) -> None:
 
     # --- resume: the newest checkpoint that passes its checksums
     resume_dir, position, resume_copy = _resume_checkpoint(loop_config, student_lm)
-    student = ray.train.torch.prepare_model(ResponseLogitsLM(student_lm.to(device)))
+    student = _wrap_student(cfg, ResponseLogitsLM(student_lm.to(device)), device)
     mixer = _on_policy_mixer(cfg, student, rank, tokenizer, pad, columns)
     if cfg.train.autocast_dtype != "none":
         warn_if_slow_dtype(cfg.train.autocast_dtype, device)
@@ -100,7 +102,8 @@ def distill_loop(loop_config: dict[str, Any]) -> None:
             scheduler = build_lr_scheduler(optimizer, cfg.optim, horizon)
         if resume_dir is not None:
             if start > 0 or not cfg.curriculum.fresh_optimizer_per_stage:
-                load_checkpoint(resume_dir, optimizer=optimizer, scheduler=scheduler, restore_rng=True)
+                load_optimizer_state(student, optimizer, read_optimizer_state(resume_dir))
+                load_checkpoint(resume_dir, scheduler=scheduler, restore_rng=True)
             if resume_copy is not None:
                 shutil.rmtree(resume_copy, ignore_errors=True)
             resume_dir = None
@@ -123,8 +126,7 @@ def distill_loop(loop_config: dict[str, Any]) -> None:
                 batch = {n: t.to(device) for n, t in collate(mb, pad).items()}
                 cached = None if cache is None else cache.sparse_for(
                     [e.sample_id for e in mb], device, n_positions=[e.n_response for e in mb])
-                sync = contextlib.nullcontext() if k == len(micro) - 1 or world == 1 else student.no_sync()
-                with sync:
+                with grad_sync(student, enabled=k == len(micro) - 1 or world == 1):
                     with autocast:
                         losses = distillation_losses(student, teacher, batch, temperature=plan.temperature,
                                                      kd_weight=kd_weight, loss_name=cfg.loss.name,
@@ -151,8 +153,8 @@ def distill_loop(loop_config: dict[str, Any]) -> None:
                 if rank == 0:
                     _append_jsonl(metrics_path, row)
             every = cfg.train.checkpoint_every_steps
-            if done_stage and rank == 0 and cfg.eval.at_stage_boundaries and plan.stage < len(plans) - 1:
-                _save_stage_student(student, loop_config["run_dir"], plan.stage, loop_config["train_key"])
+            if done_stage and cfg.eval.at_stage_boundaries and plan.stage < len(plans) - 1:
+                _save_stage_student(student, loop_config["run_dir"], plan.stage, loop_config["train_key"], rank)
             if done_stage or (every and (step + 1) % every == 0):
                 nxt = Position(plan.stage + 1, 0, global_step, samples_seen) if done_stage else \
                     Position(plan.stage, step + 1, global_step, samples_seen)
@@ -160,6 +162,25 @@ def distill_loop(loop_config: dict[str, Any]) -> None:
                                    {"stage": plan.stage, "global_step": global_step, "stage_done": done_stage})
             _maybe_inject_fault(fault, global_step, rank)
         position = Position(plan.stage + 1, 0, global_step, samples_seen)
+
+
+def _wrap_student(cfg: PoclConfig, model: ResponseLogitsLM, device: torch.device) -> torch.nn.Module:
+    """DDP through Ray Train's prepare_model, or FSDP2 sharding per transformer block (train.parallel_strategy)."""
+    if cfg.train.parallel_strategy == "fsdp":
+        return shard_fsdp(model, transformer_blocks(model.lm), device)
+    return ray.train.torch.prepare_model(model)
+
+
+def _student_state(student: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
+                   rank: int) -> tuple[dict[str, torch.Tensor] | None, dict[str, Any] | None]:
+    """The Hugging Face student's full weights (``lm.`` prefix dropped) and optimizer state on rank 0.
+
+    Every rank must call it (a collective under FSDP); other ranks get (None, None).
+    """
+    weights, optim = full_state(student, optimizer, rank)
+    if weights is None:
+        return None, None
+    return {k.removeprefix("lm."): v for k, v in weights.items()}, optim
 
 
 def _load_teacher(cfg: PoclConfig, loop_config: dict[str, Any],
@@ -256,30 +277,33 @@ def _append_jsonl(path: Path, row: dict[str, Any]) -> None:
 
 def _report_checkpoint(student: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, position: Position,
                        rank: int, train_key: str, metrics: dict[str, Any]) -> None:
-    """Every rank reports (a collective); rank 0 attaches the checkpoint folder."""
+    """Every rank gathers the state and reports (collectives); rank 0 attaches the checkpoint folder."""
+    weights, optim = _student_state(student, optimizer, rank)
     if rank != 0:
         ray.train.report(metrics, checkpoint=None)
         return
     folder = tempfile.mkdtemp(prefix="pocl-ckpt-")
     try:
-        inner = student.module.lm if hasattr(student, "module") else student.lm
-        save_checkpoint(folder, inner, optimizer, scheduler, position, extra={"train_key": train_key})
+        save_checkpoint(folder, weights, optim, scheduler, position, extra={"train_key": train_key})
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def _save_stage_student(student: torch.nn.Module, run_dir: str, stage: int, train_key: str) -> None:
-    """Save the student as it ends ``stage`` to ``<run>/stages/stage_<s>`` (save_pretrained, atomic).
+def _save_stage_student(student: torch.nn.Module, run_dir: str, stage: int, train_key: str, rank: int) -> None:
+    """Save the student as it ends ``stage`` to ``<run>/stages/stage_<s>`` (save_pretrained, atomic; rank 0).
 
-    Written before the stage-boundary checkpoint is reported, so a resumed run past that checkpoint
-    always finds it.
+    Every rank calls it (gathering sharded weights is a collective). Written before the
+    stage-boundary checkpoint is reported, so a resumed run past that checkpoint always finds it.
     """
-    inner = student.module.lm if hasattr(student, "module") else student.lm
+    weights, _ = _student_state(student, None, rank)
+    if weights is None:
+        return
+    inner = unwrap(student).lm
     out = RunPaths.of(run_dir).stage_student(stage)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    inner.save_pretrained(tmp, safe_serialization=True)
+    inner.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
     (tmp / "pocl_provenance.json").write_text(json.dumps({"train_key": train_key, "stage": stage}))
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
