@@ -253,7 +253,8 @@ class RayConfig(_Section):
     """Where and how wide the distillation job runs.
 
     address: an existing Ray cluster (``ray://`` or ``host:port``); None starts a local Ray (or uses
-    RAY_ADDRESS). num_workers: Ray Train workers (0 runs the loop in-process, for debugging).
+    RAY_ADDRESS). num_workers: Ray Train workers (0 runs the loop in-process with no
+    cluster, Ray Train's local mode: for debugging; every checkpoint is kept).
     use_gpu: one GPU per worker. max_failures: worker-group restarts from the last checkpoint.
     """
 

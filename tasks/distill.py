@@ -27,7 +27,7 @@ from pocl_core.schedule import num_trained_stages
 from tasks.common import task_logger
 from tasks.distill_loop import distill_loop
 from tasks.load_data import DatasetSplits
-from tasks.run_checkpoints import EXPERIMENT_NAME
+from tasks.run_checkpoints import EXPERIMENT_NAME, list_checkpoints, newest_valid_checkpoint
 
 PROVENANCE_FILE = "pocl_provenance.json"
 
@@ -105,7 +105,12 @@ def distill(cfg: PoclConfig, data: DatasetSplits, partition_path: str, teacher_c
         log.info("reusing the trained student in %s", paths.student)
         return str(paths.student)
 
-    ensure_ray(cfg.ray.address)
+    # ray.num_workers=0 is Ray Train's local mode: the loop runs in this process and needs no cluster.
+    # Ray Train then keeps only a reference to each reported checkpoint, so the loop writes them
+    # straight into the experiment folder (where resume looks for them).
+    local_mode = cfg.ray.num_workers == 0
+    if not local_mode:
+        ensure_ray(cfg.ray.address)
     storage = paths.train_storage.resolve()
     trainer = TorchTrainer(
         distill_loop,
@@ -118,6 +123,7 @@ def distill(cfg: PoclConfig, data: DatasetSplits, partition_path: str, teacher_c
             "run_dir": str(paths.root.resolve()),
             "fault": fault_injection(),
             "teacher_cache_dir": str(Path(teacher_cache_dir).resolve()) if teacher_cache_dir else None,
+            "checkpoints_in_place": str(storage / EXPERIMENT_NAME) if local_mode else None,
         },
         scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu),
         run_config=RunConfig(
@@ -129,10 +135,14 @@ def distill(cfg: PoclConfig, data: DatasetSplits, partition_path: str, teacher_c
     )
     log.info("distilling with %d Ray Train worker(s), storage %s", cfg.ray.num_workers, storage)
     result = trainer.fit()
-    if result.checkpoint is None:
-        raise RuntimeError(f"distillation finished without a checkpoint in {storage}")
-    with result.checkpoint.as_directory() as ckpt:
-        save_student(cfg, ckpt, paths.student, key)
+    if result.checkpoint is not None:
+        with result.checkpoint.as_directory() as ckpt:
+            save_student(cfg, ckpt, paths.student, key)
+    else:  # local mode reports nothing when a resumed run has no step left: take the newest one on disk
+        newest = newest_valid_checkpoint(list(reversed(list_checkpoints(paths.root))))
+        if newest is None:
+            raise RuntimeError(f"distillation finished without a checkpoint in {storage}")
+        save_student(cfg, str(newest), paths.student, key)
     log.info("final student saved to %s", paths.student)
     return str(paths.student)
 

@@ -159,7 +159,8 @@ def distill_loop(loop_config: dict[str, Any]) -> None:
                 nxt = Position(plan.stage + 1, 0, global_step, samples_seen) if done_stage else \
                     Position(plan.stage, step + 1, global_step, samples_seen)
                 _report_checkpoint(student, optimizer, scheduler, nxt, rank, loop_config["train_key"],
-                                   {"stage": plan.stage, "global_step": global_step, "stage_done": done_stage})
+                                   {"stage": plan.stage, "global_step": global_step, "stage_done": done_stage},
+                                   loop_config.get("checkpoints_in_place"))
             _maybe_inject_fault(fault, global_step, rank)
         position = Position(plan.stage + 1, 0, global_step, samples_seen)
 
@@ -276,11 +277,20 @@ def _append_jsonl(path: Path, row: dict[str, Any]) -> None:
 
 
 def _report_checkpoint(student: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, position: Position,
-                       rank: int, train_key: str, metrics: dict[str, Any]) -> None:
-    """Every rank gathers the state and reports (collectives); rank 0 attaches the checkpoint folder."""
+                       rank: int, train_key: str, metrics: dict[str, Any], in_place: str | None = None) -> None:
+    """Every rank gathers the state and reports (collectives); rank 0 attaches the checkpoint folder.
+
+    Ray Train copies a reported folder into its storage, so it is written to a temporary folder; in
+    local mode (``in_place``: the experiment folder) nothing is copied and it is written there instead.
+    """
     weights, optim = _student_state(student, optimizer, rank)
     if rank != 0:
         ray.train.report(metrics, checkpoint=None)
+        return
+    if in_place is not None:
+        folder = Path(in_place) / f"checkpoint_local_{position.global_step:06d}_{position.stage:02d}"
+        save_checkpoint(folder, weights, optim, scheduler, position, extra={"train_key": train_key})
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(folder)))
         return
     folder = tempfile.mkdtemp(prefix="pocl-ckpt-")
     try:
