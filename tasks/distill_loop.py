@@ -22,17 +22,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 import ray.train
 import ray.train.torch
 import torch
 
 from pocl_core.checkpoint import Position, load_checkpoint, save_checkpoint
 from pocl_core.config import PoclConfig
+from pocl_core.contracts import read_table
 from pocl_core.data import collate, encode_sample, pad_id_of, table_to_samples
 from pocl_core.models import load_causal_lm, load_tokenizer, warn_if_slow_dtype
 from pocl_core.partition import bucket_sizes, stage_members
 from pocl_core.schedule import plan_stages, stage_batches
+from pocl_core.storage import Location, ObjectPath, append_text, download_dir, location
 from pocl_core.teacher_cache import TeacherCache
 from pocl_core.train_step import ResponseLogitsLM, build_lr_scheduler, build_optimizer, distillation_losses
 from pocl_core.vocab import check_vocab_compatible
@@ -51,8 +52,8 @@ def distill_loop(loop_config: dict[str, Any]) -> None:
 
     # --- setup: data in partition order, models, vocabulary check
     tokenizer = load_tokenizer(cfg.models.tokenizer or cfg.models.student, cfg.models.trust_remote_code)
-    samples = {s.sample_id: s for s in table_to_samples(pq.read_table(loop_config["train_path"]))}
-    part = pq.read_table(loop_config["partition_path"]).to_pydict()
+    samples = {s.sample_id: s for s in table_to_samples(read_table(loop_config["train_path"]))}
+    part = read_table(loop_config["partition_path"]).to_pydict()
     encoded = [encode_sample(tokenizer, samples[i], cfg.data.prompt_template, cfg.data.max_prompt_length,
                              cfg.data.max_length) for i in part["sample_id"]]
     buckets = np.asarray(part["bucket"])
@@ -79,7 +80,7 @@ def distill_loop(loop_config: dict[str, Any]) -> None:
 
     # --- the stage loop
     per_worker = cfg.optim.global_batch_size // world
-    metrics_path = Path(loop_config["metrics_path"])
+    metrics_path = location(loop_config["metrics_path"])
     fault = loop_config.get("fault") or {}
     optimizer = scheduler = None
     global_step, samples_seen = position.global_step, position.samples_seen
@@ -152,16 +153,18 @@ def _load_teacher(cfg: PoclConfig, loop_config: dict[str, Any],
     return ResponseLogitsLM(lm).eval().requires_grad_(False), None
 
 
-def _resume_checkpoint(loop_config: dict[str, Any], student_lm: torch.nn.Module) -> tuple[Path | None, Position, str | None]:
+def _resume_checkpoint(loop_config: dict[str, Any],
+                       student_lm: torch.nn.Module) -> tuple[Path | None, Position, str | None]:
     """Load the newest valid checkpoint's weights into ``student_lm``.
 
     Candidates, newest first: every checkpoint folder in the run's storage (Ray Train registers a
     reported checkpoint only at its next poll, so a run killed right after a report can leave a
     complete, verified checkpoint that Ray does not know; using it avoids redoing finished work),
     then Ray Train's latest checkpoint if it lives elsewhere (copied locally). Each must pass its
-    checksums. Returns (chosen folder or None, position, local copy to delete).
+    checksums, read through the run folder's filesystem; a remote one is then downloaded to a local
+    temporary folder. Returns (chosen local folder or None, position, local copy to delete).
     """
-    candidates = list(reversed(list_checkpoints(loop_config["run_dir"])))
+    candidates: list[Location] = list(reversed(list_checkpoints(loop_config["run_dir"])))
     latest = ray.train.get_checkpoint()
     local_copy = None
     if latest is not None and Path(latest.path).name not in {c.name for c in candidates}:
@@ -179,6 +182,11 @@ def _resume_checkpoint(loop_config: dict[str, Any], student_lm: torch.nn.Module)
         raise RuntimeError(
             f"checkpoint {chosen} was written by a different training config (train_key {found}, now "
             f"{loop_config['train_key']}); use a new run_name to train with the new settings")
+    if isinstance(chosen, ObjectPath):
+        if local_copy is not None:
+            shutil.rmtree(local_copy, ignore_errors=True)
+        local_copy = tempfile.mkdtemp(prefix="pocl-resume-")
+        chosen = download_dir(chosen, Path(local_copy))
     position = load_checkpoint(chosen, model=student_lm)
     return chosen, position, local_copy
 
@@ -206,10 +214,8 @@ class _Window:
         return row
 
 
-def _append_jsonl(path: Path, row: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as fh:
-        fh.write(json.dumps(row) + "\n")
+def _append_jsonl(path: Location, row: dict[str, Any]) -> None:
+    append_text(path, json.dumps(row) + "\n")
 
 
 def _report_checkpoint(student: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, position: Position,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import io
-from pathlib import Path
 from typing import Sequence
 
 import matplotlib
@@ -13,9 +12,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from pocl_core.contracts import write_bytes_atomic  # noqa: E402
+from pocl_core.storage import Location, location  # noqa: E402
 
 
-def plot_training(rows: Sequence[dict], out: Path) -> Path:
+def plot_training(rows: Sequence[dict], out: Location) -> Location:
     """Loss per logged step, coloured by stage, with the stage temperature on a second axis."""
     fig, ax = plt.subplots(figsize=(7, 3.6), dpi=110)
     stages = sorted({r["stage"] for r in rows})
@@ -34,7 +34,7 @@ def plot_training(rows: Sequence[dict], out: Path) -> Path:
     return _save(fig, out)
 
 
-def plot_eval(metrics: Sequence[dict], out: Path) -> Path:
+def plot_eval(metrics: Sequence[dict], out: Location) -> Location:
     """ROUGE-L (bars, ± std over seeds) and NLL (annotated) per evaluated model."""
     fig, ax = plt.subplots(figsize=(6, 3.4), dpi=110)
     names = [m["model"] for m in metrics]
@@ -48,7 +48,7 @@ def plot_eval(metrics: Sequence[dict], out: Path) -> Path:
     return _save(fig, out)
 
 
-def _save(fig, out: Path) -> Path:
+def _save(fig, out: Location) -> Location:
     buf = io.BytesIO()
     fig.tight_layout()
     fig.savefig(buf, format="png")
@@ -56,6 +56,6 @@ def _save(fig, out: Path) -> Path:
     return write_bytes_atomic(out, buf.getvalue())
 
 
-def png_data_uri(path: Path) -> str:
-    """The PNG as a data: URI, for embedding in a Prefect markdown artifact."""
-    return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode()
+def png_data_uri(path: str | Location) -> str:
+    """The PNG (a local file or an object) as a data: URI, for embedding in a Prefect markdown artifact."""
+    return "data:image/png;base64," + base64.b64encode(location(path).read_bytes()).decode()
