@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import boto3
 import pytest
 import torch
@@ -27,16 +29,22 @@ def _keys(endpoint: str, bucket: str, prefix: str) -> set[str]:
     return {o["Key"][len(prefix):] for page in pages for o in page.get("Contents", [])}
 
 
-def test_tiny_flow_with_run_folder_on_s3(prefect_harness, local_ray, make_config, s3_server, s3_bucket, tmp_path):
+def test_tiny_flow_with_run_folder_on_s3(prefect_harness, local_ray, make_config, s3_server, s3_bucket, tmp_path,
+                                         monkeypatch):
     from flows.pipeline import pocl_distill
 
+    # The worker fails once mid-stage 1; Ray Train restarts it, and it resumes from the stage-0
+    # checkpoint it lists, verifies and downloads from the bucket.
+    marker = tmp_path / "fault-fired"
+    monkeypatch.setenv("POCL_FAULT_INJECT", json.dumps({"at_global_step": 3, "marker": str(marker)}))
     base = make_config()
     root = f"s3://{s3_bucket}/experiments"
     cache = tmp_path / "run-models"
     overrides = [f"models.teacher={base.models.teacher}", f"models.student={base.models.student}",
                  f"data.train_path={base.data.train_path}", f"runs_root={root}", f"storage.endpoint_url={s3_server}",
-                 f"storage.model_cache_dir={cache}", "run_name=s3run", *RECIPE]
+                 f"storage.model_cache_dir={cache}", "run_name=s3run", "ray.max_failures=1", *RECIPE]
     summary = pocl_distill(config_path=str(TINY_CONFIG), overrides=overrides)
+    assert marker.read_text() == "3"
     assert summary.run_dir == f"{root}/s3run" and summary.student == f"{root}/s3run/student"
 
     # Every output is an object under the run's prefix.
@@ -49,7 +57,8 @@ def test_tiny_flow_with_run_folder_on_s3(prefect_harness, local_ray, make_config
     manifests = [k for k in keys if k.startswith("train/distill/checkpoint_") and k.endswith("/manifest.json")]
     assert len(manifests) == 2  # one checkpoint per stage boundary, uploaded by Ray Train
 
-    # The checkpoints are listed, verified and read through the same filesystem.
+    # The checkpoints are listed, verified and read through the same filesystem. Stage 1 began once:
+    # the restarted worker resumed from the stage-0 checkpoint instead of starting over.
     paths = RunPaths.of(summary.run_dir, StorageConfig(endpoint_url=s3_server))
     ckpts = list_checkpoints(paths.root)
     assert [read_position(c).stage for c in ckpts] == [1, 2]
