@@ -2,7 +2,9 @@
 
 Run: ``.venv/bin/python -m benchmarks.bench_scoring`` (about 1–2 minutes on 2 idle CPU cores).
 Options: ``--samples``, ``--hidden``, ``--layers``, ``--vocab``, ``--prompt-words``,
-``--response-words``, ``--batch-size``, ``--repeats``, ``--threads``, ``--gpu``, ``--dtype``, ``--json``.
+``--response-words``, ``--batch-size``, ``--repeats``, ``--threads``, ``--gpu``, ``--dtype``, ``--json``,
+``--measures`` (``nll``, default, or ``nll,rouge_l``: the method's full measurer, which also has the
+model answer every prompt), ``--max-new-tokens`` (generated tokens per prompt for ``rouge_l``).
 
 Setup. A Llama model built from its config with random weights (no download; default 4 layers,
 hidden 256, vocabulary 49,152 like SmolLM2's, saved with ``save_pretrained``), a byte-level BPE
@@ -27,6 +29,12 @@ loop waits on a descheduled thread and that loop slows down up to 9x, which woul
   model loaded and one batch run before the clock starts.
 * ``naive``: one sample at a time: ``model(ids).logits``, ``log_softmax``, gather the response
   tokens, mean; model loaded and one sample run before the clock starts.
+
+With ``--measures nll,rouge_l`` every path also generates an answer per prompt with the scoring
+defaults (near-greedy sampling at temperature 0.01, no_repeat_ngram 6, at most ``--max-new-tokens``
+new tokens, stopping at the tokenizer's EOS as the scoring task does): ``ours``
+runs both measures; ``bare`` adds one ``generate`` call per left-padded batch of prompts (no decoding,
+no ROUGE); ``naive`` adds ``generate`` on each prompt alone, decoding and ROUGE-L.
 
 Other processes' load only ever slows a run down, and on a shared machine it comes in bursts, so
 each path keeps its best: ``ours`` its fastest whole run; ``bare`` and ``naive`` the sum over their
@@ -133,7 +141,8 @@ def run_worker(args: argparse.Namespace) -> list[float]:
             "models": {"teacher": str(root / "model"), "student": str(root / "model"), "teacher_dtype": args.dtype},
             "data": {"train_path": data.train_path, "prompt_template": TEMPLATE, "max_prompt_length": 256,
                      "max_length": 512},
-            "scoring": {"measures": ["nll"], "batch_size": args.batch_size, "shard_size": 128},
+            "scoring": {"measures": args.measures.split(","), "batch_size": args.batch_size, "shard_size": 128,
+                        "generation": {"max_new_tokens": args.max_new_tokens}},
             "ray": {"use_gpu": args.gpu}})
         t0 = time.perf_counter()
         score_difficulty.fn(cfg, data)
@@ -141,26 +150,53 @@ def run_worker(args: argparse.Namespace) -> list[float]:
         return [time.perf_counter() - t0]
 
     model = load_causal_lm(str(root / "model"), args.dtype, device=device).eval()
+    generate = "rouge_l" in args.measures.split(",")
+    pad = pad_id_of(tokenizer)
+    gen_kwargs = dict(max_new_tokens=args.max_new_tokens, do_sample=True, temperature=0.01, top_k=0, top_p=1.0,
+                      no_repeat_ngram_size=6, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
     laps = []
     with torch.inference_mode():
         if path == "bare":
-            batches = [collate(b, pad_id_of(tokenizer)) for b in length_sorted_batches(encoded, args.batch_size)]
-            for i, b in enumerate([batches[0]] + batches):  # the first is a warm-up
+            groups = list(length_sorted_batches(encoded, args.batch_size))
+            for group in [groups[0]] + groups:  # the first is a warm-up
+                b = collate(group, pad)
                 t0 = time.perf_counter()
                 model(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device)).logits
+                if generate:
+                    ids, attn = _left_padded([e.input_ids[:e.n_prompt] for e in group], pad)
+                    model.generate(input_ids=ids.to(device), attention_mask=attn.to(device), **gen_kwargs)
                 sync()
                 laps.append(time.perf_counter() - t0)
         elif path == "naive":
+            from pocl_core.evaluate import rouge_l_f1
+
             for e in [encoded[0]] + list(encoded):
                 t0 = time.perf_counter()
                 ids = torch.tensor([e.input_ids], device=device)
                 logp = F.log_softmax(model(input_ids=ids).logits[0, :-1].float(), dim=-1)
                 nll = -logp.gather(-1, ids[0, 1:, None])[e.n_prompt - 1:, 0]
                 float(nll.mean())
+                if generate:
+                    out = model.generate(input_ids=ids[:, :e.n_prompt], **gen_kwargs)
+                    answer = tokenizer.decode(out[0, e.n_prompt:], skip_special_tokens=True)
+                    rouge_l_f1(answer, tokenizer.decode(e.input_ids[e.n_prompt:], skip_special_tokens=True))
                 laps.append(time.perf_counter() - t0)
         else:
             raise ValueError(f"unknown path '{path}'; choose one of {PATHS}")
     return laps[1:]
+
+
+def _left_padded(prompts: list[list[int]], pad: int):
+    """(input_ids, attention_mask) [B, max len] with the prompts right-aligned (left padding)."""
+    import torch
+
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    attn = torch.zeros_like(ids)
+    for r, p in enumerate(prompts):
+        ids[r, width - len(p):] = torch.tensor(p)
+        attn[r, width - len(p):] = 1
+    return ids, attn
 
 
 def _spawn(path: str, rep: int, root: Path, argv: list[str]) -> list[float]:
@@ -187,6 +223,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--gpu", action="store_true", help="run every path on CUDA (ray.use_gpu)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--json", action="store_true", help="print the results as one JSON object")
+    parser.add_argument("--measures", default="nll", choices=["nll", "nll,rouge_l"],
+                        help="difficulty measures scored (nll,rouge_l also generates an answer per prompt)")
+    parser.add_argument("--max-new-tokens", type=int, default=32, help="generated tokens per prompt for rouge_l")
     parser.add_argument("--worker", choices=PATHS, help=argparse.SUPPRESS)
     parser.add_argument("--rep", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--root", help=argparse.SUPPRESS)
@@ -212,7 +251,8 @@ def main(argv: list[str] | None = None) -> None:
     result = {
         "device": "cuda" if args.gpu else "cpu", "dtype": args.dtype,
         "threads": args.threads or torch.get_num_threads(),
-        "model": f"Llama {args.layers}L/{args.hidden}d/vocab {args.vocab}", "samples": len(encoded),
+        "model": f"Llama {args.layers}L/{args.hidden}d/vocab {args.vocab}", "measures": args.measures,
+        "samples": len(encoded),
         "tokens": tokens, "response_tokens": response_tokens, "batch_size": args.batch_size,
         "repeats": args.repeats, "seconds": {k: round(v, 3) for k, v in best.items()},
         "run_seconds": {k: [round(sum(r), 3) for r in runs] for k, runs in laps.items()},
@@ -224,7 +264,8 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(result))
         return
     print(f"{result['model']}, {result['samples']} samples, {tokens} tokens ({response_tokens} response), "
-          f"batch {args.batch_size}, {args.dtype} on {result['device']}, {result['threads']} torch thread(s), "
+          f"measures {args.measures}, batch {args.batch_size}, {args.dtype} on {result['device']}, "
+          f"{result['threads']} torch thread(s), "
           f"{args.repeats} repeats")
     print(f"{'path':<8}{'seconds':>10}{'tokens/s':>12}   runs (s)")
     for name in PATHS:

@@ -34,9 +34,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     print(f"final student:  {summary.student}")
     print(f"report:         {summary.report}")
     print()
-    print(f"{'model':<16} {'ROUGE-L':>8} {'NLL':>8}")
+    print(f"{'model':<16} {'ROUGE-L':>8} {'greedy':>8} {'NLL':>8}")
     for row in read_table(location(summary.metrics, cfg.storage)).to_pylist():
-        print(f"{row['model']:<16} {row['rouge_l']:>8.2f} {row['nll']:>8.3f}")
+        greedy = "–" if row.get("rouge_l_greedy") is None else f"{row['rouge_l_greedy']:.2f}"
+        print(f"{row['model']:<16} {row['rouge_l']:>8.2f} {greedy:>8} {row['nll']:>8.3f}")
     return 0
 
 

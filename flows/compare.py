@@ -45,34 +45,54 @@ def variant_config(base: PoclConfig, root: str, variant: Variant) -> PoclConfig:
     data = base.model_dump()
     data.update(runs_root=str(root), run_name=variant.name, seed=variant.seed)
     data["curriculum"].update(strategy=variant.strategy, shuffle_seed=variant.seed)
-    if variant.loss != base.loss.name:
-        data["loss"] = {"name": variant.loss, "params": {}}
+    if variant.loss != base.loss.name:  # the base loss's params belong to it; other loss settings carry over
+        data["loss"].update(name=variant.loss, params={})
     return PoclConfig.model_validate(data)
 
 
+def _mean_std(values: list[float | None]) -> tuple[float | None, float | None]:
+    """Mean and sample std (0 for one value); None when any value is missing."""
+    if any(v is None for v in values):
+        return None, None
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
 def summarize(rows: list[dict]) -> list[dict]:
-    """Mean ± std over seeds of final ROUGE-L and NLL, per (strategy, loss)."""
+    """Mean ± std over seeds of final ROUGE-L (sampled, and greedy when present) and NLL, per (strategy, loss)."""
     groups: dict[tuple[str, str], list[dict]] = {}
     for r in rows:
         groups.setdefault((r["strategy"], r["loss"]), []).append(r)
     out = []
     for (strategy, loss), rs in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
-        rouge = [r["rouge_l"] for r in rs]
-        nll = [r["nll"] for r in rs]
+        rouge = _mean_std([r["rouge_l"] for r in rs])
+        greedy = _mean_std([r.get("rouge_l_greedy") for r in rs])
+        nll = _mean_std([r["nll"] for r in rs])
         out.append({"loss": loss, "strategy": strategy, "seeds": len(rs),
-                    "rouge_l_mean": statistics.fmean(rouge), "rouge_l_std": statistics.stdev(rouge) if len(rs) > 1 else 0.0,
-                    "nll_mean": statistics.fmean(nll), "nll_std": statistics.stdev(nll) if len(rs) > 1 else 0.0})
+                    "rouge_l_mean": rouge[0], "rouge_l_std": rouge[1],
+                    "rouge_l_greedy_mean": greedy[0], "rouge_l_greedy_std": greedy[1],
+                    "nll_mean": nll[0], "nll_std": nll[1]})
     return out
 
 
+def _num(value: float | None) -> str:
+    return "–" if value is None else f"{value:.2f}"
+
+
+def _pm(mean: float | None, std: float | None, digits: int = 2) -> str:
+    return "–" if mean is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
 def render_comparison(name: str, reference: list[dict], summary: list[dict], command: str) -> str:
+    """comparison.md: the command, the reference models, and mean ± std over seeds per (loss, strategy)."""
     lines = [f"# POCL comparison: `{name}`", "", f"Command: `{command}`", "", "## Reference models", "",
-             "| model | ROUGE-L | NLL |", "|---|---:|---:|"]
-    lines += [f"| {m['model']} | {m['rouge_l']:.2f} | {m['nll']:.3f} |" for m in reference]
+             "| model | ROUGE-L | greedy ROUGE-L | NLL |", "|---|---:|---:|---:|"]
+    lines += [f"| {m['model']} | {m['rouge_l']:.2f} | {_num(m.get('rouge_l_greedy'))} | "
+              f"{m['nll']:.3f} |" for m in reference]
     lines += ["", "## Final students (mean ± std over seeds)", "",
-              "| loss | strategy | seeds | ROUGE-L | NLL |", "|---|---|---:|---:|---:|"]
-    lines += [f"| {s['loss']} | {s['strategy']} | {s['seeds']} | {s['rouge_l_mean']:.2f} ± {s['rouge_l_std']:.2f} | "
-              f"{s['nll_mean']:.3f} ± {s['nll_std']:.3f} |" for s in summary]
+              "| loss | strategy | seeds | ROUGE-L (sampled) | greedy ROUGE-L | NLL |", "|---|---|---:|---:|---:|---:|"]
+    lines += [f"| {s['loss']} | {s['strategy']} | {s['seeds']} | {_pm(s['rouge_l_mean'], s['rouge_l_std'])} | "
+              f"{_pm(s['rouge_l_greedy_mean'], s['rouge_l_greedy_std'])} | {_pm(s['nll_mean'], s['nll_std'], 3)} |"
+              for s in summary]
     return "\n".join(lines) + "\n"
 
 
@@ -103,7 +123,7 @@ def pocl_compare(config_path: str = "configs/quickstart.yaml", overrides: Option
         metrics_path = evaluate(cfg, data, student, models={"final_student": student})
         metrics = read_table(location(metrics_path, cfg.storage)).to_pylist()[0]
         rows.append({"strategy": v.strategy, "loss": v.loss, "seed": v.seed, "rouge_l": metrics["rouge_l"],
-                     "nll": metrics["nll"]})
+                     "rouge_l_greedy": metrics["rouge_l_greedy"], "nll": metrics["nll"]})
     summary = summarize(rows)
     command = (f"pocl compare --config {config_path} --strategies {' '.join(strategies)} --losses {' '.join(losses)} "
                f"--seeds {' '.join(map(str, seeds))} --name {compare_name} {' '.join(overrides or [])}").strip()

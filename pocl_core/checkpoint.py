@@ -3,7 +3,8 @@
 Folder contents::
 
     model.safetensors     student weights (state dict of the unwrapped model)
-    optimizer.pt          optimizer state_dict (torch.save; loaded with weights_only=True)
+    optimizer.pt          optimizer state (``optimizer.state_dict()``, or the name-keyed full state under
+                          FSDP; torch.save, loaded with weights_only=True)
     scheduler.pt          LR scheduler state_dict
     rng.pt                torch / numpy / python RNG states
     position.json         curriculum position: stage, step_in_stage, global_step, samples_seen
@@ -65,14 +66,21 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
 
 
-def save_checkpoint(folder: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler: Any, position: Position, extra: dict[str, Any] | None = None) -> Path:
-    """Write a complete checkpoint into ``folder`` (created); the manifest goes last."""
+def save_checkpoint(folder: str | Path, model: torch.nn.Module | dict[str, torch.Tensor],
+                    optimizer: torch.optim.Optimizer | dict[str, Any], scheduler: Any, position: Position,
+                    extra: dict[str, Any] | None = None) -> Path:
+    """Write a complete checkpoint into ``folder`` (created); the manifest goes last.
+
+    ``model`` and ``optimizer`` may be given as their (full) state dicts instead, e.g. gathered from
+    a sharded model (``pocl_core.parallel.full_state``).
+    """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    weights = model.state_dict() if isinstance(model, torch.nn.Module) else model
+    state = {k: v.detach().contiguous().cpu() for k, v in weights.items()}
     save_file(_untie(state), str(folder / "model.safetensors"))
-    torch.save(optimizer.state_dict(), folder / "optimizer.pt")
+    torch.save(optimizer.state_dict() if isinstance(optimizer, torch.optim.Optimizer) else optimizer,
+               folder / "optimizer.pt")
     torch.save(scheduler.state_dict(), folder / "scheduler.pt")
     # numpy's legacy state tuple holds an ndarray: store it as plain lists for weights_only loading.
     rng = rng_state()
@@ -110,6 +118,12 @@ def verify_checkpoint(folder: str | Path | ObjectPath) -> None:
             raise CheckpointError(f"{folder}: missing {name}")
         if _sha256(path) != digest:
             raise CheckpointError(f"{folder}: checksum mismatch for {name}")
+
+
+def read_optimizer_state(folder: str | Path) -> dict[str, Any]:
+    """The saved optimizer state (checksums verified first), for loaders that place it themselves."""
+    verify_checkpoint(folder)
+    return torch.load(Path(folder) / "optimizer.pt", weights_only=True)
 
 
 def read_position(folder: str | Path | ObjectPath) -> Position:

@@ -90,6 +90,26 @@ class PoclConfig(_Section):
                 raise ValueError(f"runs_root: {exc}") from None
         return self
 
+    @model_validator(mode="after")
+    def _check_on_policy(self) -> "PoclConfig":
+        if not self.loss.on_policy_fraction:
+            return self
+        if self.train.parallel_strategy == "fsdp":
+            raise ValueError(
+                f"loss.on_policy_fraction ({self.loss.on_policy_fraction}) samples from the whole student on each "
+                "worker, which train.parallel_strategy=fsdp shards: use parallel_strategy=ddp with on-policy mixing")
+        if self.train.use_teacher_cache:
+            raise ValueError(
+                f"loss.on_policy_fraction ({self.loss.on_policy_fraction}) needs the live teacher on the "
+                "student's generations, but train.use_teacher_cache only has the teacher's logits on the "
+                "dataset's responses: set train.use_teacher_cache=false or loss.on_policy_fraction=0")
+        per_worker = self.optim.global_batch_size // max(self.ray.num_workers, 1)
+        if self.loss.replay_buffer_size and self.loss.replay_buffer_size < per_worker:
+            raise ValueError(
+                f"loss.replay_buffer_size ({self.loss.replay_buffer_size}) must hold at least one per-worker "
+                f"batch (optim.global_batch_size / ray.num_workers = {per_worker}), or be 0")
+        return self
+
     @property
     def run_dir(self) -> str:
         """The run folder, ``<runs_root>/<run_name>`` (a local path or an ``s3://`` URI)."""

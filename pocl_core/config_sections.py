@@ -6,7 +6,7 @@ forbids unknown keys, so a typo is an error naming the key.
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional
+from typing import Any, ClassVar, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -173,10 +173,38 @@ class CurriculumConfig(_Section):
 
 
 class LossConfig(_Section):
-    """The KD divergence: ``name`` (fkl, rkl, jsd, tvd, skl, srkl, akl, gjsd) and its ``params``."""
+    """The KD divergence: ``name`` (fkl, rkl, jsd, tvd, skl, srkl, akl, gjsd) and its ``params``.
+
+    GKD on-policy mixing (see docs/losses.md and pocl_core/on_policy.py):
+    on_policy_fraction: share of optimizer steps that train on responses the current student samples
+    for the step's prompts instead of the dataset's (0 = off, the default; 1 = every step). Which steps
+    is a function of (seed, global step), the same on every worker. On-policy steps need the live
+    teacher (not train.use_teacher_cache) and use the divergence alone (no CE on the student's own
+    tokens). on_policy_max_new_tokens: most tokens sampled per response (also capped by
+    data.max_length). on_policy_temperature: sampling temperature (0 = greedy). replay_buffer_size:
+    per-worker buffer of the N most recent generations (0 = none); with N > 0 an on-policy step
+    trains on a uniform draw from the buffer after adding its fresh generations; N must be at least
+    the per-worker batch (optim.global_batch_size / ray.num_workers).
+    """
+
+    ON_POLICY_FIELDS: ClassVar[tuple[str, ...]] = (
+        "on_policy_fraction", "on_policy_max_new_tokens", "on_policy_temperature", "replay_buffer_size")
 
     name: str = "fkl"
     params: dict[str, Any] = Field(default_factory=dict)
+    on_policy_fraction: float = Field(0.0, ge=0.0, le=1.0)
+    on_policy_max_new_tokens: int = Field(256, gt=0)
+    on_policy_temperature: float = Field(1.0, ge=0.0)
+    replay_buffer_size: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> "LossConfig":
+        if self.replay_buffer_size and not self.on_policy_fraction:
+            raise ValueError(
+                f"loss.replay_buffer_size ({self.replay_buffer_size}) keeps student generations, which only "
+                "on-policy steps make: set loss.on_policy_fraction > 0 or loss.replay_buffer_size=0"
+            )
+        return self
 
 
 class OptimConfig(_Section):
@@ -207,6 +235,9 @@ class TrainConfig(_Section):
     use_teacher_cache: distil from the top-k teacher logits stored by the scoring pass
     (``scoring.teacher_cache_topk`` > 0) instead of running the teacher at every step; the teacher
     is then never loaded by the workers. Exact at T = 1; see docs/losses.md for T ≠ 1.
+    parallel_strategy: ``ddp`` (every worker holds the whole student; Ray Train's prepare_model) or
+    ``fsdp`` (FSDP2: weights, gradients and optimizer state sharded across workers, one shard unit
+    per transformer block; for students that do not fit one device; CUDA or CPU).
     """
 
     checkpoint_every_steps: int = Field(0, ge=0)
@@ -215,13 +246,15 @@ class TrainConfig(_Section):
     freeze_embeddings: bool = False
     autocast_dtype: Literal["none", "bfloat16", "float16"] = "none"
     use_teacher_cache: bool = False
+    parallel_strategy: Literal["ddp", "fsdp"] = "ddp"
 
 
 class RayConfig(_Section):
     """Where and how wide the distillation job runs.
 
     address: an existing Ray cluster (``ray://`` or ``host:port``); None starts a local Ray (or uses
-    RAY_ADDRESS). num_workers: Ray Train workers (0 runs the loop in-process, for debugging).
+    RAY_ADDRESS). num_workers: Ray Train workers (0 runs the loop in-process with no
+    cluster, Ray Train's local mode: for debugging; every checkpoint is kept).
     use_gpu: one GPU per worker. max_failures: worker-group restarts from the last checkpoint.
     """
 
@@ -234,9 +267,12 @@ class RayConfig(_Section):
 class EvalConfig(_Section):
     """Held-out evaluation: ROUGE-L F1 (×100) of generations and mean response NLL.
 
-    seeds: one sampled generation pass per seed (the mean is reported). do_sample False gives greedy.
+    seeds: one sampled generation pass per seed (the mean is reported). do_sample False makes those
+    passes greedy too. greedy: also one greedy pass (seed-independent), reported as its own ROUGE-L.
     max_new_tokens: generation length. temperature/top_k/top_p/no_repeat_ngram_size: sampling
-    settings (the method's defaults). batch_size: prompts per generate call.
+    settings (the method's defaults). batch_size: prompts per generate call. at_stage_boundaries:
+    also evaluate the student as it was at the end of every stage but the last (that one is the
+    final student); training then saves those students under ``<run>/stages/``.
     """
 
     seeds: list[int] = Field(default_factory=lambda: [10], min_length=1)
@@ -247,6 +283,8 @@ class EvalConfig(_Section):
     no_repeat_ngram_size: int = Field(6, ge=0)
     max_new_tokens: int = Field(64, gt=0)
     batch_size: int = Field(16, gt=0)
+    greedy: bool = True
+    at_stage_boundaries: bool = False
 
 
 class StorageConfig(_Section):

@@ -10,6 +10,7 @@ Run folder layout (``<runs_root>/<run_name>/``)::
     teacher_cache/part-*.parquet  teacher_cache_schema(): optional top-k teacher logits, same sharding
     partition.parquet           PARTITION_SCHEMA: sample -> bucket
     train/                      Ray Train storage: checkpoints
+    stages/stage_<s>/           student at the end of stage s (save_pretrained), with eval.at_stage_boundaries
     student/                    final student (save_pretrained, safetensors) + tokenizer
     eval/generations.parquet    GENERATIONS_SCHEMA
     eval/metrics.parquet        EVAL_METRICS_SCHEMA
@@ -64,7 +65,8 @@ PARTITION_SCHEMA = pa.schema(
 GENERATIONS_SCHEMA = pa.schema(
     [
         pa.field("model", pa.string(), nullable=False),
-        pa.field("seed", pa.int64(), nullable=False),
+        pa.field("decoding", pa.string(), nullable=False),  # "sampled" (one pass per seed) or "greedy"
+        pa.field("seed", pa.int64(), nullable=False),  # the sampling seed; 0 for greedy
         pa.field("sample_id", pa.string(), nullable=False),
         pa.field("generation", pa.string(), nullable=False),
         pa.field("reference", pa.string(), nullable=False),
@@ -77,7 +79,9 @@ EVAL_METRICS_SCHEMA = pa.schema(
         pa.field("model", pa.string(), nullable=False),
         pa.field("rouge_l", pa.float64(), nullable=False),
         pa.field("rouge_l_std", pa.float64(), nullable=False),
+        pa.field("rouge_l_greedy", pa.float64(), nullable=True),  # null when eval.greedy is off
         pa.field("nll", pa.float64(), nullable=False),
+        pa.field("stage", pa.int64(), nullable=True),  # for per-stage students: the stage they finished
         pa.field("num_samples", pa.int64(), nullable=False),
         pa.field("num_seeds", pa.int64(), nullable=False),
     ]
@@ -205,6 +209,13 @@ class RunPaths:
     @property
     def train_metrics(self) -> Location:
         return self.train_storage / "metrics.jsonl"
+
+    @property
+    def stages_dir(self) -> Location:
+        return self.root / "stages"
+
+    def stage_student(self, stage: int) -> Location:
+        return self.stages_dir / f"stage_{stage}"
 
     @property
     def eval_dir(self) -> Location:

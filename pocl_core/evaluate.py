@@ -2,7 +2,8 @@
 
 ROUGE-L uses the ``rouge-score`` package with Porter stemming (the method's metric). Generations
 are sampled per seed with the configured settings (temperature 1, top_k 0, top_p 1,
-no_repeat_ngram_size 6 by default) or greedy when ``do_sample`` is False.
+no_repeat_ngram_size 6 by default; greedy when ``do_sample`` is False), plus one greedy pass when
+``greedy`` is set (reported separately: it is seed-independent).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ def rouge_l_f1(prediction: str, reference: str) -> float:
 
 @dataclass(frozen=True)
 class Generation:
+    decoding: str  # "sampled" or "greedy"
     seed: int
     sample_id: str
     generation: str
@@ -42,8 +44,13 @@ class Generation:
 
 @torch.no_grad()
 def generate_responses(model: torch.nn.Module, tokenizer: Any, samples: Sequence[Sample], *, template: str,
-                       max_prompt_length: int, cfg: EvalConfig, seed: int, device: torch.device) -> list[str]:
-    """One generation per sample (same order as ``samples``), prompts left-padded in batches."""
+                       max_prompt_length: int, cfg: EvalConfig, seed: int, device: torch.device,
+                       sample: bool | None = None) -> list[str]:
+    """One generation per sample (same order as ``samples``), prompts left-padded in batches.
+
+    ``sample`` overrides ``cfg.do_sample`` (False: greedy, the sampling settings are ignored).
+    """
+    sample = cfg.do_sample if sample is None else sample
     pad = pad_id_of(tokenizer)
     prompts = [encode_prompt(tokenizer, s.prompt, template, max_prompt_length) for s in samples]
     out: list[str] = [""] * len(samples)
@@ -61,7 +68,7 @@ def generate_responses(model: torch.nn.Module, tokenizer: Any, samples: Sequence
         gen_kwargs: dict[str, Any] = dict(max_new_tokens=cfg.max_new_tokens, pad_token_id=pad,
                                           eos_token_id=tokenizer.eos_token_id,
                                           no_repeat_ngram_size=cfg.no_repeat_ngram_size or None)
-        if cfg.do_sample:
+        if sample:
             gen_kwargs.update(do_sample=True, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
         else:
             gen_kwargs.update(do_sample=False)
@@ -73,12 +80,17 @@ def generate_responses(model: torch.nn.Module, tokenizer: Any, samples: Sequence
 
 def evaluate_generations(model: torch.nn.Module, tokenizer: Any, samples: Sequence[Sample], *, template: str,
                          max_prompt_length: int, cfg: EvalConfig, device: torch.device) -> list[Generation]:
-    """Generations and their ROUGE-L for every seed in ``cfg.seeds``."""
+    """Generations and their ROUGE-L: one pass per seed in ``cfg.seeds`` (decoding "sampled", or
+    "greedy" when ``cfg.do_sample`` is off), then one greedy pass (seed 0) if ``cfg.greedy`` and sampling."""
+    passes = [(seed, cfg.do_sample) for seed in cfg.seeds]
+    if cfg.greedy and cfg.do_sample:
+        passes.append((0, False))
     rows = []
-    for seed in cfg.seeds:
+    for seed, sample in passes:
         texts = generate_responses(model, tokenizer, samples, template=template, max_prompt_length=max_prompt_length,
-                                   cfg=cfg, seed=seed, device=device)
-        rows += [Generation(seed, s.sample_id, t, s.response, rouge_l_f1(t, s.response)) for s, t in zip(samples, texts)]
+                                   cfg=cfg, seed=seed, device=device, sample=sample)
+        rows += [Generation("sampled" if sample else "greedy", seed, s.sample_id, t, s.response, rouge_l_f1(t, s.response))
+                 for s, t in zip(samples, texts)]
     return rows
 
 
@@ -95,8 +107,14 @@ def mean_response_nll(model: torch.nn.Module, tokenizer: Any, samples: Sequence[
     return total / max(tokens, 1.0)
 
 
-def summarize_rouge(rows: Sequence[Generation]) -> tuple[float, float]:
-    """(mean over seeds of the per-seed mean ROUGE-L ×100, std over seeds ×100; 0 with one seed)."""
+def summarize_rouge(rows: Sequence[Generation], decoding: str | None = None) -> tuple[float, float]:
+    """(mean over seeds of the per-seed mean ROUGE-L ×100, std over seeds ×100; 0 with one seed).
+
+    Only the rows of ``decoding`` when given (e.g. "greedy"); NaN, NaN when there are none.
+    """
+    rows = [r for r in rows if decoding is None or r.decoding == decoding]
     seeds = sorted({r.seed for r in rows})
+    if not seeds:
+        return float("nan"), float("nan")
     per_seed = [100.0 * float(np.mean([r.rouge_l for r in rows if r.seed == s])) for s in seeds]
     return float(np.mean(per_seed)), float(np.std(per_seed, ddof=1)) if len(per_seed) > 1 else 0.0

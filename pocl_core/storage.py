@@ -34,7 +34,7 @@ import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Iterator, Optional, Union
+from typing import IO, Callable, Iterator, Optional, Union
 
 import pyarrow.fs as pafs
 
@@ -255,6 +255,27 @@ def remove_tree(path: Location) -> None:
             path.fs.delete_dir(path.key)
         return
     shutil.rmtree(path, ignore_errors=True)
+
+
+def write_dir_atomic(out: Location, build: Callable[[Path], None], last: str) -> Location:
+    """Replace the folder ``out`` with the one ``build(folder)`` writes into a local ``folder``.
+
+    Locally the new folder is built beside ``out`` and renamed into place. In an object store it is
+    built in a temporary folder, the old objects under ``out`` are deleted and the new files uploaded
+    with the one named ``last`` (e.g. a provenance file) last, so its presence marks a complete folder.
+    """
+    if isinstance(out, ObjectPath):
+        with tempfile.TemporaryDirectory(prefix=f"pocl-{out.name}-") as tmp:
+            build(Path(tmp))
+            remove_tree(out)
+            upload_dir(Path(tmp), out, last=last)
+        return out
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    build(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return out
 
 
 def download_dir(src: ObjectPath, dest: Path) -> Path:

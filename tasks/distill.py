@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -25,25 +24,33 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from pocl_core.checkpoint import load_checkpoint
-from pocl_core.config import PoclConfig
+from pocl_core.config import LossConfig, PoclConfig
 from pocl_core.contracts import STUDENT_PROVENANCE, RunPaths, read_metadata
 from pocl_core.models import load_causal_lm, load_tokenizer, model_fingerprint
 from pocl_core.schedule import num_trained_stages
-from pocl_core.storage import Location, ObjectPath, location, ray_storage, remove_tree, upload_dir
+from pocl_core.storage import Location, ObjectPath, download_dir, location, ray_storage, write_dir_atomic
 from tasks.common import task_logger
 from tasks.distill_loop import distill_loop
 from tasks.load_data import DatasetSplits
-from tasks.run_checkpoints import EXPERIMENT_NAME
+from tasks.run_checkpoints import EXPERIMENT_NAME, list_checkpoints, newest_valid_checkpoint
 
 PROVENANCE_FILE = STUDENT_PROVENANCE
 
 
 def training_key(cfg: PoclConfig, data: DatasetSplits, partition_path: str, teacher_cache_dir: str | None = None) -> str:
-    """Hash of everything the trained weights depend on (recipe, models, data, partition)."""
+    """Hash of everything the trained weights depend on (recipe, models, data, partition).
+
+    With on-policy mixing off (``loss.on_policy_fraction`` 0) its other knobs change nothing, so they
+    stay out of the hash: such runs keep their key whatever those knobs say. The parallel strategy
+    enters only when it is not the default ``ddp`` (FSDP checkpoints store the optimizer differently).
+    """
+    recipe = cfg.model_dump(mode="json", include={"seed", "curriculum", "loss", "optim", "data"})
+    if not cfg.loss.on_policy_fraction:
+        recipe["loss"] = {k: v for k, v in recipe["loss"].items() if k not in LossConfig.ON_POLICY_FIELDS}
     partition_path = location(partition_path, cfg.storage)
     teacher_cache_dir = location(teacher_cache_dir, cfg.storage) if teacher_cache_dir else None
     blob = {
-        "recipe": cfg.model_dump(mode="json", include={"seed", "curriculum", "loss", "optim", "data"}),
+        "recipe": recipe,
         "teacher": model_fingerprint(cfg.models.teacher),
         "student": model_fingerprint(cfg.models.student),
         "train_data": data.train_fingerprint,
@@ -52,6 +59,8 @@ def training_key(cfg: PoclConfig, data: DatasetSplits, partition_path: str, teac
                                                                       "use_teacher_cache"}),
         "teacher_cache": _cache_fingerprint(teacher_cache_dir) if cfg.train.use_teacher_cache else None,
     }
+    if cfg.train.parallel_strategy != "ddp":  # its checkpoints' optimizer state has another layout
+        blob["parallel_strategy"] = cfg.train.parallel_strategy
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -103,7 +112,12 @@ def distill(cfg: PoclConfig, data: DatasetSplits, partition_path: str, teacher_c
         log.info("reusing the trained student in %s", paths.student)
         return str(paths.student)
 
-    ensure_ray(cfg.ray.address)
+    # ray.num_workers=0 is Ray Train's local mode: the loop runs in this process and needs no cluster.
+    # Ray Train then keeps only a reference to each reported checkpoint, so the loop writes them
+    # straight into the experiment folder (where resume looks for them).
+    local_mode = cfg.ray.num_workers == 0
+    if not local_mode:
+        ensure_ray(cfg.ray.address)
     storage_path, storage_fs = ray_storage(paths.train_storage)
     trainer = TorchTrainer(
         distill_loop,
@@ -116,6 +130,7 @@ def distill(cfg: PoclConfig, data: DatasetSplits, partition_path: str, teacher_c
             "run_dir": for_workers(paths.root),
             "fault": fault_injection(),
             "teacher_cache_dir": for_workers(paths.locate(teacher_cache_dir)) if teacher_cache_dir else None,
+            "checkpoints_in_place": for_workers(paths.train_storage / EXPERIMENT_NAME) if local_mode else None,
         },
         scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu),
         run_config=RunConfig(
@@ -128,10 +143,18 @@ def distill(cfg: PoclConfig, data: DatasetSplits, partition_path: str, teacher_c
     )
     log.info("distilling with %d Ray Train worker(s), storage %s", cfg.ray.num_workers, paths.train_storage)
     result = trainer.fit()
-    if result.checkpoint is None:
-        raise RuntimeError(f"distillation finished without a checkpoint in {paths.train_storage}")
-    with result.checkpoint.as_directory() as ckpt:
-        save_student(cfg, ckpt, paths.student, key)
+    if result.checkpoint is not None:
+        with result.checkpoint.as_directory() as ckpt:
+            save_student(cfg, ckpt, paths.student, key)
+    else:  # local mode reports nothing when a resumed run has no step left: take the newest one in storage
+        newest = newest_valid_checkpoint(list(reversed(list_checkpoints(paths.root))))
+        if newest is None:
+            raise RuntimeError(f"distillation finished without a checkpoint in {paths.train_storage}")
+        if isinstance(newest, ObjectPath):
+            with tempfile.TemporaryDirectory(prefix="pocl-ckpt-") as tmp:
+                save_student(cfg, str(download_dir(newest, Path(tmp))), paths.student, key)
+        else:
+            save_student(cfg, str(newest), paths.student, key)
     log.info("final student saved to %s", paths.student)
     return str(paths.student)
 
@@ -146,7 +169,7 @@ def save_student(cfg: PoclConfig, checkpoint_dir: str, out: Location, train_key:
     """Load a checkpoint's weights into the student architecture and save_pretrained it atomically.
 
     A local ``out`` is written beside itself and renamed into place; a remote one is built in a local
-    temporary folder and uploaded, the provenance file last.
+    temporary folder and uploaded, the provenance file last (``storage.write_dir_atomic``).
     """
     model = load_causal_lm(cfg.models.student, "float32", cfg.models.trust_remote_code)
     position = load_checkpoint(checkpoint_dir, model=model)
@@ -160,14 +183,4 @@ def save_student(cfg: PoclConfig, checkpoint_dir: str, out: Location, train_key:
         tokenizer.save_pretrained(folder)
         (folder / PROVENANCE_FILE).write_text(provenance)
 
-    if isinstance(out, ObjectPath):
-        with tempfile.TemporaryDirectory(prefix="pocl-student-") as tmp:
-            build(Path(tmp))
-            remove_tree(out)
-            upload_dir(Path(tmp), out, last=PROVENANCE_FILE)
-        return
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    build(tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    write_dir_atomic(out, build, last=PROVENANCE_FILE)

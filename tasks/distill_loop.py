@@ -7,6 +7,11 @@ clipping, metrics), checkpointing at every stage boundary and every N steps.
 Loss normalisation: each micro-batch's token-mean loss is weighted by its share of the response
 tokens in the whole global batch (times the world size, since DDP averages gradients), so a step
 is one token-mean over the global batch whatever the number of workers or micro-batches.
+
+GKD on-policy mixing (``loss.on_policy_fraction`` > 0, ``pocl_core.on_policy``): on a step chosen by
+(seed, global step), each worker swaps its samples' responses for the unwrapped student's own
+samples before cutting micro-batches; the response-token count is then summed over workers, the
+loss is the divergence alone (λ = 1), and the metrics window reports the share of such steps.
 """
 
 from __future__ import annotations
@@ -26,14 +31,17 @@ import ray.train
 import ray.train.torch
 import torch
 
-from pocl_core.checkpoint import Position, load_checkpoint, save_checkpoint
+from pocl_core.checkpoint import MANIFEST, Position, load_checkpoint, read_optimizer_state, save_checkpoint
 from pocl_core.config import PoclConfig
-from pocl_core.contracts import read_table
+from pocl_core.contracts import STUDENT_PROVENANCE, RunPaths, read_table
 from pocl_core.data import collate, encode_sample, pad_id_of, table_to_samples
 from pocl_core.models import load_causal_lm, load_tokenizer, warn_if_slow_dtype
+from pocl_core.on_policy import OnPolicyMixer
+from pocl_core.parallel import (full_state, grad_sync, load_optimizer_state, shard_fsdp, transformer_blocks,
+                                unwrap)
 from pocl_core.partition import bucket_sizes, stage_members
 from pocl_core.schedule import plan_stages, stage_batches
-from pocl_core.storage import Location, ObjectPath, append_text, download_dir, location
+from pocl_core.storage import Location, ObjectPath, append_text, download_dir, location, write_dir_atomic
 from pocl_core.teacher_cache import TeacherCache
 from pocl_core.train_step import ResponseLogitsLM, build_lr_scheduler, build_optimizer, distillation_losses
 from pocl_core.vocab import check_vocab_compatible
@@ -72,7 +80,8 @@ def distill_loop(loop_config: dict[str, Any]) -> None:
 
     # --- resume: the newest checkpoint that passes its checksums
     resume_dir, position, resume_copy = _resume_checkpoint(loop_config, student_lm)
-    student = ray.train.torch.prepare_model(ResponseLogitsLM(student_lm.to(device)))
+    student = _wrap_student(cfg, ResponseLogitsLM(student_lm.to(device)), device)
+    mixer = _on_policy_mixer(cfg, student, rank, tokenizer, pad, columns)
     if cfg.train.autocast_dtype != "none":
         warn_if_slow_dtype(cfg.train.autocast_dtype, device)
     autocast = torch.autocast(device.type, dtype=AUTOCAST[cfg.train.autocast_dtype]) \
@@ -93,7 +102,8 @@ def distill_loop(loop_config: dict[str, Any]) -> None:
             scheduler = build_lr_scheduler(optimizer, cfg.optim, horizon)
         if resume_dir is not None:
             if start > 0 or not cfg.curriculum.fresh_optimizer_per_stage:
-                load_checkpoint(resume_dir, optimizer=optimizer, scheduler=scheduler, restore_rng=True)
+                load_optimizer_state(student, optimizer, read_optimizer_state(resume_dir))
+                load_checkpoint(resume_dir, scheduler=scheduler, restore_rng=True)
             if resume_copy is not None:
                 shutil.rmtree(resume_copy, ignore_errors=True)
             resume_dir = None
@@ -102,18 +112,24 @@ def distill_loop(loop_config: dict[str, Any]) -> None:
                                        cfg.curriculum.shuffle_seed, plan.stage, start):
             t0 = time.perf_counter()
             global_tokens = sum(encoded[i].n_response for i in idx)
-            local = idx[rank * per_worker:(rank + 1) * per_worker]
-            micro = [local[j:j + cfg.optim.micro_batch_size] for j in range(0, len(local), cfg.optim.micro_batch_size)]
+            local = [encoded[i] for i in idx[rank * per_worker:(rank + 1) * per_worker]]
             student.train()
+            on_policy = False
+            if mixer is not None:  # GKD: maybe replace the responses with the student's own
+                with autocast:
+                    local, on_policy = mixer.samples_for_step(global_step, local)
+                if on_policy:
+                    global_tokens = _sum_over_ranks(sum(e.n_response for e in local), world, device)
+            kd_weight = 1.0 if on_policy else plan.kd_weight  # no CE on the student's own tokens
+            micro = [local[j:j + cfg.optim.micro_batch_size] for j in range(0, len(local), cfg.optim.micro_batch_size)]
             for k, mb in enumerate(micro):
-                batch = {n: t.to(device) for n, t in collate([encoded[i] for i in mb], pad).items()}
+                batch = {n: t.to(device) for n, t in collate(mb, pad).items()}
                 cached = None if cache is None else cache.sparse_for(
-                    [encoded[i].sample_id for i in mb], device, n_positions=[encoded[i].n_response for i in mb])
-                sync = contextlib.nullcontext() if k == len(micro) - 1 or world == 1 else student.no_sync()
-                with sync:
+                    [e.sample_id for e in mb], device, n_positions=[e.n_response for e in mb])
+                with grad_sync(student, enabled=k == len(micro) - 1 or world == 1):
                     with autocast:
                         losses = distillation_losses(student, teacher, batch, temperature=plan.temperature,
-                                                     kd_weight=plan.kd_weight, loss_name=cfg.loss.name,
+                                                     kd_weight=kd_weight, loss_name=cfg.loss.name,
                                                      loss_params=cfg.loss.params, vocab_columns=columns,
                                                      teacher_logits=cached)
                     share = losses.num_tokens / max(global_tokens, 1) * world
@@ -126,6 +142,8 @@ def distill_loop(loop_config: dict[str, Any]) -> None:
             global_step += 1
             samples_seen += len(idx)
             window.tokens += global_tokens
+            window.steps += 1
+            window.on_policy_steps += int(on_policy)
             window.seconds += time.perf_counter() - t0
             done_stage = step + 1 == plan.num_steps
             if done_stage or (step + 1) % cfg.train.log_every_steps == 0:
@@ -135,13 +153,35 @@ def distill_loop(loop_config: dict[str, Any]) -> None:
                 if rank == 0:
                     _append_jsonl(metrics_path, row)
             every = cfg.train.checkpoint_every_steps
+            if done_stage and cfg.eval.at_stage_boundaries and plan.stage < len(plans) - 1:
+                _save_stage_student(student, loop_config["run_dir"], plan.stage, loop_config["train_key"], rank)
             if done_stage or (every and (step + 1) % every == 0):
                 nxt = Position(plan.stage + 1, 0, global_step, samples_seen) if done_stage else \
                     Position(plan.stage, step + 1, global_step, samples_seen)
                 _report_checkpoint(student, optimizer, scheduler, nxt, rank, loop_config["train_key"],
-                                   {"stage": plan.stage, "global_step": global_step, "stage_done": done_stage})
+                                   {"stage": plan.stage, "global_step": global_step, "stage_done": done_stage},
+                                   loop_config.get("checkpoints_in_place"))
             _maybe_inject_fault(fault, global_step, rank)
         position = Position(plan.stage + 1, 0, global_step, samples_seen)
+
+
+def _wrap_student(cfg: PoclConfig, model: ResponseLogitsLM, device: torch.device) -> torch.nn.Module:
+    """DDP through Ray Train's prepare_model, or FSDP2 sharding per transformer block (train.parallel_strategy)."""
+    if cfg.train.parallel_strategy == "fsdp":
+        return shard_fsdp(model, transformer_blocks(model.lm), device)
+    return ray.train.torch.prepare_model(model)
+
+
+def _student_state(student: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
+                   rank: int) -> tuple[dict[str, torch.Tensor] | None, dict[str, Any] | None]:
+    """The Hugging Face student's full weights (``lm.`` prefix dropped) and optimizer state on rank 0.
+
+    Every rank must call it (a collective under FSDP); other ranks get (None, None).
+    """
+    weights, optim = full_state(student, optimizer, rank)
+    if weights is None:
+        return None, None
+    return {k.removeprefix("lm."): v for k, v in weights.items()}, optim
 
 
 def _load_teacher(cfg: PoclConfig, loop_config: dict[str, Any],
@@ -151,6 +191,27 @@ def _load_teacher(cfg: PoclConfig, loop_config: dict[str, Any],
         return None, TeacherCache.load(loop_config["teacher_cache_dir"])
     lm = load_causal_lm(cfg.models.teacher, cfg.models.teacher_dtype, cfg.models.trust_remote_code, device)
     return ResponseLogitsLM(lm).eval().requires_grad_(False), None
+
+
+def _on_policy_mixer(cfg: PoclConfig, student: torch.nn.Module, rank: int, tokenizer: Any, pad: int,
+                     columns: int) -> OnPolicyMixer | None:
+    """GKD on-policy mixing over the unwrapped student (no DDP hooks while sampling), or None when off."""
+    if not cfg.loss.on_policy_fraction:
+        return None
+    inner = student.module.lm if hasattr(student, "module") else student.lm
+    return OnPolicyMixer(inner, fraction=cfg.loss.on_policy_fraction, max_new_tokens=cfg.loss.on_policy_max_new_tokens,
+                         temperature=cfg.loss.on_policy_temperature, replay_buffer_size=cfg.loss.replay_buffer_size,
+                         seed=cfg.seed, rank=rank, max_length=cfg.data.max_length, eos_id=tokenizer.eos_token_id,
+                         pad_id=pad, vocab_columns=columns)
+
+
+def _sum_over_ranks(value: int, world: int, device: torch.device) -> int:
+    """``value`` summed over all workers (a collective: every rank must call it)."""
+    if world == 1:
+        return value
+    total = torch.tensor([value], dtype=torch.long, device=device)
+    torch.distributed.all_reduce(total)
+    return int(total.item())
 
 
 def _resume_checkpoint(loop_config: dict[str, Any],
@@ -199,6 +260,7 @@ class _Window:
         self.weight = 0.0
         self.tokens = 0
         self.seconds = 0.0
+        self.steps = self.on_policy_steps = 0
 
     def add(self, losses: Any, weight: float) -> None:
         self.total += losses.total.item() * weight
@@ -209,7 +271,8 @@ class _Window:
     def flush(self, **fields: Any) -> dict[str, Any]:
         w = max(self.weight, 1e-12)
         row = {**fields, "loss": self.total / w, "kd_loss": self.kd / w, "ce_loss": self.ce / w,
-               "tokens_per_s": self.tokens / max(self.seconds, 1e-9), "seconds": self.seconds}
+               "tokens_per_s": self.tokens / max(self.seconds, 1e-9), "seconds": self.seconds,
+               "on_policy_fraction": self.on_policy_steps / max(self.steps, 1)}
         self.__init__()
         return row
 
@@ -219,18 +282,51 @@ def _append_jsonl(path: Location, row: dict[str, Any]) -> None:
 
 
 def _report_checkpoint(student: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, position: Position,
-                       rank: int, train_key: str, metrics: dict[str, Any]) -> None:
-    """Every rank reports (a collective); rank 0 attaches the checkpoint folder."""
+                       rank: int, train_key: str, metrics: dict[str, Any],
+                       in_place: str | ObjectPath | None = None) -> None:
+    """Every rank gathers the state and reports (collectives); rank 0 attaches the checkpoint folder.
+
+    Ray Train copies a reported folder into its storage, so it is written to a temporary folder; in
+    local mode (``in_place``: the experiment folder) nothing is copied and it is written there instead.
+    """
+    weights, optim = _student_state(student, optimizer, rank)
     if rank != 0:
         ray.train.report(metrics, checkpoint=None)
         return
+    if in_place is not None:
+        folder = location(in_place) / f"checkpoint_local_{position.global_step:06d}_{position.stage:02d}"
+        if isinstance(folder, ObjectPath):  # built locally, uploaded with the manifest last
+            write_dir_atomic(folder, lambda tmp: save_checkpoint(tmp, weights, optim, scheduler, position,
+                                                                 extra={"train_key": train_key}), last=MANIFEST)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint(path=folder.key, filesystem=folder.fs))
+            return
+        save_checkpoint(folder, weights, optim, scheduler, position, extra={"train_key": train_key})
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(folder)))
+        return
     folder = tempfile.mkdtemp(prefix="pocl-ckpt-")
     try:
-        inner = student.module.lm if hasattr(student, "module") else student.lm
-        save_checkpoint(folder, inner, optimizer, scheduler, position, extra={"train_key": train_key})
+        save_checkpoint(folder, weights, optim, scheduler, position, extra={"train_key": train_key})
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def _save_stage_student(student: torch.nn.Module, run_dir: str | ObjectPath, stage: int, train_key: str, rank: int) -> None:
+    """Save the student as it ends ``stage`` to ``<run>/stages/stage_<s>`` (save_pretrained, atomic; rank 0).
+
+    Every rank calls it (gathering sharded weights is a collective). Written before the
+    stage-boundary checkpoint is reported, so a resumed run past that checkpoint always finds it.
+    """
+    weights, _ = _student_state(student, None, rank)
+    if weights is None:
+        return
+    inner = unwrap(student).lm
+
+    def build(folder: Path) -> None:
+        inner.save_pretrained(folder, state_dict=weights, safe_serialization=True)
+        (folder / STUDENT_PROVENANCE).write_text(json.dumps({"train_key": train_key, "stage": stage}))
+
+    write_dir_atomic(RunPaths.of(run_dir).stage_student(stage), build, last=STUDENT_PROVENANCE)
 
 
 def _maybe_inject_fault(fault: dict[str, Any], global_step: int, rank: int) -> None:

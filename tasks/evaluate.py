@@ -1,12 +1,13 @@
-"""Task: evaluate teacher, initial student and final student on the held-out split.
+"""Task: evaluate teacher, initial student, per-stage students (optional) and final student on the held-out split.
 
-A model kept in a remote run folder (the final student of an ``s3://`` run) is downloaded first to
+A model kept in a remote run folder (the students of an ``s3://`` run) is downloaded first to
 ``storage.model_cache_dir`` (``<cache>/s3/<bucket>/<key>``; reused while its provenance file is
 unchanged), since Hugging Face ``from_pretrained`` loads from local folders.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict
 
 import pyarrow as pa
@@ -18,13 +19,35 @@ from pocl_core.contracts import (EVAL_METRICS_SCHEMA, GENERATIONS_SCHEMA, STUDEN
 from pocl_core.data import table_to_samples
 from pocl_core.evaluate import evaluate_generations, mean_response_nll, summarize_rouge
 from pocl_core.models import load_causal_lm, load_tokenizer, model_fingerprint, resolve_device
+from pocl_core.schedule import num_trained_stages
 from pocl_core.storage import ObjectPath, fetch_dir, is_remote, location
 from tasks.common import Progress, task_logger
 from tasks.load_data import DatasetSplits
 
 
+STAGE_PREFIX = "after_stage_"
+
+
 def models_to_evaluate(cfg: PoclConfig, student_path: str) -> dict[str, str]:
-    return {"teacher": cfg.models.teacher, "initial_student": cfg.models.student, "final_student": student_path}
+    """Name -> folder: teacher, initial student, ``after_stage_<s>`` students (with
+    eval.at_stage_boundaries; every stage but the last, whose student is the final one), final student."""
+    models = {"teacher": cfg.models.teacher, "initial_student": cfg.models.student}
+    if cfg.eval.at_stage_boundaries:
+        paths = RunPaths.of(cfg.run_dir, cfg.storage)
+        for stage in range(num_trained_stages(cfg.curriculum) - 1):
+            folder = paths.stage_student(stage)
+            if folder.is_dir():
+                models[f"{STAGE_PREFIX}{stage}"] = str(folder)
+            else:
+                task_logger().warning("no student saved at the end of stage %d (%s): the run was trained without "
+                                      "eval.at_stage_boundaries; use a new run_name to get per-stage students",
+                                      stage, folder)
+    models["final_student"] = student_path
+    return models
+
+
+def _stage_of(name: str) -> int | None:
+    return int(name[len(STAGE_PREFIX):]) if name.startswith(STAGE_PREFIX) else None
 
 
 def local_model(cfg: PoclConfig, path: str) -> str:
@@ -69,11 +92,13 @@ def evaluate(cfg: PoclConfig, data: DatasetSplits, student_path: str | None,
         gens = evaluate_generations(model, tokenizer, samples, cfg=cfg.eval, **common)
         nll = mean_response_nll(model, tokenizer, samples, max_length=cfg.data.max_length,
                                 batch_size=cfg.eval.batch_size, **common)
-        rouge, rouge_std = summarize_rouge(gens)
+        rouge, rouge_std = summarize_rouge(gens, "sampled" if cfg.eval.do_sample else "greedy")
+        greedy, _ = summarize_rouge(gens, "greedy")
         gen_rows += [{"model": name, **asdict(g)} for g in gens]
-        metric_rows.append({"model": name, "rouge_l": rouge, "rouge_l_std": rouge_std, "nll": nll,
-                            "num_samples": len(samples), "num_seeds": len(cfg.eval.seeds)})
-        log.info("%s: ROUGE-L %.2f ± %.2f, NLL %.3f", name, rouge, rouge_std, nll)
+        metric_rows.append({"model": name, "rouge_l": rouge, "rouge_l_std": rouge_std,
+                            "rouge_l_greedy": None if math.isnan(greedy) else greedy, "nll": nll,
+                            "stage": _stage_of(name), "num_samples": len(samples), "num_seeds": len(cfg.eval.seeds)})
+        log.info("%s: ROUGE-L %.2f ± %.2f (greedy %.2f), NLL %.3f", name, rouge, rouge_std, greedy, nll)
         progress.update(done)
         del model
     write_table_atomic(pa.Table.from_pylist(gen_rows), paths.generations, GENERATIONS_SCHEMA, provenance)

@@ -35,16 +35,44 @@ def plot_training(rows: Sequence[dict], out: Location) -> Location:
 
 
 def plot_eval(metrics: Sequence[dict], out: Location) -> Location:
-    """ROUGE-L (bars, ± std over seeds) and NLL (annotated) per evaluated model."""
-    fig, ax = plt.subplots(figsize=(6, 3.4), dpi=110)
+    """ROUGE-L (bars, ± std over seeds; greedy as a marker when present) and NLL (annotated) per model."""
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(metrics)), 3.4), dpi=110)
     names = [m["model"] for m in metrics]
+    cmap = plt.get_cmap("tab10")
     bars = ax.bar(names, [m["rouge_l"] for m in metrics], yerr=[m["rouge_l_std"] for m in metrics],
-                  color=["tab:gray", "tab:orange", "tab:green", "tab:blue", "tab:purple"][: len(names)], capsize=4)
+                  color=[cmap(i % 10) for i in range(len(names))], capsize=4, label="sampled")
+    greedy = [(n, m["rouge_l_greedy"]) for n, m in zip(names, metrics) if m.get("rouge_l_greedy") is not None]
+    if greedy:
+        ax.scatter([n for n, _ in greedy], [g for _, g in greedy], marker="D", color="black", zorder=3, label="greedy")
+        ax.legend(fontsize=8)
     for bar, m in zip(bars, metrics):
         ax.annotate(f"NLL {m['nll']:.2f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
                     ha="center", va="bottom", fontsize=8, xytext=(0, 3), textcoords="offset points")
     ax.set_ylabel("held-out ROUGE-L (×100)")
     ax.set_title("Before and after distillation")
+    ax.tick_params(axis="x", labelsize=8)
+    return _save(fig, out)
+
+
+def plot_stage_rouge(metrics: Sequence[dict], out: Location) -> Location:
+    """Student ROUGE-L across the curriculum: initial, after each evaluated stage, final."""
+    by_name = {m["model"]: m for m in metrics}
+    staged = sorted((m for m in metrics if m.get("stage") is not None), key=lambda m: m["stage"])
+    points = [("initial", by_name.get("initial_student"))] + [(f"stage {m['stage']}", m) for m in staged] + \
+        [("final", by_name.get("final_student"))]
+    points = [(label, m) for label, m in points if m is not None]
+    fig, ax = plt.subplots(figsize=(6, 3.4), dpi=110)
+    x = list(range(len(points)))
+    ax.errorbar(x, [m["rouge_l"] for _, m in points], yerr=[m["rouge_l_std"] for _, m in points], marker="o",
+                capsize=4, label="sampled")
+    if all(m.get("rouge_l_greedy") is not None for _, m in points):
+        ax.plot(x, [m["rouge_l_greedy"] for _, m in points], marker="D", linestyle="--", label="greedy")
+    if "teacher" in by_name:
+        ax.axhline(by_name["teacher"]["rouge_l"], color="tab:gray", linestyle=":", label="teacher (sampled)")
+    ax.set_xticks(x, [label for label, _ in points])
+    ax.set_ylabel("held-out ROUGE-L (×100)")
+    ax.set_title("Student through the curriculum")
+    ax.legend(fontsize=8)
     return _save(fig, out)
 
 

@@ -11,7 +11,7 @@ from pocl_core.contracts import RunPaths, read_table, write_text_atomic
 from pocl_core.storage import Location
 from pocl_core.schedule import build_schedule
 from tasks.common import publish_markdown, publish_table, task_logger
-from tasks.plots import plot_eval, plot_training, png_data_uri
+from tasks.plots import plot_eval, plot_stage_rouge, plot_training, png_data_uri
 
 
 def read_train_metrics(path: Location) -> list[dict]:
@@ -26,15 +26,21 @@ def read_train_metrics(path: Location) -> list[dict]:
     return [rows[k] for k in sorted(rows)]
 
 
+def _fmt(value: float | None) -> str:
+    return "–" if value is None else f"{value:.2f}"
+
+
 def render_report(cfg: PoclConfig, metrics: list[dict], train_rows: list[dict], partition_path: str | Location) -> str:
     part = read_table(partition_path).column("bucket").to_numpy()
     lines = [f"# POCL distillation report: `{cfg.run_name}`", "",
              f"- teacher: `{cfg.models.teacher}`", f"- student (initial): `{cfg.models.student}`",
              f"- loss: `{cfg.loss.name}` {cfg.loss.params or ''}", f"- strategy: `{cfg.curriculum.strategy}`, "
              f"{cfg.curriculum.num_stages} stages × {cfg.curriculum.epochs_per_stage} epoch(s)", "",
-             "## Held-out evaluation", "", "| model | ROUGE-L (×100) | ± std over seeds | NLL (nats/token) |",
-             "|---|---:|---:|---:|"]
-    lines += [f"| {m['model']} | {m['rouge_l']:.2f} | {m['rouge_l_std']:.2f} | {m['nll']:.3f} |" for m in metrics]
+             "## Held-out evaluation", "",
+             "| model | ROUGE-L (×100) | ± std over seeds | greedy ROUGE-L | NLL (nats/token) |",
+             "|---|---:|---:|---:|---:|"]
+    lines += [f"| {m['model']} | {m['rouge_l']:.2f} | {m['rouge_l_std']:.2f} | {_fmt(m.get('rouge_l_greedy'))} | "
+              f"{m['nll']:.3f} |" for m in metrics]
     lines += ["", "## Stage plan", "", "| stage | buckets | samples | temperature | KD weight λ |", "|---|---|---:|---:|---:|"]
     for plan in build_schedule(cfg.curriculum):
         n = int((part <= plan.stage).sum())
@@ -57,6 +63,8 @@ def report(cfg: PoclConfig, metrics_path: str, partition_path: str) -> str:
     metrics = read_table(paths.locate(metrics_path)).to_pylist()
     train_rows = read_train_metrics(paths.train_metrics)
     plots = {"eval": plot_eval(metrics, paths.plots_dir / "eval_rouge_l.png")}
+    if any(m.get("stage") is not None for m in metrics):
+        plots["stages"] = plot_stage_rouge(metrics, paths.plots_dir / "stage_rouge_l.png")
     if train_rows:
         plots["training"] = plot_training(train_rows, paths.plots_dir / "training_loss.png")
     histogram = paths.plots_dir / "difficulty_by_bucket.png"

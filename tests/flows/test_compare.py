@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.compare import Variant, summarize, variant_config
+from flows.compare import Variant, render_comparison, summarize, variant_config
 from pocl_core.config import load_config
 from tests.conftest import TINY_CONFIG
 
@@ -22,11 +22,18 @@ def test_variant_config_sets_strategy_loss_and_seed(tmp_path):
 
 
 def test_summarize_mean_and_std_over_seeds():
-    rows = [{"strategy": "curriculum", "loss": "fkl", "seed": s, "rouge_l": r, "nll": n}
-            for s, r, n in ((1, 10.0, 2.0), (2, 12.0, 4.0))]
-    (row,) = summarize(rows)
-    assert row["rouge_l_mean"] == 11.0 and row["nll_mean"] == 3.0
-    assert row["rouge_l_std"] == pytest.approx(2 ** 0.5) and row["seeds"] == 2
+    rows = [{"strategy": "curriculum", "loss": "fkl", "seed": s, "rouge_l": r, "rouge_l_greedy": g, "nll": n}
+            for s, r, g, n in ((1, 10.0, 20.0, 2.0), (2, 12.0, 26.0, 4.0))]
+    rows.append({"strategy": "none", "loss": "fkl", "seed": 1, "rouge_l": 5.0, "rouge_l_greedy": None, "nll": 1.0})
+    curriculum, plain = summarize(rows)
+    assert curriculum["rouge_l_mean"] == 11.0 and curriculum["nll_mean"] == 3.0
+    assert curriculum["rouge_l_std"] == pytest.approx(2 ** 0.5) and curriculum["seeds"] == 2
+    assert curriculum["rouge_l_greedy_mean"] == 23.0 and curriculum["rouge_l_greedy_std"] == pytest.approx(18 ** 0.5)
+    assert plain["rouge_l_greedy_mean"] is None and plain["rouge_l_std"] == 0.0
+    text = render_comparison("c", [{"model": "teacher", "rouge_l": 30.0, "rouge_l_greedy": None, "nll": 1.5}],
+                             [curriculum, plain], "pocl compare")
+    assert "| fkl | curriculum | 2 | 11.00 ± 1.41 | 23.00 ± 4.24 | 3.000 ± 1.414 |" in text
+    assert "| fkl | none | 1 | 5.00 ± 0.00 | – | 1.000 ± 0.000 |" in text and "| teacher | 30.00 | – | 1.500 |" in text
 
 
 def test_compare_flow_shares_scoring_and_tabulates(prefect_harness, local_ray, make_config, tmp_path):

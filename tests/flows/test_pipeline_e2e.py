@@ -9,6 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from pocl_core.checkpoint import load_checkpoint
 from pocl_core.contracts import PARTITION_SCHEMA, RunPaths, read_metadata, scores_schema
 from pocl_core.models import load_causal_lm, load_tokenizer
 from tasks.run_checkpoints import list_checkpoints
@@ -25,7 +26,7 @@ def test_flow_end_to_end_with_two_ray_workers_and_idempotent_rerun(prefect_harne
 
     overrides = [f"models.teacher={make_config().models.teacher}", f"models.student={make_config().models.student}",
                  f"data.train_path={make_config().data.train_path}", f"runs_root={tmp_path / 'runs'}",
-                 "run_name=e2e", "ray.num_workers=2", "curriculum.num_stages=3"]
+                 "run_name=e2e", "ray.num_workers=2", "curriculum.num_stages=3", "eval.at_stage_boundaries=true"]
     summary = pocl_distill(config_path="configs/tiny.yaml", overrides=overrides)
     paths = RunPaths.of(summary.run_dir)
     assert Path(summary.run_dir) == tmp_path / "runs" / "e2e"
@@ -54,13 +55,30 @@ def test_flow_end_to_end_with_two_ray_workers_and_idempotent_rerun(prefect_harne
     assert any(not torch.equal(a, b) for a, b in zip(student.state_dict().values(), initial.state_dict().values()))
     assert len(tokenizer) == student.config.vocab_size
 
-    # evaluation and report
+    # the students saved at stage boundaries hold the weights of those stage-boundary checkpoints
+    by_stage = {json.loads((c / "position.json").read_text())["stage"]: c for c in ckpts}
+    for stage in (0, 1):
+        saved = load_causal_lm(str(paths.stage_student(stage))).state_dict()
+        expected = load_causal_lm(str(make_config().models.student))
+        load_checkpoint(by_stage[stage + 1], model=expected)
+        assert all(torch.equal(saved[k], v) for k, v in expected.state_dict().items())
+    assert not paths.stage_student(2).exists()  # the last stage's student is the final one
+
+    # evaluation (sampled and greedy ROUGE-L, NLL; per-stage students) and report
     metrics = {r["model"]: r for r in pq.read_table(summary.metrics).to_pylist()}
-    assert set(metrics) == {"teacher", "initial_student", "final_student"}
+    assert set(metrics) == {"teacher", "initial_student", "after_stage_0", "after_stage_1", "final_student"}
+    assert [metrics[m]["stage"] for m in ("after_stage_0", "after_stage_1", "final_student")] == [0, 1, None]
+    assert all(0.0 <= m["rouge_l_greedy"] <= 100.0 for m in metrics.values())
     assert metrics["final_student"]["nll"] < metrics["initial_student"]["nll"]
+    gens = pq.read_table(paths.generations).to_pylist()
+    greedy = [g for g in gens if g["decoding"] == "greedy"]
+    n_eval = pq.read_table(paths.eval_data).num_rows
+    assert len(greedy) == 5 * n_eval and len(gens) == 5 * n_eval * 2  # one sampled seed + one greedy pass
+    mean_greedy = 100 * sum(g["rouge_l"] for g in greedy if g["model"] == "final_student") / n_eval
+    assert metrics["final_student"]["rouge_l_greedy"] == pytest.approx(mean_greedy)
     report = Path(summary.report).read_text()
-    assert "final_student" in report and "| 2 | 0..2 |" in report
-    for png in ("eval_rouge_l.png", "training_loss.png"):
+    assert "final_student" in report and "| 2 | 0..2 |" in report and "after_stage_1" in report
+    for png in ("eval_rouge_l.png", "training_loss.png", "stage_rouge_l.png"):
         assert (paths.plots_dir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"plots/{png}" in report
 

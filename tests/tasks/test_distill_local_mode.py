@@ -1,0 +1,47 @@
+"""ray.num_workers=0: the training loop runs in-process (Ray Train's local mode), with no Ray cluster."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import ray
+from safetensors.torch import load_file
+
+from pocl_core.checkpoint import verify_checkpoint
+from pocl_core.contracts import RunPaths
+from tasks.distill import distill
+from tasks.load_data import load_dataset
+from tasks.partition import partition
+from tasks.run_checkpoints import list_checkpoints
+from tasks.score import score_difficulty
+
+pytestmark = pytest.mark.slow
+
+
+def test_local_mode_trains_in_process_keeps_its_checkpoints_and_resumes_from_them(make_config):
+    ray_was_up = ray.is_initialized()
+    cfg = make_config("ray.num_workers=0", "curriculum.num_stages=2", "data.max_train_samples=48",
+                      "optim.global_batch_size=8", "optim.micro_batch_size=8", "run_name=local").with_absolute_paths()
+    data = load_dataset.fn(cfg)
+    scores = score_difficulty.fn(cfg, data)
+    part = partition.fn(cfg, scores)
+    student = distill.fn(cfg, data, part, scores.teacher_cache_dir)
+    assert ray.is_initialized() == ray_was_up  # no Ray started for local mode
+
+    paths = RunPaths.of(cfg.run_dir)
+    ckpts = list_checkpoints(paths.root)
+    assert [json.loads((c / "position.json").read_text())["stage"] for c in ckpts] == [1, 2]
+    for c in ckpts:
+        verify_checkpoint(c)
+    weights = load_file(f"{student}/model.safetensors")
+    metrics = paths.train_storage / "metrics.jsonl"
+    rows = metrics.read_text()
+
+    # without the saved student, a rerun resumes from the final in-place checkpoint: no step is redone
+    shutil.rmtree(student)
+    again = distill.fn(cfg, data, part, scores.teacher_cache_dir)
+    assert metrics.read_text() == rows
+    resumed = load_file(f"{again}/model.safetensors")
+    assert resumed.keys() == weights.keys() and all((resumed[k] == weights[k]).all() for k in weights)

@@ -1,0 +1,64 @@
+"""Evaluation passes: sampled per seed plus one greedy pass, and their separate summaries."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from pocl_core.config import DataConfig, EvalConfig
+from pocl_core.data import load_samples
+from pocl_core.evaluate import Generation, evaluate_generations, generate_responses, summarize_rouge
+from pocl_core.models import load_causal_lm, load_tokenizer
+from tests.conftest import TINY_DATA
+
+
+def _rows(decoding: str, seed: int, scores: list[float]) -> list[Generation]:
+    return [Generation(decoding, seed, f"s{i}", "g", "r", v) for i, v in enumerate(scores)]
+
+
+def test_summarize_rouge_separates_decodings_and_averages_per_seed_first():
+    rows = _rows("sampled", 1, [0.2, 0.4]) + _rows("sampled", 2, [0.6, 0.8]) + _rows("greedy", 0, [0.5, 0.0])
+    mean, std = summarize_rouge(rows, "sampled")
+    # per-seed means 30 and 70 (×100): mean 50, sample std sqrt(((30-50)^2 + (70-50)^2) / 1)
+    assert mean == pytest.approx(50.0) and std == pytest.approx(math.sqrt(800.0))
+    assert summarize_rouge(rows, "greedy") == (pytest.approx(25.0), 0.0)
+    missing = summarize_rouge(_rows("sampled", 1, [0.1]), "greedy")
+    assert math.isnan(missing[0]) and math.isnan(missing[1])
+
+
+@pytest.fixture(scope="module")
+def tiny_student(tiny_models):
+    model = load_causal_lm(str(tiny_models.student)).eval()
+    return model, load_tokenizer(str(tiny_models.student))
+
+
+def test_greedy_pass_is_added_once_and_is_seed_independent(tiny_student):
+    model, tokenizer = tiny_student
+    samples, _ = load_samples(TINY_DATA)
+    samples = samples[:6]
+    cfg = EvalConfig(seeds=[1, 2], max_new_tokens=6, batch_size=4)
+    common = dict(template=DataConfig.model_fields["prompt_template"].default, max_prompt_length=48,
+                  device=torch.device("cpu"))
+    rows = evaluate_generations(model, tokenizer, samples, cfg=cfg, **common)
+    assert [(r.decoding, r.seed) for r in rows[::6]] == [("sampled", 1), ("sampled", 2), ("greedy", 0)]
+    greedy = [r.generation for r in rows if r.decoding == "greedy"]
+    # greedy decoding ignores the seed: another seed gives the same texts
+    assert greedy == generate_responses(model, tokenizer, samples, cfg=cfg, seed=99, sample=False, **common)
+    assert all(r.rouge_l == pytest.approx(_f1(r)) for r in rows)
+
+    no_sampling = evaluate_generations(model, tokenizer, samples, cfg=cfg.model_copy(update={"do_sample": False}),
+                                       **common)
+    # with sampling off the seed passes are already greedy: no extra pass, every row labelled greedy
+    assert [(r.decoding, r.seed) for r in no_sampling[::6]] == [("greedy", 1), ("greedy", 2)]
+    assert [r.generation for r in no_sampling[:6]] == greedy
+
+    without = evaluate_generations(model, tokenizer, samples, cfg=cfg.model_copy(update={"greedy": False}), **common)
+    assert {r.decoding for r in without} == {"sampled"} and len(without) == 12
+
+
+def _f1(row: Generation) -> float:
+    from pocl_core.evaluate import rouge_l_f1
+
+    return rouge_l_f1(row.generation, row.reference)
