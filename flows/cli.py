@@ -23,9 +23,11 @@ from pocl_core.model_prep import ModelPrepError
 def _cmd_run(args: argparse.Namespace) -> int:
     from flows.pipeline import pocl_distill
 
-    load_config(args.config, args.overrides)  # fail fast, before any engine starts
+    from pocl_core.contracts import read_table
+    from pocl_core.storage import location
+
+    cfg = load_config(args.config, args.overrides)  # fail fast, before any engine starts
     summary = pocl_distill(config_path=args.config, overrides=args.overrides)
-    import pyarrow.parquet as pq
 
     print()
     print(f"run folder:     {summary.run_dir}")
@@ -33,7 +35,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     print(f"report:         {summary.report}")
     print()
     print(f"{'model':<16} {'ROUGE-L':>8} {'greedy':>8} {'NLL':>8}")
-    for row in pq.read_table(summary.metrics).to_pylist():
+    for row in read_table(location(summary.metrics, cfg.storage)).to_pylist():
         greedy = "–" if row.get("rouge_l_greedy") is None else f"{row['rouge_l_greedy']:.2f}"
         print(f"{row['model']:<16} {row['rouge_l']:>8.2f} {greedy:>8} {row['nll']:>8.3f}")
     return 0
@@ -42,11 +44,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_compare(args: argparse.Namespace) -> int:
     from flows.compare import pocl_compare
 
-    load_config(args.config, args.overrides)
+    from pocl_core.storage import location
+
+    cfg = load_config(args.config, args.overrides)
     out = pocl_compare(config_path=args.config, overrides=args.overrides, strategies=args.strategies,
                        losses=args.losses, seeds=args.seeds, compare_name=args.name)
     print()
-    print(Path(out).read_text())
+    print(location(out, cfg.storage).read_text())
     print(f"comparison: {out}")
     return 0
 

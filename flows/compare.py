@@ -7,20 +7,20 @@ Layout under ``<runs_root>/<compare_name>/``: ``shared/`` holds the loaded data,
 scores (and teacher cache) and the evaluation of the teacher and the initial student, computed
 once; each variant ``<strategy>-<loss>-s<seed>/`` holds its partition, training run, final student
 and evaluation. ``comparison.md`` (also a Prefect artifact) tabulates mean ± std over seeds.
+``runs_root`` may be an ``s3://`` URI, as for a single run.
 """
 
 from __future__ import annotations
 
 import statistics
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
-import pyarrow.parquet as pq
 from prefect import flow
 
 from pocl_core.config import PoclConfig, load_config
-from pocl_core.contracts import RunPaths, write_text_atomic
+from pocl_core.contracts import RunPaths, read_table, write_text_atomic
+from pocl_core.storage import join, location
 from tasks.common import publish_markdown, publish_table
 from tasks.distill import distill
 from tasks.evaluate import evaluate
@@ -40,7 +40,7 @@ class Variant:
         return f"{self.strategy}-{self.loss}-s{self.seed}"
 
 
-def variant_config(base: PoclConfig, root: Path, variant: Variant) -> PoclConfig:
+def variant_config(base: PoclConfig, root: str, variant: Variant) -> PoclConfig:
     """The base config with the variant's strategy, loss and seed (model init and data order)."""
     data = base.model_dump()
     data.update(runs_root=str(root), run_name=variant.name, seed=variant.seed)
@@ -107,10 +107,10 @@ def pocl_compare(config_path: str = "configs/quickstart.yaml", overrides: Option
     seeds = seeds or [base.seed]
     variants = [Variant(s, loss, seed) for loss in losses for s in strategies for seed in seeds]
     for v in variants:  # validate every variant before any compute
-        variant_config(base, Path(base.runs_root), v)
-    root = Path(base.runs_root) / compare_name
-    shared = PoclConfig.model_validate({**base.model_dump(), "runs_root": str(root), "run_name": "shared"})
-    write_text_atomic(RunPaths.of(shared.run_dir).config, shared.to_yaml())
+        variant_config(base, base.runs_root, v)
+    root = join(base.runs_root, compare_name)
+    shared = PoclConfig.model_validate({**base.model_dump(), "runs_root": root, "run_name": "shared"})
+    write_text_atomic(RunPaths.of(shared.run_dir, shared.storage).config, shared.to_yaml())
     data = load_dataset(shared)
     scores = score_difficulty(shared, data)
     reference_path = evaluate(shared, data, None, models={"teacher": base.models.teacher,
@@ -118,16 +118,18 @@ def pocl_compare(config_path: str = "configs/quickstart.yaml", overrides: Option
     rows = []
     for v in variants:
         cfg = variant_config(base, root, v)
-        write_text_atomic(RunPaths.of(cfg.run_dir).config, cfg.to_yaml())
+        write_text_atomic(RunPaths.of(cfg.run_dir, cfg.storage).config, cfg.to_yaml())
         student = distill(cfg, data, partition(cfg, scores), scores.teacher_cache_dir)
-        metrics = pq.read_table(evaluate(cfg, data, student, models={"final_student": student})).to_pylist()[0]
+        metrics_path = evaluate(cfg, data, student, models={"final_student": student})
+        metrics = read_table(location(metrics_path, cfg.storage)).to_pylist()[0]
         rows.append({"strategy": v.strategy, "loss": v.loss, "seed": v.seed, "rouge_l": metrics["rouge_l"],
                      "rouge_l_greedy": metrics["rouge_l_greedy"], "nll": metrics["nll"]})
     summary = summarize(rows)
     command = (f"pocl compare --config {config_path} --strategies {' '.join(strategies)} --losses {' '.join(losses)} "
                f"--seeds {' '.join(map(str, seeds))} --name {compare_name} {' '.join(overrides or [])}").strip()
-    text = render_comparison(compare_name, pq.read_table(reference_path).to_pylist(), summary, command)
-    out = write_text_atomic(root / "comparison.md", text)
+    reference = read_table(location(reference_path, base.storage)).to_pylist()
+    text = render_comparison(compare_name, reference, summary, command)
+    out = write_text_atomic(location(join(root, "comparison.md"), base.storage), text)
     publish_markdown("pocl-comparison", text, f"POCL comparison {compare_name}")
     publish_table("pocl-comparison-runs", rows, "final ROUGE-L and NLL of every variant")
     return str(out)

@@ -8,6 +8,10 @@ Parameters a person fills in the Prefect UI (see docs/operations.md): ``config_p
 (dotted ``key=value`` strings), ``run_name``, ``ray_address`` (the override ``ray.address``) and
 ``resume`` (False refuses to start when the run folder already exists). A bad parameter (a
 ConfigError or DataError) is logged as one message and re-raised without the library traceback.
+
+The run folder may be an ``s3://bucket/prefix`` URI (``runs_root``, with the ``storage`` section or
+``AWS_ENDPOINT_URL`` naming an S3-compatible endpoint): every task reads and writes it through its
+pyarrow filesystem, and Ray Train keeps its checkpoints there.
 """
 
 from __future__ import annotations
@@ -17,7 +21,6 @@ import logging
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterator, Optional
 
 from prefect import flow, get_run_logger
@@ -26,6 +29,7 @@ from prefect.exceptions import MissingContextError
 from pocl_core.config import ConfigError, PoclConfig, load_config
 from pocl_core.contracts import RunPaths, write_text_atomic
 from pocl_core.data import DataError
+from pocl_core.storage import ObjectPath, location
 from tasks.distill import distill
 from tasks.evaluate import evaluate
 from tasks.load_data import load_dataset
@@ -47,7 +51,8 @@ def resolve_config(config_path: Optional[str], overrides: Optional[list[str]], r
     """The config file plus overrides; ``run_name`` and ``ray_address`` (when given) win over both.
 
     Both are quoted as YAML strings, so a name like ``007`` or an address like ``10.0.0.5:6379`` stays
-    text. With ``resume=False`` an existing run folder is a ConfigError naming it.
+    text. With ``resume=False`` an existing run folder is a ConfigError naming it; for an ``s3://``
+    run folder, a missing bucket or an unreachable store is a ConfigError too.
     """
     extra = list(overrides or [])
     if run_name:
@@ -55,10 +60,27 @@ def resolve_config(config_path: Optional[str], overrides: Optional[list[str]], r
     if ray_address:
         extra.append(f"ray.address={json.dumps(ray_address)}")
     cfg = load_config(config_path, extra).with_absolute_paths()
-    if not resume and "://" not in cfg.run_dir and Path(cfg.run_dir).exists():
+    run_dir = location(cfg.run_dir, cfg.storage)
+    if isinstance(run_dir, ObjectPath):
+        _check_bucket(run_dir, cfg)
+    if not resume and run_dir.exists():
         raise ConfigError(f"run folder {cfg.run_dir} already exists and resume is false: choose a new "
                           f"run_name (e.g. {cfg.run_name}-2), or set resume=true to continue that run")
     return cfg
+
+
+def _check_bucket(run_dir: ObjectPath, cfg: PoclConfig) -> None:
+    """ConfigError unless the run folder's bucket exists and answers."""
+    bucket = run_dir.key.split("/")[0]
+    where = cfg.storage.endpoint_url or "the endpoint of AWS_ENDPOINT_URL (or AWS)"
+    try:
+        found = ObjectPath(run_dir.fs, bucket, run_dir.scheme).exists()
+    except OSError as exc:
+        raise ConfigError(f"runs_root {cfg.runs_root}: cannot reach the object store at {where} ({exc}); check "
+                          f"storage.endpoint_url / AWS_ENDPOINT_URL and the AWS credentials") from None
+    if not found:
+        raise ConfigError(f"runs_root {cfg.runs_root}: bucket '{bucket}' not found at {where}; create it or "
+                          f"fix runs_root / storage.endpoint_url")
 
 
 @contextmanager
@@ -96,7 +118,7 @@ def pocl_distill(config_path: str = "configs/tiny.yaml", overrides: Optional[lis
     """
     with parameter_errors_logged():
         cfg = resolve_config(config_path, overrides, run_name, ray_address, resume)
-        paths = RunPaths.of(cfg.run_dir)
+        paths = RunPaths.of(cfg.run_dir, cfg.storage)
         write_text_atomic(paths.config, cfg.to_yaml())
         data = load_dataset(cfg)
         scores = score_difficulty(cfg, data)

@@ -11,6 +11,9 @@ Folder contents::
     manifest.json         sha256 of every file above; written last, so its presence marks completion
 
 ``load_checkpoint`` verifies the manifest and raises CheckpointError on a missing or altered file.
+``verify_checkpoint`` and ``read_position`` also read a checkpoint in an object store (an
+``s3://`` URI or ``storage.ObjectPath``, e.g. Ray Train storage in a remote run folder); loading
+weights needs a local folder (download it first: ``storage.download_dir``).
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+
+from pocl_core.storage import Location, ObjectPath, location, open_input
 
 MANIFEST = "manifest.json"
 
@@ -43,9 +48,9 @@ class Position:
     samples_seen: int
 
 
-def _sha256(path: Path) -> str:
+def _sha256(path: Location) -> str:
     h = hashlib.sha256()
-    with path.open("rb") as fh:
+    with open_input(path) as fh:
         for block in iter(lambda: fh.read(1 << 22), b""):
             h.update(block)
     return h.hexdigest()
@@ -100,9 +105,9 @@ def _untie(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def verify_checkpoint(folder: str | Path) -> None:
-    """Raise CheckpointError unless the manifest exists and every checksum matches."""
-    folder = Path(folder)
+def verify_checkpoint(folder: str | Path | ObjectPath) -> None:
+    """Raise CheckpointError unless the manifest exists and every checksum matches (local or remote)."""
+    folder = location(folder)
     manifest_path = folder / MANIFEST
     if not manifest_path.is_file():
         raise CheckpointError(f"{folder}: no {MANIFEST} (incomplete checkpoint)")
@@ -121,8 +126,8 @@ def read_optimizer_state(folder: str | Path) -> dict[str, Any]:
     return torch.load(Path(folder) / "optimizer.pt", weights_only=True)
 
 
-def read_position(folder: str | Path) -> Position:
-    data = json.loads((Path(folder) / "position.json").read_text())
+def read_position(folder: str | Path | ObjectPath) -> Position:
+    data = json.loads((location(folder) / "position.json").read_text())
     return Position(**{k: data[k] for k in ("stage", "step_in_stage", "global_step", "samples_seen")})
 
 
@@ -131,8 +136,10 @@ def load_checkpoint(folder: str | Path, model: torch.nn.Module | None = None,
                     restore_rng: bool = False) -> Position:
     """Verify the checksums, then load what is given (weights, optimizer, scheduler, RNG) in place.
 
-    Returns the saved curriculum position.
+    Returns the saved curriculum position. ``folder`` must be local (weights load from files).
     """
+    if isinstance(location(folder), ObjectPath):
+        raise ValueError(f"load_checkpoint needs a local folder; download {folder} first (storage.download_dir)")
     folder = Path(folder)
     verify_checkpoint(folder)
     if model is not None:

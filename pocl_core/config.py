@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
+from pocl_core import storage as run_storage
 from pocl_core.config_sections import (  # noqa: F401  (re-exported: the config's public names)
     CurriculumConfig,
     DataConfig,
@@ -26,6 +27,7 @@ from pocl_core.config_sections import (  # noqa: F401  (re-exported: the config'
     RayConfig,
     ScoringConfig,
     ScoringGenerationConfig,
+    StorageConfig,
     TrainConfig,
     _Section,
 )
@@ -36,7 +38,11 @@ class ConfigError(ValueError):
 
 
 class PoclConfig(_Section):
-    """A whole run. The run folder is ``<runs_root>/<run_name>``."""
+    """A whole run. The run folder is ``<runs_root>/<run_name>``.
+
+    runs_root: a local folder, or ``s3://bucket/prefix`` for storage shared by every node (then the
+    ``storage`` section gives the endpoint and region; see docs/operations.md).
+    """
 
     run_name: str = Field("pocl-run", min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     runs_root: str = "runs"
@@ -50,6 +56,7 @@ class PoclConfig(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
 
     @model_validator(mode="after")
     def _check(self) -> "PoclConfig":
@@ -75,6 +82,15 @@ class PoclConfig(_Section):
         return self
 
     @model_validator(mode="after")
+    def _check_runs_root(self) -> "PoclConfig":
+        if run_storage.is_remote(self.runs_root):
+            try:
+                run_storage.split_uri(self.runs_root)
+            except ValueError as exc:
+                raise ValueError(f"runs_root: {exc}") from None
+        return self
+
+    @model_validator(mode="after")
     def _check_on_policy(self) -> "PoclConfig":
         if not self.loss.on_policy_fraction:
             return self
@@ -96,14 +112,14 @@ class PoclConfig(_Section):
 
     @property
     def run_dir(self) -> str:
-        """The run folder, ``<runs_root>/<run_name>``."""
-        return str(Path(self.runs_root) / self.run_name)
+        """The run folder, ``<runs_root>/<run_name>`` (a local path or an ``s3://`` URI)."""
+        return run_storage.join(self.runs_root, self.run_name)
 
     def with_absolute_paths(self, base: str | Path | None = None) -> "PoclConfig":
         """A copy whose local paths are absolute (Ray workers run in another directory).
 
         Model fields change only when the path exists locally (otherwise they are hub names);
-        data paths and runs_root always do, unless they are URIs (``scheme://``).
+        data paths, runs_root and storage.model_cache_dir always do, unless they are URIs (``scheme://``).
         """
         root = Path(base) if base is not None else Path.cwd()
 
@@ -121,6 +137,7 @@ class PoclConfig(_Section):
         for key in ("train_path", "eval_path"):
             data["data"][key] = absolute(data["data"][key], must_exist=False)
         data["runs_root"] = absolute(data["runs_root"], must_exist=False)
+        data["storage"]["model_cache_dir"] = absolute(data["storage"]["model_cache_dir"], must_exist=False)
         return PoclConfig.model_validate(data)
 
     def fingerprint(self, *sections: str) -> str:

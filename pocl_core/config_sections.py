@@ -285,3 +285,19 @@ class EvalConfig(_Section):
     batch_size: int = Field(16, gt=0)
     greedy: bool = True
     at_stage_boundaries: bool = False
+
+
+class StorageConfig(_Section):
+    """Object-store settings for a ``runs_root`` URI (``s3://bucket/prefix``); unused for local folders.
+
+    endpoint_url: an S3-compatible server (MinIO, Ceph, moto), e.g. ``http://10.0.0.5:9000``; None
+    uses the ``AWS_ENDPOINT_URL`` environment variable, else AWS S3. region: None uses ``AWS_REGION``
+    / ``AWS_DEFAULT_REGION``, else ``us-east-1``. Credentials are never configured here: they come
+    from the standard AWS environment variables or default chain (see ``pocl_core/storage.py``).
+    model_cache_dir: local folder where models kept in a remote run folder (the final student) are
+    downloaded before evaluation loads them (``<model_cache_dir>/s3/<bucket>/<key>``).
+    """
+
+    endpoint_url: Optional[str] = None
+    region: Optional[str] = None
+    model_cache_dir: str = ".cache/run-models"

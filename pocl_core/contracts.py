@@ -14,7 +14,12 @@ Run folder layout (``<runs_root>/<run_name>/``)::
     student/                    final student (save_pretrained, safetensors) + tokenizer
     eval/generations.parquet    GENERATIONS_SCHEMA
     eval/metrics.parquet        EVAL_METRICS_SCHEMA
-    report.md
+    report.md, plots/*.png
+
+The run folder is a local folder or an ``s3://bucket/prefix`` URI: ``RunPaths`` gives its files as
+locations (``pathlib.Path`` locally, ``storage.ObjectPath`` in an object store, see
+``pocl_core/storage.py``), and every reader and writer here takes either. Writes are atomic: temp file
++ rename on a local disk, a single upload of the finished bytes to an object store.
 
 Provenance metadata (fingerprints, config) is stored in each Parquet file's schema metadata under
 ``pocl.*`` keys; a task that finds an output whose provenance differs from its inputs refuses it.
@@ -27,12 +32,17 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pocl_core import __version__
+from pocl_core import storage
+from pocl_core.config_sections import StorageConfig
+from pocl_core.storage import Location, ObjectPath, location
+
+PathLike = str | os.PathLike | ObjectPath
 
 META_PREFIX = "pocl."
 
@@ -126,82 +136,105 @@ def teacher_cache_schema() -> pa.Schema:
     )
 
 
+STUDENT_PROVENANCE = "pocl_provenance.json"  # in student/: written (uploaded) last, marks a complete student
+
+
 @dataclass(frozen=True)
 class RunPaths:
-    """Named paths of one run folder (see the module docstring)."""
+    """Named locations of one run folder (see the module docstring).
 
-    root: Path
+    ``root`` is a ``pathlib.Path`` for a local run folder and a ``storage.ObjectPath`` (which carries
+    its filesystem) for an ``s3://`` one; every property is a location of the same kind.
+    """
+
+    root: Location
 
     @classmethod
-    def of(cls, run_dir: str | os.PathLike) -> "RunPaths":
-        return cls(Path(run_dir))
+    def of(cls, run_dir: PathLike, storage_config: StorageConfig | None = None) -> "RunPaths":
+        """The run folder ``run_dir`` (a path, URI or location); ``storage_config`` opens an s3:// URI."""
+        return cls(location(run_dir, storage_config))
+
+    def locate(self, path: PathLike) -> Location:
+        """A path handed between tasks as a string, as a location on this run folder's filesystem."""
+        if isinstance(self.root, ObjectPath) and isinstance(path, str) and storage.is_remote(path):
+            scheme, key = storage.split_uri(path)
+            return ObjectPath(self.root.fs, key, scheme)
+        return location(path)
 
     @property
-    def config(self) -> Path:
+    def config(self) -> Location:
         return self.root / "config.yaml"
 
     @property
-    def train_data(self) -> Path:
+    def train_data(self) -> Location:
         return self.root / "data" / "train.parquet"
 
     @property
-    def eval_data(self) -> Path:
+    def eval_data(self) -> Location:
         return self.root / "data" / "eval.parquet"
 
     @property
-    def scores_dir(self) -> Path:
+    def scores_dir(self) -> Location:
         return self.root / "scores"
 
-    def score_shard(self, index: int) -> Path:
+    def score_shard(self, index: int) -> Location:
         return self.scores_dir / f"part-{index:05d}.parquet"
 
-    def measures_shard(self, index: int) -> Path:
+    def measures_shard(self, index: int) -> Location:
         return self.scores_dir / "measures" / f"part-{index:05d}.parquet"
 
     @property
-    def teacher_cache_dir(self) -> Path:
+    def teacher_cache_dir(self) -> Location:
         return self.root / "teacher_cache"
 
-    def teacher_cache_shard(self, index: int) -> Path:
+    def teacher_cache_shard(self, index: int) -> Location:
         return self.teacher_cache_dir / f"part-{index:05d}.parquet"
 
     @property
-    def partition(self) -> Path:
+    def partition(self) -> Location:
         return self.root / "partition.parquet"
 
     @property
-    def train_storage(self) -> Path:
+    def train_storage(self) -> Location:
         return self.root / "train"
 
     @property
-    def student(self) -> Path:
+    def student(self) -> Location:
         return self.root / "student"
 
     @property
-    def stages_dir(self) -> Path:
+    def student_provenance(self) -> Location:
+        return self.student / STUDENT_PROVENANCE
+
+    @property
+    def train_metrics(self) -> Location:
+        return self.train_storage / "metrics.jsonl"
+
+    @property
+    def stages_dir(self) -> Location:
         return self.root / "stages"
 
-    def stage_student(self, stage: int) -> Path:
+    def stage_student(self, stage: int) -> Location:
         return self.stages_dir / f"stage_{stage}"
 
     @property
-    def eval_dir(self) -> Path:
+    def eval_dir(self) -> Location:
         return self.root / "eval"
 
     @property
-    def generations(self) -> Path:
+    def generations(self) -> Location:
         return self.eval_dir / "generations.parquet"
 
     @property
-    def eval_metrics(self) -> Path:
+    def eval_metrics(self) -> Location:
         return self.eval_dir / "metrics.parquet"
 
     @property
-    def report(self) -> Path:
+    def report(self) -> Location:
         return self.root / "report.md"
 
     @property
-    def plots_dir(self) -> Path:
+    def plots_dir(self) -> Location:
         return self.root / "plots"
 
 
@@ -226,18 +259,24 @@ def decode_metadata(schema_meta: dict[bytes, bytes] | None) -> dict[str, Any]:
     return out
 
 
-def write_table_atomic(table: pa.Table, path: str | os.PathLike, schema: pa.Schema,
-                       metadata: dict[str, Any] | None = None) -> Path:
-    """Cast ``table`` to ``schema``, attach provenance metadata, and write it via temp file + rename.
+def write_table_atomic(table: pa.Table, path: PathLike, schema: pa.Schema,
+                       metadata: dict[str, Any] | None = None) -> Location:
+    """Cast ``table`` to ``schema``, attach provenance metadata, and write it atomically.
 
-    A reader never sees a half-written file. Raises ValueError naming the path if columns are missing.
+    Locally via temp file + rename, to an object store as one upload of the finished file: a reader
+    never sees a half-written file. Raises ValueError naming the path if columns are missing.
     """
-    path = Path(path)
+    path = location(path)
     missing = [f.name for f in schema if f.name not in table.column_names]
     if missing:
         raise ValueError(f"{path}: table lacks required columns {missing}")
     table = table.select(schema.names).cast(schema)
     table = table.replace_schema_metadata(encode_metadata(metadata or {}))
+    if isinstance(path, ObjectPath):
+        buf = pa.BufferOutputStream()
+        pq.write_table(table, buf)
+        path.write_bytes(buf.getvalue().to_pybytes())
+        return path
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -250,30 +289,33 @@ def write_table_atomic(table: pa.Table, path: str | os.PathLike, schema: pa.Sche
     return path
 
 
-def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
-    """Write a file via temp file in the same folder + rename; a reader never sees half of it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+def write_bytes_atomic(path: PathLike, data: bytes) -> Location:
+    """Write a file atomically (temp file in the same folder + rename; one upload to an object store)."""
+    return storage.write_bytes_atomic(location(path), data)
 
 
-def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+def write_text_atomic(path: PathLike, text: str) -> Location:
     """Write a UTF-8 text file atomically (see write_bytes_atomic)."""
     return write_bytes_atomic(path, text.encode("utf-8"))
 
 
-def read_table_checked(path: str | os.PathLike, schema: pa.Schema) -> pa.Table:
+def read_table(path: PathLike | Sequence[Location]) -> pa.Table:
+    """Read a Parquet file, or several (a list of locations on one filesystem) as one table."""
+    if isinstance(path, (list, tuple)):
+        paths = [location(p) for p in path]
+        if paths and isinstance(paths[0], ObjectPath):
+            return pq.read_table([p.key for p in paths], filesystem=paths[0].fs)
+        return pq.read_table([str(p) for p in paths])
+    path = location(path)
+    if isinstance(path, ObjectPath):
+        return pq.read_table(path.key, filesystem=path.fs)
+    return pq.read_table(path)
+
+
+def read_table_checked(path: PathLike, schema: pa.Schema) -> pa.Table:
     """Read a Parquet file and check it carries every field of ``schema`` with the right type."""
-    path = Path(path)
-    table = pq.read_table(path)
+    path = location(path)
+    table = read_table(path)
     for field in schema:
         if field.name not in table.column_names:
             raise ValueError(f"{path}: missing column '{field.name}'")
@@ -283,18 +325,21 @@ def read_table_checked(path: str | os.PathLike, schema: pa.Schema) -> pa.Table:
     return table
 
 
-def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
+def read_metadata(path: PathLike) -> dict[str, Any]:
     """The decoded provenance metadata of a Parquet file (without reading its rows)."""
+    path = location(path)
+    if isinstance(path, ObjectPath):
+        return decode_metadata(pq.read_schema(path.key, filesystem=path.fs).metadata)
     return decode_metadata(pq.read_schema(path).metadata)
 
 
-def check_provenance(path: str | os.PathLike, expected: dict[str, Any]) -> bool:
+def check_provenance(path: PathLike, expected: dict[str, Any]) -> bool:
     """True if ``path`` exists and every ``expected`` key matches its metadata.
 
     Returns False when the file is absent. Raises StaleOutputError, naming the differing keys, when
     the file exists but was produced from other inputs.
     """
-    path = Path(path)
+    path = location(path)
     if not path.exists():
         return False
     meta = read_metadata(path)

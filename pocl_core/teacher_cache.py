@@ -19,7 +19,6 @@ tokenizer's size, as the dense KD path does) before the top-k and the log-sum-ex
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -28,6 +27,7 @@ import torch
 
 from pocl_core.contracts import check_provenance, read_metadata, read_table_checked, teacher_cache_schema
 from pocl_core.losses import SparseTeacher
+from pocl_core.storage import Location, ObjectPath, location
 
 CacheRows = tuple[np.ndarray, np.ndarray, np.ndarray]  # ids int32 [n, k], logits float32 [n, k], lse float32 [n]
 
@@ -90,7 +90,7 @@ class TeacherCache:
     """
 
     def __init__(self, ids: np.ndarray, logits: np.ndarray, lse: np.ndarray, index: dict[str, tuple[int, int]],
-                 metadata: dict[str, Any], folder: Path) -> None:
+                 metadata: dict[str, Any], folder: Location) -> None:
         self._ids, self._logits, self._lse = ids, logits, lse
         self._index = index
         self.metadata = metadata
@@ -98,22 +98,22 @@ class TeacherCache:
         self.folder = folder
 
     @classmethod
-    def load(cls, folder: str | os.PathLike, expected: dict[str, Any] | None = None) -> "TeacherCache":
-        """Read every ``part-*.parquet`` in ``folder``.
+    def load(cls, folder: str | os.PathLike | ObjectPath, expected: dict[str, Any] | None = None) -> "TeacherCache":
+        """Read every ``part-*.parquet`` in ``folder`` (a local folder or an object-store location).
 
         ``expected``: provenance keys every shard must carry (e.g. the teacher fingerprint); a
         mismatch raises ``contracts.StaleOutputError`` naming the file and key. Raises
         FileNotFoundError for a folder without shards and ValueError for malformed rows or a sample
         id found twice (naming the files).
         """
-        folder = Path(folder)
+        folder = location(folder)
         shards = sorted(folder.glob("part-*.parquet"))
         if not shards:
             raise FileNotFoundError(f"no teacher-cache shards (part-*.parquet) in {folder}")
         schema = teacher_cache_schema()
         ids_parts, logit_parts, lse_parts = [], [], []
         index: dict[str, tuple[int, int]] = {}
-        where: dict[str, Path] = {}
+        where: dict[str, Location] = {}
         metadata: dict[str, Any] = {}
         k: int | None = None
         offset = 0
@@ -192,7 +192,7 @@ class TeacherCache:
                            f"({len(self._index)} samples); was it scored with this dataset?") from None
 
 
-def _raise_bad_row(path: Path, table: pa.Table, k: int) -> None:
+def _raise_bad_row(path: Location, table: pa.Table, k: int) -> None:
     """Find and report the first row whose list lengths disagree with n_positions and k."""
     cols = table.select(["sample_id", "n_positions", "topk_ids", "topk_logits", "lse"]).to_pylist()
     for row, rec in enumerate(cols):

@@ -2,8 +2,12 @@
 
 Ray Train storage is ``<run>/train`` with the fixed experiment name ``distill``: starting the flow
 again with the same run name makes Ray Train resume from the newest checkpoint of that run, so
-finished stages are not redone. The final checkpoint becomes ``<run>/student`` (save_pretrained,
-safetensors, with the tokenizer), written to a temporary folder and renamed into place.
+finished stages are not redone. In an ``s3://`` run folder, Ray Train gets the run folder's pyarrow
+filesystem (``RunConfig(storage_path, storage_filesystem)``), so checkpoints are uploaded there.
+
+The final checkpoint becomes ``<run>/student`` (save_pretrained, safetensors, with the tokenizer):
+built in a local temporary folder, then renamed into place (local run folder) or uploaded with
+``pocl_provenance.json`` last (object store): that file marks a complete student.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
+import tempfile
 from pathlib import Path
 
 import ray
@@ -21,15 +25,16 @@ from ray.train.torch import TorchTrainer
 
 from pocl_core.checkpoint import load_checkpoint
 from pocl_core.config import LossConfig, PoclConfig
-from pocl_core.contracts import RunPaths, read_metadata
+from pocl_core.contracts import STUDENT_PROVENANCE, RunPaths, read_metadata
 from pocl_core.models import load_causal_lm, load_tokenizer, model_fingerprint
 from pocl_core.schedule import num_trained_stages
+from pocl_core.storage import Location, ObjectPath, download_dir, location, ray_storage, write_dir_atomic
 from tasks.common import task_logger
 from tasks.distill_loop import distill_loop
 from tasks.load_data import DatasetSplits
 from tasks.run_checkpoints import EXPERIMENT_NAME, list_checkpoints, newest_valid_checkpoint
 
-PROVENANCE_FILE = "pocl_provenance.json"
+PROVENANCE_FILE = STUDENT_PROVENANCE
 
 
 def training_key(cfg: PoclConfig, data: DatasetSplits, partition_path: str, teacher_cache_dir: str | None = None) -> str:
@@ -42,6 +47,8 @@ def training_key(cfg: PoclConfig, data: DatasetSplits, partition_path: str, teac
     recipe = cfg.model_dump(mode="json", include={"seed", "curriculum", "loss", "optim", "data"})
     if not cfg.loss.on_policy_fraction:
         recipe["loss"] = {k: v for k, v in recipe["loss"].items() if k not in LossConfig.ON_POLICY_FIELDS}
+    partition_path = location(partition_path, cfg.storage)
+    teacher_cache_dir = location(teacher_cache_dir, cfg.storage) if teacher_cache_dir else None
     blob = {
         "recipe": recipe,
         "teacher": model_fingerprint(cfg.models.teacher),
@@ -57,10 +64,10 @@ def training_key(cfg: PoclConfig, data: DatasetSplits, partition_path: str, teac
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _cache_fingerprint(folder: str | None) -> dict:
+def _cache_fingerprint(folder: Location | None) -> dict:
     if folder is None:
         raise ValueError("train.use_teacher_cache is set but the scoring pass wrote no teacher cache")
-    shards = sorted(Path(folder).glob("part-*.parquet"))
+    shards = sorted(folder.glob("part-*.parquet"))
     if not shards:
         raise FileNotFoundError(f"no teacher-cache shards in {folder}")
     return {p.name: read_metadata(p) for p in shards}
@@ -98,9 +105,9 @@ def distill(cfg: PoclConfig, data: DatasetSplits, partition_path: str, teacher_c
     ``teacher_cache_dir``: the scoring pass's top-k teacher cache, used when train.use_teacher_cache.
     """
     log = task_logger()
-    paths = RunPaths.of(cfg.run_dir)
+    paths = RunPaths.of(cfg.run_dir, cfg.storage)
     key = training_key(cfg, data, partition_path, teacher_cache_dir)
-    provenance_file = paths.student / PROVENANCE_FILE
+    provenance_file = paths.student_provenance
     if provenance_file.is_file() and json.loads(provenance_file.read_text()).get("train_key") == key:
         log.info("reusing the trained student in %s", paths.student)
         return str(paths.student)
@@ -111,53 +118,69 @@ def distill(cfg: PoclConfig, data: DatasetSplits, partition_path: str, teacher_c
     local_mode = cfg.ray.num_workers == 0
     if not local_mode:
         ensure_ray(cfg.ray.address)
-    storage = paths.train_storage.resolve()
+    storage_path, storage_fs = ray_storage(paths.train_storage)
     trainer = TorchTrainer(
         distill_loop,
         train_loop_config={
             "cfg": cfg.model_dump(mode="json"),
-            "train_path": str(Path(data.train_path).resolve()),
-            "partition_path": str(Path(partition_path).resolve()),
-            "metrics_path": str((storage / "metrics.jsonl").resolve()),
+            "train_path": for_workers(paths.locate(data.train_path)),
+            "partition_path": for_workers(paths.locate(partition_path)),
+            "metrics_path": for_workers(paths.train_metrics),
             "train_key": key,
-            "run_dir": str(paths.root.resolve()),
+            "run_dir": for_workers(paths.root),
             "fault": fault_injection(),
-            "teacher_cache_dir": str(Path(teacher_cache_dir).resolve()) if teacher_cache_dir else None,
-            "checkpoints_in_place": str(storage / EXPERIMENT_NAME) if local_mode else None,
+            "teacher_cache_dir": for_workers(paths.locate(teacher_cache_dir)) if teacher_cache_dir else None,
+            "checkpoints_in_place": for_workers(paths.train_storage / EXPERIMENT_NAME) if local_mode else None,
         },
         scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu),
         run_config=RunConfig(
             name=EXPERIMENT_NAME,
-            storage_path=str(storage),
+            storage_path=storage_path,
+            storage_filesystem=storage_fs,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
             failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
         ),
     )
-    log.info("distilling with %d Ray Train worker(s), storage %s", cfg.ray.num_workers, storage)
+    log.info("distilling with %d Ray Train worker(s), storage %s", cfg.ray.num_workers, paths.train_storage)
     result = trainer.fit()
     if result.checkpoint is not None:
         with result.checkpoint.as_directory() as ckpt:
             save_student(cfg, ckpt, paths.student, key)
-    else:  # local mode reports nothing when a resumed run has no step left: take the newest one on disk
+    else:  # local mode reports nothing when a resumed run has no step left: take the newest one in storage
         newest = newest_valid_checkpoint(list(reversed(list_checkpoints(paths.root))))
         if newest is None:
-            raise RuntimeError(f"distillation finished without a checkpoint in {storage}")
-        save_student(cfg, str(newest), paths.student, key)
+            raise RuntimeError(f"distillation finished without a checkpoint in {paths.train_storage}")
+        if isinstance(newest, ObjectPath):
+            with tempfile.TemporaryDirectory(prefix="pocl-ckpt-") as tmp:
+                save_student(cfg, str(download_dir(newest, Path(tmp))), paths.student, key)
+        else:
+            save_student(cfg, str(newest), paths.student, key)
     log.info("final student saved to %s", paths.student)
     return str(paths.student)
 
 
-def save_student(cfg: PoclConfig, checkpoint_dir: str, out: Path, train_key: str) -> None:
-    """Load a checkpoint's weights into the student architecture and save_pretrained it atomically."""
+def for_workers(path: Location) -> str | ObjectPath:
+    """A location as handed to Ray workers: an absolute local path, or the ObjectPath (it carries its
+    filesystem, so the workers use the driver's endpoint and credentials)."""
+    return path if isinstance(path, ObjectPath) else str(Path(path).resolve())
+
+
+def save_student(cfg: PoclConfig, checkpoint_dir: str, out: Location, train_key: str) -> None:
+    """Load a checkpoint's weights into the student architecture and save_pretrained it atomically.
+
+    A local ``out`` is written beside itself and renamed into place; a remote one is built in a local
+    temporary folder and uploaded, the provenance file last (``storage.write_dir_atomic``).
+    """
     model = load_causal_lm(cfg.models.student, "float32", cfg.models.trust_remote_code)
     position = load_checkpoint(checkpoint_dir, model=model)
     if position.stage < num_trained_stages(cfg.curriculum):
         raise RuntimeError(f"checkpoint {checkpoint_dir} is at stage {position.stage}, not finished")
     tokenizer = load_tokenizer(cfg.models.tokenizer or cfg.models.student, cfg.models.trust_remote_code)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    (tmp / PROVENANCE_FILE).write_text(json.dumps({"train_key": train_key, "position": position.__dict__}, indent=2))
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    provenance = json.dumps({"train_key": train_key, "position": position.__dict__}, indent=2)
+
+    def build(folder: Path) -> None:
+        model.save_pretrained(folder, safe_serialization=True)
+        tokenizer.save_pretrained(folder)
+        (folder / PROVENANCE_FILE).write_text(provenance)
+
+    write_dir_atomic(out, build, last=PROVENANCE_FILE)

@@ -27,14 +27,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 import ray.train
 import ray.train.torch
 import torch
 
-from pocl_core.checkpoint import Position, load_checkpoint, read_optimizer_state, save_checkpoint
+from pocl_core.checkpoint import MANIFEST, Position, load_checkpoint, read_optimizer_state, save_checkpoint
 from pocl_core.config import PoclConfig
-from pocl_core.contracts import RunPaths
+from pocl_core.contracts import STUDENT_PROVENANCE, RunPaths, read_table
 from pocl_core.data import collate, encode_sample, pad_id_of, table_to_samples
 from pocl_core.models import load_causal_lm, load_tokenizer, warn_if_slow_dtype
 from pocl_core.on_policy import OnPolicyMixer
@@ -42,6 +41,7 @@ from pocl_core.parallel import (full_state, grad_sync, load_optimizer_state, sha
                                 unwrap)
 from pocl_core.partition import bucket_sizes, stage_members
 from pocl_core.schedule import plan_stages, stage_batches
+from pocl_core.storage import Location, ObjectPath, append_text, download_dir, location, write_dir_atomic
 from pocl_core.teacher_cache import TeacherCache
 from pocl_core.train_step import ResponseLogitsLM, build_lr_scheduler, build_optimizer, distillation_losses
 from pocl_core.vocab import check_vocab_compatible
@@ -60,8 +60,8 @@ def distill_loop(loop_config: dict[str, Any]) -> None:
 
     # --- setup: data in partition order, models, vocabulary check
     tokenizer = load_tokenizer(cfg.models.tokenizer or cfg.models.student, cfg.models.trust_remote_code)
-    samples = {s.sample_id: s for s in table_to_samples(pq.read_table(loop_config["train_path"]))}
-    part = pq.read_table(loop_config["partition_path"]).to_pydict()
+    samples = {s.sample_id: s for s in table_to_samples(read_table(loop_config["train_path"]))}
+    part = read_table(loop_config["partition_path"]).to_pydict()
     encoded = [encode_sample(tokenizer, samples[i], cfg.data.prompt_template, cfg.data.max_prompt_length,
                              cfg.data.max_length) for i in part["sample_id"]]
     buckets = np.asarray(part["bucket"])
@@ -89,7 +89,7 @@ def distill_loop(loop_config: dict[str, Any]) -> None:
 
     # --- the stage loop
     per_worker = cfg.optim.global_batch_size // world
-    metrics_path = Path(loop_config["metrics_path"])
+    metrics_path = location(loop_config["metrics_path"])
     fault = loop_config.get("fault") or {}
     optimizer = scheduler = None
     global_step, samples_seen = position.global_step, position.samples_seen
@@ -214,16 +214,18 @@ def _sum_over_ranks(value: int, world: int, device: torch.device) -> int:
     return int(total.item())
 
 
-def _resume_checkpoint(loop_config: dict[str, Any], student_lm: torch.nn.Module) -> tuple[Path | None, Position, str | None]:
+def _resume_checkpoint(loop_config: dict[str, Any],
+                       student_lm: torch.nn.Module) -> tuple[Path | None, Position, str | None]:
     """Load the newest valid checkpoint's weights into ``student_lm``.
 
     Candidates, newest first: every checkpoint folder in the run's storage (Ray Train registers a
     reported checkpoint only at its next poll, so a run killed right after a report can leave a
     complete, verified checkpoint that Ray does not know; using it avoids redoing finished work),
     then Ray Train's latest checkpoint if it lives elsewhere (copied locally). Each must pass its
-    checksums. Returns (chosen folder or None, position, local copy to delete).
+    checksums, read through the run folder's filesystem; a remote one is then downloaded to a local
+    temporary folder. Returns (chosen local folder or None, position, local copy to delete).
     """
-    candidates = list(reversed(list_checkpoints(loop_config["run_dir"])))
+    candidates: list[Location] = list(reversed(list_checkpoints(loop_config["run_dir"])))
     latest = ray.train.get_checkpoint()
     local_copy = None
     if latest is not None and Path(latest.path).name not in {c.name for c in candidates}:
@@ -241,6 +243,11 @@ def _resume_checkpoint(loop_config: dict[str, Any], student_lm: torch.nn.Module)
         raise RuntimeError(
             f"checkpoint {chosen} was written by a different training config (train_key {found}, now "
             f"{loop_config['train_key']}); use a new run_name to train with the new settings")
+    if isinstance(chosen, ObjectPath):
+        if local_copy is not None:
+            shutil.rmtree(local_copy, ignore_errors=True)
+        local_copy = tempfile.mkdtemp(prefix="pocl-resume-")
+        chosen = download_dir(chosen, Path(local_copy))
     position = load_checkpoint(chosen, model=student_lm)
     return chosen, position, local_copy
 
@@ -270,14 +277,13 @@ class _Window:
         return row
 
 
-def _append_jsonl(path: Path, row: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as fh:
-        fh.write(json.dumps(row) + "\n")
+def _append_jsonl(path: Location, row: dict[str, Any]) -> None:
+    append_text(path, json.dumps(row) + "\n")
 
 
 def _report_checkpoint(student: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, position: Position,
-                       rank: int, train_key: str, metrics: dict[str, Any], in_place: str | None = None) -> None:
+                       rank: int, train_key: str, metrics: dict[str, Any],
+                       in_place: str | ObjectPath | None = None) -> None:
     """Every rank gathers the state and reports (collectives); rank 0 attaches the checkpoint folder.
 
     Ray Train copies a reported folder into its storage, so it is written to a temporary folder; in
@@ -288,7 +294,12 @@ def _report_checkpoint(student: torch.nn.Module, optimizer: torch.optim.Optimize
         ray.train.report(metrics, checkpoint=None)
         return
     if in_place is not None:
-        folder = Path(in_place) / f"checkpoint_local_{position.global_step:06d}_{position.stage:02d}"
+        folder = location(in_place) / f"checkpoint_local_{position.global_step:06d}_{position.stage:02d}"
+        if isinstance(folder, ObjectPath):  # built locally, uploaded with the manifest last
+            write_dir_atomic(folder, lambda tmp: save_checkpoint(tmp, weights, optim, scheduler, position,
+                                                                 extra={"train_key": train_key}), last=MANIFEST)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint(path=folder.key, filesystem=folder.fs))
+            return
         save_checkpoint(folder, weights, optim, scheduler, position, extra={"train_key": train_key})
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(folder)))
         return
@@ -300,7 +311,7 @@ def _report_checkpoint(student: torch.nn.Module, optimizer: torch.optim.Optimize
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def _save_stage_student(student: torch.nn.Module, run_dir: str, stage: int, train_key: str, rank: int) -> None:
+def _save_stage_student(student: torch.nn.Module, run_dir: str | ObjectPath, stage: int, train_key: str, rank: int) -> None:
     """Save the student as it ends ``stage`` to ``<run>/stages/stage_<s>`` (save_pretrained, atomic; rank 0).
 
     Every rank calls it (gathering sharded weights is a collective). Written before the
@@ -310,13 +321,12 @@ def _save_stage_student(student: torch.nn.Module, run_dir: str, stage: int, trai
     if weights is None:
         return
     inner = unwrap(student).lm
-    out = RunPaths.of(run_dir).stage_student(stage)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    inner.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
-    (tmp / "pocl_provenance.json").write_text(json.dumps({"train_key": train_key, "stage": stage}))
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+
+    def build(folder: Path) -> None:
+        inner.save_pretrained(folder, state_dict=weights, safe_serialization=True)
+        (folder / STUDENT_PROVENANCE).write_text(json.dumps({"train_key": train_key, "stage": stage}))
+
+    write_dir_atomic(RunPaths.of(run_dir).stage_student(stage), build, last=STUDENT_PROVENANCE)
 
 
 def _maybe_inject_fault(fault: dict[str, Any], global_step: int, rank: int) -> None:

@@ -1,4 +1,9 @@
-"""Task: evaluate teacher, initial student, per-stage students (optional) and final student on the held-out split."""
+"""Task: evaluate teacher, initial student, per-stage students (optional) and final student on the held-out split.
+
+A model kept in a remote run folder (the students of an ``s3://`` run) is downloaded first to
+``storage.model_cache_dir`` (``<cache>/s3/<bucket>/<key>``; reused while its provenance file is
+unchanged), since Hugging Face ``from_pretrained`` loads from local folders.
+"""
 
 from __future__ import annotations
 
@@ -6,16 +11,16 @@ import math
 from dataclasses import asdict
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 from prefect import task
 
 from pocl_core.config import PoclConfig
-from pocl_core.contracts import (EVAL_METRICS_SCHEMA, GENERATIONS_SCHEMA, RunPaths, check_provenance,
-                                 write_table_atomic)
+from pocl_core.contracts import (EVAL_METRICS_SCHEMA, GENERATIONS_SCHEMA, STUDENT_PROVENANCE, RunPaths,
+                                 check_provenance, read_table, write_table_atomic)
 from pocl_core.data import table_to_samples
 from pocl_core.evaluate import evaluate_generations, mean_response_nll, summarize_rouge
 from pocl_core.models import load_causal_lm, load_tokenizer, model_fingerprint, resolve_device
 from pocl_core.schedule import num_trained_stages
+from pocl_core.storage import ObjectPath, fetch_dir, is_remote, location
 from tasks.common import Progress, task_logger
 from tasks.load_data import DatasetSplits
 
@@ -28,7 +33,7 @@ def models_to_evaluate(cfg: PoclConfig, student_path: str) -> dict[str, str]:
     eval.at_stage_boundaries; every stage but the last, whose student is the final one), final student."""
     models = {"teacher": cfg.models.teacher, "initial_student": cfg.models.student}
     if cfg.eval.at_stage_boundaries:
-        paths = RunPaths.of(cfg.run_dir)
+        paths = RunPaths.of(cfg.run_dir, cfg.storage)
         for stage in range(num_trained_stages(cfg.curriculum) - 1):
             folder = paths.stage_student(stage)
             if folder.is_dir():
@@ -45,6 +50,15 @@ def _stage_of(name: str) -> int | None:
     return int(name[len(STAGE_PREFIX):]) if name.startswith(STAGE_PREFIX) else None
 
 
+def local_model(cfg: PoclConfig, path: str) -> str:
+    """``path`` itself, or for a model in a remote run folder its local copy in ``storage.model_cache_dir``."""
+    if not is_remote(path):
+        return path
+    src = location(path, cfg.storage)
+    assert isinstance(src, ObjectPath)
+    return str(fetch_dir(src, cfg.storage.model_cache_dir, STUDENT_PROVENANCE))
+
+
 @task(name="evaluate")
 def evaluate(cfg: PoclConfig, data: DatasetSplits, student_path: str | None,
              models: dict[str, str] | None = None) -> str:
@@ -54,18 +68,19 @@ def evaluate(cfg: PoclConfig, data: DatasetSplits, student_path: str | None,
     ``models`` given (name -> folder) when set.
     """
     log = task_logger()
-    paths = RunPaths.of(cfg.run_dir)
+    paths = RunPaths.of(cfg.run_dir, cfg.storage)
     if models is None:
         if student_path is None:
             raise ValueError("evaluate needs student_path or an explicit models mapping")
         models = models_to_evaluate(cfg, student_path)
+    models = {name: local_model(cfg, p) for name, p in models.items()}
     provenance = {"eval": cfg.eval.model_dump(mode="json"), "eval_data": data.eval_fingerprint,
                   "models": {name: model_fingerprint(p) for name, p in models.items()}}
     if check_provenance(paths.eval_metrics, provenance) and paths.generations.exists():
         log.info("reusing evaluation in %s", paths.eval_dir)
         return str(paths.eval_metrics)
 
-    samples = table_to_samples(pq.read_table(data.eval_path))
+    samples = table_to_samples(read_table(paths.locate(data.eval_path)))
     device = resolve_device(cfg.ray.use_gpu)
     tokenizer = load_tokenizer(cfg.models.tokenizer or cfg.models.student, cfg.models.trust_remote_code)
     gen_rows, metric_rows = [], []

@@ -34,7 +34,7 @@ def _source_provenance(cfg: PoclConfig) -> dict:
 def load_dataset(cfg: PoclConfig) -> DatasetSplits:
     """Write ``data/train.parquet`` and ``data/eval.parquet``; reuse them when the data config is unchanged."""
     log = task_logger()
-    paths = RunPaths.of(cfg.run_dir)
+    paths = RunPaths.of(cfg.run_dir, cfg.storage)
     expected = _source_provenance(cfg)
     if check_provenance(paths.train_data, expected) and check_provenance(paths.eval_data, expected):
         meta_t, meta_e = read_metadata(paths.train_data), read_metadata(paths.eval_data)

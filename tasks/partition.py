@@ -15,17 +15,17 @@ refuses any whose ``scores_key`` differs from it. Publishes, besides the Parquet
 from __future__ import annotations
 
 import io
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 from prefect import task
 
 from pocl_core.config import PoclConfig
-from pocl_core.contracts import PARTITION_SCHEMA, RunPaths, check_provenance, write_bytes_atomic, write_table_atomic
+from pocl_core.contracts import (PARTITION_SCHEMA, RunPaths, check_provenance, read_table, write_bytes_atomic,
+                                 write_table_atomic)
 from pocl_core.partition import partition_by_rank
+from pocl_core.storage import Location, location
 from tasks.common import publish_markdown, publish_table, task_logger
 from tasks.score import ScoresResult
 
@@ -38,14 +38,19 @@ def partition_provenance(cfg: PoclConfig, scores: ScoresResult) -> dict:
             "seed": c.shuffle_seed}
 
 
-def read_scores(scores: ScoresResult) -> pa.Table:
-    """The scores table from the reported shards, after checking each shard's scores_key."""
-    paths = [Path(scores.scores_dir) / f"part-{i:05d}.parquet" for i in range(scores.num_shards)]
+def read_scores(scores: ScoresResult, scores_dir: Location | None = None) -> pa.Table:
+    """The scores table from the reported shards, after checking each shard's scores_key.
+
+    ``scores_dir``: ``scores.scores_dir`` as a location on the run folder's filesystem (default: the
+    string resolved with the environment's storage settings).
+    """
+    folder = scores_dir if scores_dir is not None else location(scores.scores_dir)
+    paths = [folder / f"part-{i:05d}.parquet" for i in range(scores.num_shards)]
     for path in paths:
         if not path.is_file():
             raise FileNotFoundError(f"score shard {path} is missing; rerun the scoring task")
         check_provenance(path, {"scores_key": scores.scores_key})
-    table = pq.read_table(paths)
+    table = read_table(paths)
     ids = table.column("sample_id").to_pylist()
     if not ids:
         raise ValueError(f"{scores.scores_dir}: the score shards hold no samples")
@@ -59,12 +64,12 @@ def read_scores(scores: ScoresResult) -> pa.Table:
 def partition(cfg: PoclConfig, scores: ScoresResult) -> str:
     """Write partition.parquet (sample_id, rank, bucket), the bucket table and plot; returns its path."""
     log = task_logger()
-    paths = RunPaths.of(cfg.run_dir)
+    paths = RunPaths.of(cfg.run_dir, cfg.storage)
     provenance = partition_provenance(cfg, scores)
     if check_provenance(paths.partition, provenance):
         log.info("reusing %s", paths.partition)
         return str(paths.partition)
-    table = read_scores(scores)
+    table = read_scores(scores, paths.locate(scores.scores_dir))
     ranks = table.column("rank").to_numpy()
     k = cfg.curriculum.num_stages
     buckets = partition_by_rank(ranks, k, cfg.curriculum.strategy, cfg.curriculum.shuffle_seed)
@@ -99,8 +104,8 @@ def bucket_summary(buckets: np.ndarray, num_buckets: int, difficulty: np.ndarray
     return rows
 
 
-def plot_difficulty_by_bucket(difficulty: np.ndarray, buckets: np.ndarray, num_buckets: int, path: Path,
-                              title: str) -> Path:
+def plot_difficulty_by_bucket(difficulty: np.ndarray, buckets: np.ndarray, num_buckets: int, path: Location,
+                              title: str) -> Location:
     """Save overlaid step histograms of ``difficulty`` (float [N]) per bucket (int [N]) as a PNG, atomically."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -125,7 +130,7 @@ def plot_difficulty_by_bucket(difficulty: np.ndarray, buckets: np.ndarray, num_b
     return write_bytes_atomic(path, buf.getvalue())
 
 
-def _plot_markdown(plot: Path, rows: Sequence[dict[str, Any]]) -> str:
+def _plot_markdown(plot: Location, rows: Sequence[dict[str, Any]]) -> str:
     header = list(rows[0]) if rows else ["bucket", "samples"]
     lines = ["# Difficulty by curriculum bucket", "",
              f"Histogram: `{plot.resolve()}` (PNG in the run folder; Prefect image artifacts need a URL).", "",

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import io
-from pathlib import Path
 from typing import Sequence
 
 import matplotlib
@@ -13,9 +12,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from pocl_core.contracts import write_bytes_atomic  # noqa: E402
+from pocl_core.storage import Location, location  # noqa: E402
 
 
-def plot_training(rows: Sequence[dict], out: Path) -> Path:
+def plot_training(rows: Sequence[dict], out: Location) -> Location:
     """Loss per logged step, coloured by stage, with the stage temperature on a second axis."""
     fig, ax = plt.subplots(figsize=(7, 3.6), dpi=110)
     stages = sorted({r["stage"] for r in rows})
@@ -34,7 +34,7 @@ def plot_training(rows: Sequence[dict], out: Path) -> Path:
     return _save(fig, out)
 
 
-def plot_eval(metrics: Sequence[dict], out: Path) -> Path:
+def plot_eval(metrics: Sequence[dict], out: Location) -> Location:
     """ROUGE-L (bars, ± std over seeds; greedy as a marker when present) and NLL (annotated) per model."""
     fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(metrics)), 3.4), dpi=110)
     names = [m["model"] for m in metrics]
@@ -54,7 +54,7 @@ def plot_eval(metrics: Sequence[dict], out: Path) -> Path:
     return _save(fig, out)
 
 
-def plot_stage_rouge(metrics: Sequence[dict], out: Path) -> Path:
+def plot_stage_rouge(metrics: Sequence[dict], out: Location) -> Location:
     """Student ROUGE-L across the curriculum: initial, after each evaluated stage, final."""
     by_name = {m["model"]: m for m in metrics}
     staged = sorted((m for m in metrics if m.get("stage") is not None), key=lambda m: m["stage"])
@@ -76,7 +76,7 @@ def plot_stage_rouge(metrics: Sequence[dict], out: Path) -> Path:
     return _save(fig, out)
 
 
-def _save(fig, out: Path) -> Path:
+def _save(fig, out: Location) -> Location:
     buf = io.BytesIO()
     fig.tight_layout()
     fig.savefig(buf, format="png")
@@ -84,6 +84,6 @@ def _save(fig, out: Path) -> Path:
     return write_bytes_atomic(out, buf.getvalue())
 
 
-def png_data_uri(path: Path) -> str:
-    """The PNG as a data: URI, for embedding in a Prefect markdown artifact."""
-    return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode()
+def png_data_uri(path: str | Location) -> str:
+    """The PNG (a local file or an object) as a data: URI, for embedding in a Prefect markdown artifact."""
+    return "data:image/png;base64," + base64.b64encode(location(path).read_bytes()).decode()

@@ -3,19 +3,18 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
-import pyarrow.parquet as pq
 from prefect import task
 
 from pocl_core.config import PoclConfig
-from pocl_core.contracts import RunPaths, write_text_atomic
+from pocl_core.contracts import RunPaths, read_table, write_text_atomic
+from pocl_core.storage import Location
 from pocl_core.schedule import build_schedule
 from tasks.common import publish_markdown, publish_table, task_logger
 from tasks.plots import plot_eval, plot_stage_rouge, plot_training, png_data_uri
 
 
-def read_train_metrics(path: Path) -> list[dict]:
+def read_train_metrics(path: Location) -> list[dict]:
     """Metric rows from the training log, the last row per global step (a resumed run may repeat some)."""
     if not path.is_file():
         return []
@@ -31,8 +30,8 @@ def _fmt(value: float | None) -> str:
     return "–" if value is None else f"{value:.2f}"
 
 
-def render_report(cfg: PoclConfig, metrics: list[dict], train_rows: list[dict], partition_path: str) -> str:
-    part = pq.read_table(partition_path).column("bucket").to_numpy()
+def render_report(cfg: PoclConfig, metrics: list[dict], train_rows: list[dict], partition_path: str | Location) -> str:
+    part = read_table(partition_path).column("bucket").to_numpy()
     lines = [f"# POCL distillation report: `{cfg.run_name}`", "",
              f"- teacher: `{cfg.models.teacher}`", f"- student (initial): `{cfg.models.student}`",
              f"- loss: `{cfg.loss.name}` {cfg.loss.params or ''}", f"- strategy: `{cfg.curriculum.strategy}`, "
@@ -60,9 +59,9 @@ def render_report(cfg: PoclConfig, metrics: list[dict], train_rows: list[dict], 
 @task(name="report")
 def report(cfg: PoclConfig, metrics_path: str, partition_path: str) -> str:
     """Write report.md and publish it (markdown + evaluation table artifacts); returns its path."""
-    paths = RunPaths.of(cfg.run_dir)
-    metrics = pq.read_table(metrics_path).to_pylist()
-    train_rows = read_train_metrics(paths.train_storage / "metrics.jsonl")
+    paths = RunPaths.of(cfg.run_dir, cfg.storage)
+    metrics = read_table(paths.locate(metrics_path)).to_pylist()
+    train_rows = read_train_metrics(paths.train_metrics)
     plots = {"eval": plot_eval(metrics, paths.plots_dir / "eval_rouge_l.png")}
     if any(m.get("stage") is not None for m in metrics):
         plots["stages"] = plot_stage_rouge(metrics, paths.plots_dir / "stage_rouge_l.png")
@@ -71,7 +70,7 @@ def report(cfg: PoclConfig, metrics_path: str, partition_path: str) -> str:
     histogram = paths.plots_dir / "difficulty_by_bucket.png"
     if histogram.is_file():
         plots["difficulty"] = histogram
-    text = render_report(cfg, metrics, train_rows, partition_path)
+    text = render_report(cfg, metrics, train_rows, paths.locate(partition_path))
     figures = "\n## Plots\n\n" + "\n".join(f"![{k}]({{src}}{p.name})" for k, p in plots.items()) + "\n"
     write_text_atomic(paths.report, text + figures.replace("{src}", "plots/"))
     embedded = text + "\n## Plots\n\n" + "\n".join(f"![{k}]({png_data_uri(p)})" for k, p in plots.items()) + "\n"

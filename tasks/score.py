@@ -25,18 +25,18 @@ from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 import ray
 import torch
 from prefect import task
 
 from pocl_core.config import PoclConfig
-from pocl_core.contracts import (RunPaths, check_provenance, measures_schema, read_table_checked, scores_schema,
-                                 teacher_cache_schema, write_table_atomic)
+from pocl_core.contracts import (RunPaths, check_provenance, measures_schema, read_table, read_table_checked,
+                                 scores_schema, teacher_cache_schema, write_table_atomic)
 from pocl_core.data import Sample, encode_sample, pad_id_of, table_to_samples
 from pocl_core.difficulty import fuse_difficulty
 from pocl_core.measures import GENERATIVE_MEASURES, ScoringContext, get_measure, length_sorted_batches, score_batch
 from pocl_core.models import load_causal_lm, load_tokenizer, model_fingerprint, resolve_device
+from pocl_core.storage import Location, ObjectPath
 from pocl_core.teacher_cache import cache_table
 from tasks.common import Progress, task_logger
 from tasks.load_data import DatasetSplits
@@ -100,7 +100,7 @@ def cache_provenance(cfg: PoclConfig, data: DatasetSplits) -> dict[str, Any]:
 def score_difficulty(cfg: PoclConfig, data: DatasetSplits) -> ScoresResult:
     """Compute missing shards (measures and teacher cache), then fuse into difficulty + rank."""
     log = task_logger()
-    paths = RunPaths.of(cfg.run_dir)
+    paths = RunPaths.of(cfg.run_dir, cfg.storage)
     provenance = scoring_provenance(cfg, data)
     fused_provenance = {**provenance, "fusion": {"fusion": cfg.scoring.fusion, "rrf_k": cfg.scoring.rrf_k}}
     key = hashlib.sha256(json.dumps(fused_provenance, sort_keys=True).encode()).hexdigest()[:16]
@@ -109,7 +109,7 @@ def score_difficulty(cfg: PoclConfig, data: DatasetSplits) -> ScoresResult:
     cache_prov = cache_provenance(cfg, data) if topk else {}
     cache_dir = str(paths.teacher_cache_dir) if topk else None
 
-    samples = sorted(table_to_samples(pq.read_table(data.train_path)), key=lambda s: s.sample_id)
+    samples = sorted(table_to_samples(read_table(paths.locate(data.train_path))), key=lambda s: s.sample_id)
     size = cfg.scoring.shard_size
     shards = [samples[i:i + size] for i in range(0, len(samples), size)]
     scores_fresh = all(check_provenance(paths.score_shard(i), fused_provenance) for i in range(len(shards)))
@@ -123,7 +123,8 @@ def score_difficulty(cfg: PoclConfig, data: DatasetSplits) -> ScoresResult:
         log.info("scoring %d of %d shards with %s (%d worker(s))", len(jobs), len(shards), provenance["scorer"],
                  cfg.scoring.num_workers)
         run = _run_in_process if cfg.scoring.num_workers == 1 else _run_on_ray
-        run(cfg.with_absolute_paths(), jobs, provenance, cache_prov, str(paths.root.resolve()))
+        root = paths.root if isinstance(paths.root, ObjectPath) else str(paths.root.resolve())
+        run(cfg.with_absolute_paths(), jobs, provenance, cache_prov, root)
     if scores_fresh:
         log.info("reusing %d finished score shards in %s", len(shards), paths.scores_dir)
         return ScoresResult(str(paths.scores_dir), len(shards), key, cache_dir)
@@ -166,8 +167,11 @@ def load_scorer(cfg: PoclConfig) -> tuple[ScoringContext, int]:
 
 
 def score_shard(cfg: PoclConfig, ctx: ScoringContext, vocab_columns: int, job: ShardJob, provenance: dict,
-                cache_prov: dict, run_dir: str) -> dict[str, float]:
-    """Score one shard and write its missing files atomically; returns {"tokens", "seconds"}."""
+                cache_prov: dict, run_dir: str | Location) -> dict[str, float]:
+    """Score one shard and write its missing files atomically; returns {"tokens", "seconds"}.
+
+    ``run_dir``: a local path, or the run folder's ObjectPath (it carries the filesystem to Ray tasks).
+    """
     t0 = time.perf_counter()
     paths = RunPaths.of(run_dir)
     encoded = [encode_sample(ctx.tokenizer, s, cfg.data.prompt_template, cfg.data.max_prompt_length,
@@ -198,7 +202,8 @@ def score_shard(cfg: PoclConfig, ctx: ScoringContext, vocab_columns: int, job: S
     return {"tokens": float(sum(len(e.input_ids) for e in encoded)), "seconds": time.perf_counter() - t0}
 
 
-def _run_in_process(cfg: PoclConfig, jobs: Sequence[ShardJob], provenance: dict, cache_prov: dict, run_dir: str) -> None:
+def _run_in_process(cfg: PoclConfig, jobs: Sequence[ShardJob], provenance: dict, cache_prov: dict,
+                    run_dir: str | Location) -> None:
     ctx, width = load_scorer(cfg)
     progress = Progress("score-difficulty", len(jobs), "scoring shards")
     for done, job in enumerate(jobs, start=1):
@@ -208,7 +213,7 @@ def _run_in_process(cfg: PoclConfig, jobs: Sequence[ShardJob], provenance: dict,
 
 
 def _score_shard_on_worker(cfg_json: dict, job: ShardJob, provenance: dict, cache_prov: dict,
-                           run_dir: str) -> dict[str, float]:
+                           run_dir: str | Location) -> dict[str, float]:
     """Body of one Ray task: load the scorer and score one shard (writes its own files)."""
     cfg = PoclConfig.model_validate(cfg_json)
     ctx, width = load_scorer(cfg)
@@ -218,7 +223,8 @@ def _score_shard_on_worker(cfg_json: dict, job: ShardJob, provenance: dict, cach
 _remote_score_shard = ray.remote(_score_shard_on_worker)
 
 
-def _run_on_ray(cfg: PoclConfig, jobs: Sequence[ShardJob], provenance: dict, cache_prov: dict, run_dir: str) -> None:
+def _run_on_ray(cfg: PoclConfig, jobs: Sequence[ShardJob], provenance: dict, cache_prov: dict,
+                run_dir: str | Location) -> None:
     """One Ray task per shard, at most ``scoring.num_workers`` in flight.
 
     After a failure no new shard starts; the running ones finish (their files are kept for the
