@@ -29,9 +29,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import pyarrow as pa
@@ -277,15 +275,8 @@ def write_table_atomic(table: pa.Table, path: PathLike, schema: pa.Schema,
         pq.write_table(table, buf)
         path.write_bytes(buf.getvalue().to_pybytes())
         return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with storage.replacing(path) as tmp:
         pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 

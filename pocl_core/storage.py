@@ -224,16 +224,24 @@ def write_bytes_atomic(path: Location, data: bytes) -> Location:
     if isinstance(path, ObjectPath):
         path.write_bytes(data)
         return path
+    with replacing(path) as tmp:
+        Path(tmp).write_bytes(data)
+    return path
+
+
+@contextmanager
+def replacing(path: Path) -> Iterator[str]:
+    """A temporary file beside the local ``path`` for the block to write; it replaces ``path`` when the
+    block ends without error, and is deleted otherwise."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+        yield tmp
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return path
 
 
 def append_text(path: Location, text: str) -> None:
