@@ -6,13 +6,14 @@ from safetensors where the folder has them.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from pocl_core.fingerprints import hash_files
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -70,19 +71,30 @@ def model_fingerprint(name_or_path: str) -> str:
     p = Path(name_or_path)
     if not p.is_dir():
         return f"hub:{name_or_path}"
-    h = hashlib.sha256()
     files = sorted(
         f for f in p.iterdir()
         if f.is_file() and (f.name == "config.json" or f.suffix in (".safetensors", ".bin"))
     )
     if not files:
         raise FileNotFoundError(f"{p}: no config.json or weight files to fingerprint")
-    for f in files:
-        h.update(f.name.encode())
-        with f.open("rb") as fh:
-            for block in iter(lambda: fh.read(1 << 22), b""):
-                h.update(block)
-    return h.hexdigest()[:16]
+    return hash_files(files, p)
+
+
+# The files a Hugging Face tokenizer is loaded from (whichever of them a folder has).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model", "chat_template.jinja",
+                   "chat_template.json")
+
+
+def tokenizer_fingerprint(name_or_path: str) -> str:
+    """sha256 (16 hex digits) of a local folder's tokenizer files; the name for hub ids."""
+    p = Path(name_or_path)
+    if not p.is_dir():
+        return f"hub:{name_or_path}"
+    files = [p / name for name in TOKENIZER_FILES if (p / name).is_file()]
+    if not files:
+        raise FileNotFoundError(f"{p}: no tokenizer files to fingerprint (looked for {', '.join(TOKENIZER_FILES)})")
+    return hash_files(files, p)
 
 
 def resolve_device(use_gpu: bool) -> torch.device:

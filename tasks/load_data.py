@@ -8,9 +8,10 @@ from prefect import task
 
 from pocl_core.config import PoclConfig
 from pocl_core.contracts import SAMPLES_SCHEMA, RunPaths, check_provenance, read_metadata, write_table_atomic
-from pocl_core.data import (cap_samples, dataset_fingerprint, drop_long_prompts, load_samples, samples_to_table,
-                            split_holdout)
-from pocl_core.models import load_tokenizer
+from pocl_core.data import (DataError, cap_samples, dataset_fingerprint, drop_long_prompts, load_samples,
+                            samples_to_table, split_holdout)
+from pocl_core.fingerprints import path_fingerprint
+from pocl_core.models import load_tokenizer, tokenizer_fingerprint
 from tasks.common import task_logger
 
 
@@ -27,12 +28,29 @@ class DatasetSplits:
 
 
 def _source_provenance(cfg: PoclConfig) -> dict:
-    return {"source": cfg.fingerprint("data")}
+    """What the loaded splits depend on: the data settings, the data files' contents, and the
+    tokenizer when it decides which prompts are dropped (``data.long_prompts: drop``)."""
+    files = {"train": _file_fingerprint(cfg.data.train_path)}
+    if cfg.data.eval_path:
+        files["eval"] = _file_fingerprint(cfg.data.eval_path)
+    provenance = {"source": cfg.fingerprint("data"), "source_files": files}
+    if cfg.data.long_prompts == "drop":
+        provenance["tokenizer"] = tokenizer_fingerprint(cfg.models.tokenizer or cfg.models.student)
+    return provenance
+
+
+def _file_fingerprint(path: str) -> str:
+    try:
+        return path_fingerprint(path)
+    except FileNotFoundError:
+        raise DataError(f"data file not found: {path}") from None
 
 
 @task(name="load-dataset")
 def load_dataset(cfg: PoclConfig) -> DatasetSplits:
-    """Write ``data/train.parquet`` and ``data/eval.parquet``; reuse them when the data config is unchanged."""
+    """Write ``data/train.parquet`` and ``data/eval.parquet``; reuse them when the data config, the data
+    files and (when it drops long prompts) the tokenizer are unchanged. Changed inputs under an existing
+    run folder raise StaleOutputError: the run's later steps were built from the old data."""
     log = task_logger()
     paths = RunPaths.of(cfg.run_dir, cfg.storage)
     expected = _source_provenance(cfg)

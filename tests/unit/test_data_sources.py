@@ -2,6 +2,7 @@
 
 import json
 import logging
+import os
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -179,3 +180,43 @@ def test_load_dataset_task_applies_bad_row_and_long_prompt_policies(run_config):
     kept = table_to_samples(pq.read_table(splits.train_path)) + table_to_samples(pq.read_table(splits.eval_path))
     assert all(s.prompt.count("cat") in (1, 21) for s in kept)
     assert "dropped 18 train / 6 held-out samples whose prompt exceeds data.max_prompt_length=40 tokens" in logged
+
+
+def test_load_dataset_reuses_unchanged_inputs_and_refuses_changed_ones(run_config, tmp_path, chat_tokenizer):
+    """An unchanged rerun reuses the splits; an edited data file, or (when long prompts are dropped)
+    another tokenizer, under the same run folder is refused as stale, naming what changed."""
+    pytest.importorskip("prefect")
+    from pocl_core.contracts import StaleOutputError
+    from tasks.load_data import load_dataset
+
+    first = load_dataset.fn(run_config("run_name=r", "data.on_bad_rows=drop"))
+    written = os.stat(first.train_path).st_mtime_ns
+    again = load_dataset.fn(run_config("run_name=r", "data.on_bad_rows=drop"))
+    assert again == first and os.stat(first.train_path).st_mtime_ns == written  # reused, not rewritten
+
+    data = tmp_path / "d.jsonl"
+    original = data.read_bytes()
+    data.write_bytes(original.replace(b"cat", b"dog", 1))  # same size, one word changed
+    with pytest.raises(StaleOutputError, match="source_files"):
+        load_dataset.fn(run_config("run_name=r", "data.on_bad_rows=drop"))
+    data.write_bytes(original)
+    assert load_dataset.fn(run_config("run_name=r", "data.on_bad_rows=drop")) == first
+
+    dropping = ("run_name=d", "data.on_bad_rows=drop", "data.long_prompts=drop")
+    load_dataset.fn(run_config(*dropping))
+    other = tmp_path / "tok2"
+    chat_tokenizer.save_pretrained(other)
+    config = json.loads((other / "tokenizer_config.json").read_text())
+    (other / "tokenizer_config.json").write_text(json.dumps({**config, "model_max_length": 77}))
+    with pytest.raises(StaleOutputError, match="tokenizer"):
+        load_dataset.fn(run_config(*dropping, f"models.tokenizer={other}"))
+    # without dropping, the tokenizer does not decide the splits: no tokenizer in the provenance
+    assert load_dataset.fn(run_config("run_name=r", "data.on_bad_rows=drop", f"models.tokenizer={other}")) == first
+
+
+def test_load_dataset_names_a_missing_data_file(run_config, tmp_path):
+    pytest.importorskip("prefect")
+    from tasks.load_data import load_dataset
+
+    with pytest.raises(DataError, match=r"data file not found: .*missing\.jsonl"):
+        load_dataset.fn(run_config(f"data.eval_path={tmp_path / 'missing.jsonl'}"))
