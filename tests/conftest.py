@@ -56,7 +56,9 @@ def prefect_harness():
     """A temporary Prefect server for the whole session (flows, tasks and artifacts)."""
     from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness():
+    # Its own 30 s start-up limit is too short on a busy 2-core machine; allow what `make` allows.
+    with prefect_test_harness(server_startup_timeout=int(os.environ.get(
+            "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120"))):
         yield
 
 
