@@ -73,12 +73,15 @@ def _cache_fingerprint(folder: Location | None) -> dict:
     return {p.name: read_metadata(p) for p in shards}
 
 
+FAULT_KINDS = ("raise", "kill", "hang")
+
+
 def fault_injection() -> dict | None:
     """The fault to inject into training, from ``POCL_FAULT_INJECT`` (for resilience tests).
 
     JSON like ``{"at_global_step": 3, "marker": "/tmp/fired", "kind": "raise"}``: rank 0 fails once
-    after that step (``kill`` SIGKILLs the worker instead of raising); the marker file makes it fire
-    only once, so a restarted worker group runs through.
+    after that step (``kill`` SIGKILLs the worker instead of raising, ``hang`` stops it there for
+    good); the marker file makes it fire only once, so a restarted worker group runs through.
     """
     raw = os.environ.get("POCL_FAULT_INJECT")
     if not raw:
@@ -86,6 +89,8 @@ def fault_injection() -> dict | None:
     fault = json.loads(raw)
     if not isinstance(fault, dict) or "at_global_step" not in fault or "marker" not in fault:
         raise ValueError(f"POCL_FAULT_INJECT must be a JSON object with at_global_step and marker, got {raw!r}")
+    if fault.get("kind", "raise") not in FAULT_KINDS:
+        raise ValueError(f"POCL_FAULT_INJECT kind must be one of {', '.join(FAULT_KINDS)}, got {fault['kind']!r}")
     return fault
 
 

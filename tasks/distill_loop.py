@@ -332,8 +332,9 @@ def _save_stage_student(student: torch.nn.Module, run_dir: str | ObjectPath, sta
 def _maybe_inject_fault(fault: dict[str, Any], global_step: int, rank: int) -> None:
     """Fault injection for resilience tests (``POCL_FAULT_INJECT``, see tasks/distill.py).
 
-    Fires once (a marker file records it) on rank 0 after ``at_global_step``: ``raise`` raises,
-    ``kill`` SIGKILLs the worker process.
+    Fires once (a marker file records it) on rank 0 after ``at_global_step`` (and after that step's
+    checkpoint, if it has one): ``raise`` raises, ``kill`` SIGKILLs the worker process, ``hang`` stops
+    there for good (a test then kills the whole run at a known point).
     """
     if not fault or rank != 0 or global_step != fault["at_global_step"]:
         return
@@ -343,4 +344,7 @@ def _maybe_inject_fault(fault: dict[str, Any], global_step: int, rank: int) -> N
     marker.write_text(str(global_step))
     if fault.get("kind", "raise") == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
+    if fault.get("kind") == "hang":
+        while True:
+            time.sleep(60)
     raise RuntimeError(f"injected fault at global step {global_step}")

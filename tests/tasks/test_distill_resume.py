@@ -25,8 +25,9 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
 
 # Two stages, long enough for a mid-stage kill; the same recipe in every test of this module.
-RECIPE = ["curriculum.num_stages=2", "curriculum.epochs_per_stage=4", "optim.global_batch_size=8",
-          "optim.micro_batch_size=4", "train.checkpoint_every_steps=5", "data.max_train_samples=160"]
+# 20 steps in stage 0, 40 in stage 1, a checkpoint every 10 steps.
+RECIPE = ["curriculum.num_stages=2", "curriculum.epochs_per_stage=2", "optim.global_batch_size=8",
+          "optim.micro_batch_size=4", "train.checkpoint_every_steps=10", "data.max_train_samples=160"]
 
 
 def _run_distill(make_config, run_name: str, *extra: str):
@@ -67,7 +68,7 @@ def test_checkpoints_at_stage_boundaries_and_every_n_steps(baseline):
     boundaries = [p for p in positions if p["step_in_stage"] == 0]
     assert [p["stage"] for p in boundaries] == [1, 2]
     mid = [p for p in positions if p["step_in_stage"]]
-    assert mid and all(p["step_in_stage"] % 5 == 0 for p in mid)
+    assert mid and all(p["step_in_stage"] % 10 == 0 for p in mid)
     metrics = [json.loads(line) for line in (RunPaths.of(cfg.run_dir).train_storage / "metrics.jsonl").read_text().splitlines()]
     assert {m["stage"] for m in metrics} == {0, 1}
     assert sorted({round(m["temperature"], 3) for m in metrics}) == [1.0, 2.0]
@@ -84,33 +85,37 @@ def test_two_worker_ddp_survives_a_killed_worker_and_equals_one_worker(baseline,
     _assert_same_weights(_weights(student), reference, atol=1e-5)
 
 
-def test_sigkill_mid_stage_then_rerun_resumes_exactly(baseline):
+def test_sigkill_mid_stage_then_rerun_resumes_exactly(baseline, tmp_path):
+    """The whole run (flow process, Prefect, Ray, worker) is SIGKILLed while rank 0 sits in stage 1
+    right after the checkpoint of global step 30 (a ``hang`` fault holds it there, so the kill lands
+    at a known point however fast the steps run); the rerun finishes it."""
     make, base_cfg, reference = baseline
     cfg = make(*RECIPE, "run_name=killed", "ray.num_workers=1", "ray.address=local")
     args = [f"{k}={v}" for k, v in (("models.teacher", cfg.models.teacher), ("models.student", cfg.models.student),
                                      ("data.train_path", cfg.data.train_path), ("runs_root", cfg.runs_root))]
     args += [*RECIPE, "run_name=killed", "ray.num_workers=1", "ray.address=local"]
     cmd = [sys.executable, "-m", "flows.pipeline", "--config", "configs/tiny.yaml", *args]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    marker = tmp_path / "hung"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1",
+           "POCL_FAULT_INJECT": json.dumps({"at_global_step": 30, "marker": str(marker), "kind": "hang"})}
     env.pop("PREFECT_API_URL", None)
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     try:
         deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None and not marker.exists():
+            time.sleep(0.1)
         killed_at = None
-        while time.time() < deadline and proc.poll() is None:
-            mid_stage_1 = [c for c in list_checkpoints(cfg.run_dir)
-                           if (p := json.loads((c / "position.json").read_text()))["stage"] == 1 and p["step_in_stage"] > 0]
-            if mid_stage_1:
-                os.killpg(proc.pid, signal.SIGKILL)
-                killed_at = json.loads((mid_stage_1[-1] / "position.json").read_text())
-                break
-            time.sleep(0.05)
+        if marker.exists():
+            os.killpg(proc.pid, signal.SIGKILL)
+            mid_stage_1 = [json.loads((c / "position.json").read_text()) for c in list_checkpoints(cfg.run_dir)]
+            killed_at = [p for p in mid_stage_1 if p["stage"] == 1 and p["step_in_stage"] > 0][-1]
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    assert killed_at is not None, "the run finished or timed out before a mid-stage checkpoint appeared"
+    assert killed_at is not None, "the run ended or timed out before reaching global step 30"
+    assert killed_at["global_step"] == 30
     paths = RunPaths.of(cfg.run_dir)
     assert not (paths.student / "model.safetensors").exists()
     before = {c.name for c in list_checkpoints(cfg.run_dir)}
