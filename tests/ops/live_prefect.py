@@ -4,29 +4,20 @@ groups, wait for them, poll flow runs through the API, and stop every process th
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
-from contextlib import closing, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 from uuid import UUID
 
+from tests.ops.processes import stop_tree
+
 REPO = Path(__file__).resolve().parents[2]
 PREFECT_CLI = Path(sys.executable).with_name("prefect")
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def tail(path: Path, lines: int = 60) -> str:
@@ -56,51 +47,13 @@ def start_service(name: str, cmd: list[str], env: dict[str, str], log: Path) -> 
     return Service(name, proc, log)
 
 
-def _children_by_parent() -> dict[int, list[int]]:
-    table: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])  # field 4; the command name may hold spaces
-        table.setdefault(ppid, []).append(int(entry.name))
-    return table
-
-
-def descendants(pid: int) -> list[int]:
-    """PIDs of every live process below ``pid`` (Linux /proc), children first."""
-    table, found, stack = _children_by_parent(), [], [pid]
-    while stack:
-        for child in table.get(stack.pop(), []):
-            found.append(child)
-            stack.append(child)
-    return found
-
-
 def stop_service(service: Service, grace_s: float = 15.0) -> None:
     """SIGTERM the service's process group, then SIGKILL it and every process it started.
 
     Flow runs of a served deployment run in their own sessions (and start Ray below them), so the
     process tree is collected first and its members are killed by PID when they outlive the grace.
     """
-    pid = service.proc.pid
-    tree = descendants(pid)
-    if service.proc.poll() is None:
-        with suppress(ProcessLookupError):
-            os.killpg(pid, signal.SIGTERM)
-        try:
-            service.proc.wait(timeout=grace_s)
-        except subprocess.TimeoutExpired:
-            pass
-    with suppress(ProcessLookupError):
-        os.killpg(pid, signal.SIGKILL)
-    for child in tree:
-        with suppress(ProcessLookupError):
-            os.kill(child, signal.SIGKILL)
-    service.proc.wait()
+    stop_tree(service.proc, grace_s)
 
 
 def wait_until(what: str, ready: Callable[[], Any], timeout_s: float, services: tuple[Service, ...] = (),

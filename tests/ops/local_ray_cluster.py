@@ -14,44 +14,19 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
-from contextlib import closing, suppress
+from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tests.ops.processes import free_port, stop_tree
+
 RAY_CLI = Path(sys.executable).with_name("ray")
 START_TIMEOUT_S = 180.0
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def descendants(pid: int) -> list[int]:
-    """PIDs of every live process below ``pid`` (from /proc), children first."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            ppid = int(stat.rsplit(")", 1)[1].split()[1])  # field 4; the command name may hold spaces
-            children.setdefault(ppid, []).append(int(entry.name))
-    found, stack = [], [pid]
-    while stack:
-        for child in children.get(stack.pop(), []):
-            found.append(child)
-            stack.append(child)
-    return found
 
 
 def processes_using(path: str) -> list[int]:
@@ -161,17 +136,7 @@ class LocalRayCluster:
         detached state actor, say) drains for up to 30 s first, which a throwaway cluster need not wait for.
         """
         for node in reversed(self.nodes):
-            tree = descendants(node.proc.pid)
-            if node.proc.poll() is None:
-                node.proc.send_signal(signal.SIGTERM)
-                with suppress(subprocess.TimeoutExpired):
-                    node.proc.wait(timeout=grace_s)
-            with suppress(ProcessLookupError):
-                os.killpg(node.proc.pid, signal.SIGKILL)
-            for pid in tree + processes_using(node.temp_dir):
-                with suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            node.proc.wait()
+            stop_tree(node.proc, grace_s, term_group=False, also=lambda node=node: processes_using(node.temp_dir))
         shutil.rmtree(self.root, ignore_errors=True)
 
     def leftovers(self) -> list[int]:
