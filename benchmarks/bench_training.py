@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -63,8 +64,9 @@ class Workload:
         self.cache_dir = scores.teacher_cache_dir
 
     def _cfg(self, run_name: str, *extra: str):
+        # keep_checkpoints=1: a quickstart checkpoint is ~0.5 GB, and every variant writes several
         return load_config(self.config, [f"runs_root={self.root}", f"run_name={run_name}", "train.log_every_steps=1",
-                                         *self.overrides, *extra]).with_absolute_paths()
+                                         "train.keep_checkpoints=1", *self.overrides, *extra]).with_absolute_paths()
 
     def fit(self, variant: str, *extra: str) -> dict:
         """Train ``variant`` (a fresh run folder each call); returns its step count and timings."""
@@ -104,6 +106,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats per variant (default 3)")
     parser.add_argument("--json", type=Path, help="also write every run's numbers here")
+    parser.add_argument("--keep", action="store_true", help="keep the run folders (deleted at the end otherwise)")
     args = parser.parse_args(argv)
 
     root = Path(tempfile.mkdtemp(prefix="pocl-bench-train-"))
@@ -165,6 +168,10 @@ def main(argv: list[str] | None = None) -> None:
                   "quickstart-workload and cached-vs-live teacher benchmarks")
     finally:
         ray.shutdown()
+        if args.keep:
+            print(f"run folders kept in {root}")
+        else:
+            shutil.rmtree(root, ignore_errors=True)
 
     print(f"\n{'variant':<28} {'runs':>4} {'steps':>6} {'resp. tokens':>12} {'s/step (median)':>16} "
           f"{'fit wall s (median)':>20} {'samples/s':>10}")
