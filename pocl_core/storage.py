@@ -332,6 +332,12 @@ def fetch_dir(src: ObjectPath, cache_root: str | Path, marker: str) -> Path:
     return dest
 
 
+def for_workers(path: Location) -> str | ObjectPath:
+    """A location as handed to Ray workers or tasks: an absolute local path, or the ObjectPath (it
+    carries its filesystem, so the workers use the driver's endpoint and credentials)."""
+    return path if isinstance(path, ObjectPath) else str(Path(path).resolve())
+
+
 def ray_storage(path: Location) -> tuple[str, pafs.FileSystem | None]:
     """``(storage_path, storage_filesystem)`` for Ray Train's ``RunConfig`` from a location."""
     if isinstance(path, ObjectPath):

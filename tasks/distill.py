@@ -28,7 +28,8 @@ from pocl_core.config import LossConfig, PoclConfig
 from pocl_core.contracts import STUDENT_PROVENANCE, RunPaths, read_metadata
 from pocl_core.models import load_causal_lm, load_tokenizer, model_fingerprint
 from pocl_core.schedule import num_trained_stages
-from pocl_core.storage import Location, ObjectPath, download_dir, location, ray_storage, write_dir_atomic
+from pocl_core.storage import (Location, ObjectPath, download_dir, for_workers, location, ray_storage,
+                               write_dir_atomic)
 from tasks.common import task_logger
 from tasks.distill_loop import distill_loop
 from tasks.load_data import DatasetSplits
@@ -172,12 +173,6 @@ def distill(cfg: PoclConfig, data: DatasetSplits, partition_path: str, teacher_c
             save_student(cfg, str(newest), paths.student, key)
     log.info("final student saved to %s", paths.student)
     return str(paths.student)
-
-
-def for_workers(path: Location) -> str | ObjectPath:
-    """A location as handed to Ray workers: an absolute local path, or the ObjectPath (it carries its
-    filesystem, so the workers use the driver's endpoint and credentials)."""
-    return path if isinstance(path, ObjectPath) else str(Path(path).resolve())
 
 
 def save_student(cfg: PoclConfig, checkpoint_dir: str, out: Location, train_key: str) -> None:

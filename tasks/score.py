@@ -36,7 +36,7 @@ from pocl_core.data import Sample, encode_sample, pad_id_of, table_to_samples
 from pocl_core.difficulty import fuse_difficulty
 from pocl_core.measures import GENERATIVE_MEASURES, ScoringContext, get_measure, length_sorted_batches, score_batch
 from pocl_core.models import load_causal_lm, load_tokenizer, model_fingerprint, resolve_device
-from pocl_core.storage import Location, ObjectPath
+from pocl_core.storage import Location, for_workers
 from pocl_core.teacher_cache import cache_table
 from tasks.common import Progress, task_logger
 from tasks.load_data import DatasetSplits
@@ -123,8 +123,7 @@ def score_difficulty(cfg: PoclConfig, data: DatasetSplits) -> ScoresResult:
         log.info("scoring %d of %d shards with %s (%d worker(s))", len(jobs), len(shards), provenance["scorer"],
                  cfg.scoring.num_workers)
         run = _run_in_process if cfg.scoring.num_workers == 1 else _run_on_ray
-        root = paths.root if isinstance(paths.root, ObjectPath) else str(paths.root.resolve())
-        run(cfg.with_absolute_paths(), jobs, provenance, cache_prov, root)
+        run(cfg.with_absolute_paths(), jobs, provenance, cache_prov, for_workers(paths.root))
     if scores_fresh:
         log.info("reusing %d finished score shards in %s", len(shards), paths.scores_dir)
         return ScoresResult(str(paths.scores_dir), len(shards), key, cache_dir)
