@@ -256,12 +256,17 @@ class RayConfig(_Section):
     RAY_ADDRESS). num_workers: Ray Train workers (0 runs the loop in-process with no
     cluster, Ray Train's local mode: for debugging; every checkpoint is kept).
     use_gpu: one GPU per worker. max_failures: worker-group restarts from the last checkpoint.
+    worker_niceness: Unix niceness of this run's Ray workers (training and scoring). Ray's own
+    default is 15, below every other process on the node, Ray's included; with as many busy workers
+    as cores, Ray's background work then preempts them, and a synchronous DDP step waits for the
+    slowest. 0 (the default) runs them like any process; None leaves Ray's default.
     """
 
     address: Optional[str] = None
     num_workers: int = Field(1, ge=0)
     use_gpu: bool = False
     max_failures: int = Field(0, ge=-1)
+    worker_niceness: Optional[int] = Field(0, ge=0, le=19)
 
 
 class EvalConfig(_Section):

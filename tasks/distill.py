@@ -24,7 +24,7 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from pocl_core.checkpoint import load_checkpoint
-from pocl_core.config import LossConfig, PoclConfig
+from pocl_core.config import LossConfig, PoclConfig, RayConfig
 from pocl_core.contracts import STUDENT_PROVENANCE, RunPaths, read_metadata
 from pocl_core.models import load_causal_lm, load_tokenizer, model_fingerprint
 from pocl_core.schedule import num_trained_stages
@@ -112,6 +112,13 @@ def ensure_ray(address: str | None) -> None:
              runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
 
 
+def worker_runtime_env(cfg: RayConfig) -> dict:
+    """The runtime environment of this run's Ray workers: their niceness (``ray.worker_niceness``)."""
+    if cfg.worker_niceness is None:
+        return {}
+    return {"env_vars": {"RAY_worker_niceness": str(cfg.worker_niceness)}}  # read by the raylet at spawn
+
+
 @task(name="distill")
 def distill(cfg: PoclConfig, data: DatasetSplits, partition_path: str, teacher_cache_dir: str | None = None) -> str:
     """Train (or resume) the curriculum and return the final student's folder.
@@ -155,6 +162,7 @@ def distill(cfg: PoclConfig, data: DatasetSplits, partition_path: str, teacher_c
             storage_filesystem=storage_fs,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
             failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
+            worker_runtime_env=worker_runtime_env(cfg.ray),
         ),
     )
     log.info("distilling with %d Ray Train worker(s), storage %s", cfg.ray.num_workers, paths.train_storage)
