@@ -28,6 +28,10 @@ Each measurement is a fresh subprocess, in this order per repeat:
   second fit whose workers time their import of ``tasks.distill_loop`` (transformers, ours).
 * ``flow without Ray``: the ``flow`` command again with ``ray.num_workers=0`` (training in the
   flow's own process), whose own compute is exactly the ``direct`` run's.
+* ``flow on running services``: the ``flow`` command again with ``PREFECT_API_URL`` pointing at a
+  ``prefect server start`` and ``RAY_ADDRESS`` at a ``ray start --head`` (2 CPUs), both started on
+  127.0.0.1 once before the first repeat and stopped by PID at the end: how a run triggered from the
+  Prefect UI or a schedule runs, with no temporary server and no Ray of its own to start and stop.
 
 Own compute = Σ direct task times, except that distill's training steps count with the flow's own
 step time (``seconds`` in ``train/metrics.jsonl``, measured inside rank 0 of the 2 DDP workers)
@@ -216,7 +220,38 @@ def child_env(root: Path, threads: int) -> dict[str, str]:
     return env
 
 
-def one_repeat(root: Path, rep: int, threads: int) -> dict:
+def start_services(root: Path, threads: int) -> tuple[list, dict[str, str]]:
+    """A Prefect server and a one-node Ray (2 CPUs) on 127.0.0.1; returns them and the flow's env for them."""
+    from tests.ops.live_prefect import PREFECT_CLI, api_healthy, start_service, wait_until
+    from tests.ops.local_ray_cluster import LocalRayCluster
+    from tests.ops.processes import free_port
+
+    port = free_port()
+    api_url = f"http://127.0.0.1:{port}/api"
+    server_env = {**child_env(root, threads), "PREFECT_HOME": str(root / "prefect-server-home"),
+                  "PREFECT_UI_ENABLED": "false"}
+    server = start_service("prefect server", [str(PREFECT_CLI), "server", "start", "--host", "127.0.0.1",
+                                              "--port", str(port)], server_env, root / "prefect-server.log")
+    cluster = LocalRayCluster(num_cpus_per_node=2, root=Path(tempfile.mkdtemp(prefix="ray-", dir=root)))
+    services: list = [server, cluster]
+    try:
+        wait_until("the Prefect server's API", lambda: api_healthy(api_url), 180, (server,))
+        cluster.start(1)
+    except BaseException:
+        stop_services(services)
+        raise
+    env = {**child_env(root, threads), "PREFECT_API_URL": api_url, "RAY_ADDRESS": cluster.address}
+    return services, env
+
+
+def stop_services(services: list) -> None:
+    from tests.ops.live_prefect import stop_service
+
+    for service in services:
+        service.stop() if hasattr(service, "stop") else stop_service(service)
+
+
+def one_repeat(root: Path, rep: int, threads: int, services_env: dict[str, str]) -> dict:
     env = child_env(root, threads)
     load_before = os.getloadavg()[0]
     flow_name = f"flow-{rep}"
@@ -231,6 +266,14 @@ def one_repeat(root: Path, rep: int, threads: int) -> dict:
     local_wall, _, _, _, _ = _spawn([sys.executable, "-m", "flows.pipeline", "--config", str(CONFIG),
                                      *overrides(root, f"flow-local-{rep}", "ray.num_workers=0")],
                                     env, "the flow without Ray")
+    served_name = f"flow-served-{rep}"
+    served_wall, _, served_start, served_end, _ = _spawn(
+        [sys.executable, "-m", "flows.pipeline", "--config", str(CONFIG), *overrides(root, served_name)],
+        services_env, "the flow on running services")
+    served_api = _child("prefect-api", root, services_env)
+    served_tasks = {t: v["end"] - v["start"] for t, v in served_api["tasks"].items()}
+    served_own = dict(direct["tasks"], distill=direct["tasks"]["distill"] - direct["loop_s"]
+                      + loop_seconds(root / "runs" / served_name))
     task_s = {t: v["end"] - v["start"] for t, v in api["tasks"].items()}
     flow_loop = loop_seconds(root / "runs" / flow_name)
     # distill's own compute: the in-process run's setup, model loads, checkpoints and save, with its
@@ -246,6 +289,13 @@ def one_repeat(root: Path, rep: int, threads: int) -> dict:
         "own_tasks_s": own, "own_compute_s": sum(own.values()), "direct_total_s": sum(direct["tasks"].values()),
         "threads": threads, "flow_cpu_s": flow_cpu, "direct_cpu_s": direct["cpu_s"],
         "imports_s": imports_s, **ray_fixed, "flow_local_wall_s": local_wall,
+        "served": {"wall_s": served_wall, "state": served_api["state"], "own_compute_s": sum(served_own.values()),
+                   "start_to_created_s": served_api["created"] - served_start,
+                   "end_to_exit_s": served_end - served_api["end"],
+                   "between_tasks_s": (served_api["end"] - served_api["start"]) - sum(served_tasks.values()),
+                   "distill_minus_own_s": served_tasks["distill"] - served_own["distill"],
+                   "other_tasks_minus_own_s": sum(v for t, v in served_tasks.items() if t != "distill")
+                   - sum(v for t, v in served_own.items() if t != "distill")},
         "load_avg": [round(load_before, 1), round(load_after_flow, 1), round(os.getloadavg()[0], 1)],
     }
 
@@ -281,6 +331,17 @@ def print_repeat(r: dict) -> None:
     local_over = r["flow_local_wall_s"] - r["direct_total_s"]
     print(f"\nthe flow with ray.num_workers=0 (no Ray): wall {r['flow_local_wall_s']:.1f} s, overhead over the "
           f"in-process own compute {local_over:.1f} s (goal <= {GOAL_S:.0f} s: {'met' if local_over <= GOAL_S else 'NOT met'})")
+    sv = r["served"]
+    sv_over = sv["wall_s"] - sv["own_compute_s"]
+    print(f"\nthe flow on a running Prefect server and Ray (flow run {sv['state']}): wall {sv['wall_s']:.1f} s, own "
+          f"compute {sv['own_compute_s']:.1f} s, overhead {sv_over:.1f} s (goal <= {GOAL_S:.0f} s: "
+          f"{'met' if sv_over <= GOAL_S else 'NOT met'})")
+    for name, key in (("process start -> flow run created (imports, config check)", "start_to_created_s"),
+                      ("in the flow run, outside the task runs", "between_tasks_s"),
+                      ("load, score, partition, evaluate, report: task runs - own compute", "other_tasks_minus_own_s"),
+                      ("distill: task run - own compute (Ray Train start-up, worker setup, end)", "distill_minus_own_s"),
+                      ("flow run end -> process exit", "end_to_exit_s")):
+        print(f"  {name:<76} {sv[key]:>6.1f}")
     print(f"CPU time (user + system, the process and what it reaped): flow {r['flow_cpu_s']:.1f} s, "
           f"direct {r['direct_cpu_s']:.1f} s (both with interpreter start and imports)")
     print(f"training steps' own time (metrics.jsonl): flow, 2 Ray workers {r['flow_loop_s']:.1f} s; "
@@ -314,14 +375,22 @@ def main(argv: list[str] | None = None) -> None:
     _child("prefect-warm", root, child_env(root, args.threads))
     print(f"first use of a fresh PREFECT_HOME (the temporary server creates and migrates its database; once "
           f"per machine, not counted below): {time.perf_counter() - t0:.1f} s")
+    t0 = time.perf_counter()
+    services, services_env = start_services(root, args.threads)
+    print(f"a Prefect server and a one-node Ray started for the 'running services' runs (not counted): "
+          f"{time.perf_counter() - t0:.1f} s")
     results = []
-    for rep in range(args.repeats):
-        results.append(one_repeat(root, rep, args.threads))
-        print_repeat(results[-1])
+    try:
+        for rep in range(args.repeats):
+            results.append(one_repeat(root, rep, args.threads, services_env))
+            print_repeat(results[-1])
+    finally:
+        stop_services(services)
     if args.repeats > 1:
-        overs = [r["flow_wall_s"] - r["own_compute_s"] for r in results]
-        print(f"\noverhead over {args.repeats} repeats: median {statistics.median(overs):.1f} s, "
-              f"min {min(overs):.1f} s, max {max(overs):.1f} s")
+        for label, overs in (("cold (temporary server, fresh local Ray)", [r["flow_wall_s"] - r["own_compute_s"] for r in results]),
+                             ("on running services", [r["served"]["wall_s"] - r["served"]["own_compute_s"] for r in results])):
+            print(f"\noverhead over {args.repeats} repeats, {label}: median {statistics.median(overs):.1f} s, "
+                  f"min {min(overs):.1f} s, max {max(overs):.1f} s")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 
