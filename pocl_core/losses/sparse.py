@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from pocl_core.losses.support import NEG_INF, compute_dtype, safe_logsumexp
+from pocl_core.losses.support import NEG_INF, compute_dtype, excluded_logsumexp, safe_logsumexp
 
 TAIL_FLOOR = 2.0**-24
 
@@ -141,10 +141,11 @@ def student_bucket_logits(
         student_logits: ``[n, V]`` raw student logits in the compute dtype (keeps the autograd graph).
         topk_ids: ``[n, k]`` int64 teacher top-k ids.
     """
-    scaled = student_logits / temperature if temperature != 1.0 else student_logits
-    top = scaled.gather(-1, topk_ids)
+    top = student_logits.gather(-1, topk_ids)
+    if temperature != 1.0:
+        top = top / temperature
     if has_tail:
-        tail = safe_logsumexp(scaled.scatter(-1, topk_ids, NEG_INF), dim=-1)
+        tail = excluded_logsumexp(student_logits, topk_ids, temperature)
     else:
         tail = torch.full_like(top[:, 0], NEG_INF)
     return torch.cat([top, tail.unsqueeze(-1)], dim=-1)
