@@ -54,7 +54,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 for _key, _value in {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "RAY_AUTH_MODE": "disabled",
                      "TOKENIZERS_PARALLELISM": "false", "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
@@ -220,9 +222,11 @@ def child_env(root: Path, threads: int) -> dict[str, str]:
     return env
 
 
-def start_services(root: Path, threads: int) -> tuple[list, dict[str, str]]:
-    """A Prefect server and a one-node Ray (2 CPUs) on 127.0.0.1; returns them and the flow's env for them."""
-    from tests.ops.live_prefect import PREFECT_CLI, api_healthy, start_service, wait_until
+@contextmanager
+def running_services(root: Path, threads: int) -> Iterator[dict[str, str]]:
+    """A Prefect server and a one-node Ray (2 CPUs) on 127.0.0.1 for the block; yields the flow's env
+    for them. Both are stopped by PID on the way out."""
+    from tests.ops.live_prefect import PREFECT_CLI, api_healthy, start_service, stop_service, wait_until
     from tests.ops.local_ray_cluster import LocalRayCluster
     from tests.ops.processes import free_port
 
@@ -233,22 +237,13 @@ def start_services(root: Path, threads: int) -> tuple[list, dict[str, str]]:
     server = start_service("prefect server", [str(PREFECT_CLI), "server", "start", "--host", "127.0.0.1",
                                               "--port", str(port)], server_env, root / "prefect-server.log")
     cluster = LocalRayCluster(num_cpus_per_node=2, root=Path(tempfile.mkdtemp(prefix="ray-", dir=root)))
-    services: list = [server, cluster]
     try:
         wait_until("the Prefect server's API", lambda: api_healthy(api_url), 180, (server,))
         cluster.start(1)
-    except BaseException:
-        stop_services(services)
-        raise
-    env = {**child_env(root, threads), "PREFECT_API_URL": api_url, "RAY_ADDRESS": cluster.address}
-    return services, env
-
-
-def stop_services(services: list) -> None:
-    from tests.ops.live_prefect import stop_service
-
-    for service in services:
-        service.stop() if hasattr(service, "stop") else stop_service(service)
+        yield {**child_env(root, threads), "PREFECT_API_URL": api_url, "RAY_ADDRESS": cluster.address}
+    finally:
+        cluster.stop()
+        stop_service(server)
 
 
 def one_repeat(root: Path, rep: int, threads: int, services_env: dict[str, str]) -> dict:
@@ -376,16 +371,13 @@ def main(argv: list[str] | None = None) -> None:
     print(f"first use of a fresh PREFECT_HOME (the temporary server creates and migrates its database; once "
           f"per machine, not counted below): {time.perf_counter() - t0:.1f} s")
     t0 = time.perf_counter()
-    services, services_env = start_services(root, args.threads)
-    print(f"a Prefect server and a one-node Ray started for the 'running services' runs (not counted): "
-          f"{time.perf_counter() - t0:.1f} s")
     results = []
-    try:
+    with running_services(root, args.threads) as services_env:
+        print(f"a Prefect server and a one-node Ray started for the 'running services' runs (not counted): "
+              f"{time.perf_counter() - t0:.1f} s")
         for rep in range(args.repeats):
             results.append(one_repeat(root, rep, args.threads, services_env))
             print_repeat(results[-1])
-    finally:
-        stop_services(services)
     if args.repeats > 1:
         for label, overs in (("cold (temporary server, fresh local Ray)", [r["flow_wall_s"] - r["own_compute_s"] for r in results]),
                              ("on running services", [r["served"]["wall_s"] - r["served"]["own_compute_s"] for r in results])):

@@ -74,8 +74,9 @@ def safe_logsumexp(x: Tensor, dim: int = -1) -> Tensor:
     """``logsumexp`` over ``dim`` that returns ``-inf`` for all-``-inf`` rows with a zero gradient.
 
     ``torch.logsumexp`` gives the right value there but a NaN gradient (``exp(-inf - -inf)``). The
-    gradient is written out (one fused pass over the row), not traced op by op: on CPU a [88, 49,152]
-    row block took about half the time of masking the empty rows around ``torch.logsumexp``.
+    gradient is written out (one pass over the row), not traced op by op: on CPU (1 thread) forward
+    + backward of a [88, 49,152] row block took 23–33 ms against 49–54 ms for masking the empty rows
+    around ``torch.logsumexp``.
     """
     if dim not in (-1, x.dim() - 1):
         return _SafeLogSumExp.apply(x.movedim(dim, -1))
