@@ -31,6 +31,11 @@ class ModelsConfig(_Section):
     teacher_dtype: Dtype = "float32"
     trust_remote_code: bool = False
 
+    @property
+    def tokenizer_source(self) -> str:
+        """Folder or hub name the shared tokenizer is loaded from: ``tokenizer``, else the student's."""
+        return self.tokenizer or self.student
+
 
 class DataConfig(_Section):
     """Training and held-out data.

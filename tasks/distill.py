@@ -26,7 +26,7 @@ from ray.train.torch import TorchTrainer
 from pocl_core.checkpoint import load_checkpoint
 from pocl_core.config import LossConfig, PoclConfig, RayConfig
 from pocl_core.contracts import STUDENT_PROVENANCE, RunPaths, read_metadata
-from pocl_core.models import load_causal_lm, load_tokenizer, model_fingerprint
+from pocl_core.models import load_causal_lm, load_tokenizer, model_fingerprint, tokenizer_fingerprint
 from pocl_core.schedule import num_trained_stages
 from pocl_core.storage import (Location, ObjectPath, download_dir, for_workers, location, ray_storage,
                                write_dir_atomic)
@@ -39,7 +39,7 @@ PROVENANCE_FILE = STUDENT_PROVENANCE
 
 
 def training_key(cfg: PoclConfig, data: DatasetSplits, partition_path: str, teacher_cache_dir: str | None = None) -> str:
-    """Hash of everything the trained weights depend on (recipe, models, data, partition).
+    """Hash of everything the trained weights depend on (recipe, models, tokenizer, data, partition).
 
     With on-policy mixing off (``loss.on_policy_fraction`` 0) its other knobs change nothing, so they
     stay out of the hash: such runs keep their key whatever those knobs say. The parallel strategy
@@ -54,6 +54,7 @@ def training_key(cfg: PoclConfig, data: DatasetSplits, partition_path: str, teac
         "recipe": recipe,
         "teacher": model_fingerprint(cfg.models.teacher),
         "student": model_fingerprint(cfg.models.student),
+        "tokenizer": tokenizer_fingerprint(cfg.models.tokenizer_source),
         "train_data": data.train_fingerprint,
         "partition": read_metadata(partition_path),
         "train_settings": cfg.train.model_dump(mode="json", include={"freeze_embeddings", "autocast_dtype",
@@ -193,7 +194,7 @@ def save_student(cfg: PoclConfig, checkpoint_dir: str, out: Location, train_key:
     position = load_checkpoint(checkpoint_dir, model=model)
     if position.stage < num_trained_stages(cfg.curriculum):
         raise RuntimeError(f"checkpoint {checkpoint_dir} is at stage {position.stage}, not finished")
-    tokenizer = load_tokenizer(cfg.models.tokenizer or cfg.models.student, cfg.models.trust_remote_code)
+    tokenizer = load_tokenizer(cfg.models.tokenizer_source, cfg.models.trust_remote_code)
     provenance = json.dumps({"train_key": train_key, "position": position.__dict__}, indent=2)
 
     def build(folder: Path) -> None:

@@ -59,7 +59,7 @@ def distill_loop(loop_config: dict[str, Any]) -> None:
     torch.manual_seed(cfg.seed)
 
     # --- setup: data in partition order, models, vocabulary check
-    tokenizer = load_tokenizer(cfg.models.tokenizer or cfg.models.student, cfg.models.trust_remote_code)
+    tokenizer = load_tokenizer(cfg.models.tokenizer_source, cfg.models.trust_remote_code)
     samples = {s.sample_id: s for s in table_to_samples(read_table(loop_config["train_path"]))}
     part = read_table(loop_config["partition_path"]).to_pydict()
     encoded = [encode_sample(tokenizer, samples[i], cfg.data.prompt_template, cfg.data.max_prompt_length,

@@ -82,7 +82,7 @@ def evaluate(cfg: PoclConfig, data: DatasetSplits, student_path: str | None,
 
     samples = table_to_samples(read_table(paths.locate(data.eval_path)))
     device = resolve_device(cfg.ray.use_gpu)
-    tokenizer = load_tokenizer(cfg.models.tokenizer or cfg.models.student, cfg.models.trust_remote_code)
+    tokenizer = load_tokenizer(cfg.models.tokenizer_source, cfg.models.trust_remote_code)
     gen_rows, metric_rows = [], []
     progress = Progress("evaluate", len(models), "evaluating models")
     for done, (name, path) in enumerate(models.items(), start=1):

@@ -35,7 +35,7 @@ def _source_provenance(cfg: PoclConfig) -> dict:
         files["eval"] = _file_fingerprint(cfg.data.eval_path)
     provenance = {"source": cfg.fingerprint("data"), "source_files": files}
     if cfg.data.long_prompts == "drop":
-        provenance["tokenizer"] = tokenizer_fingerprint(cfg.models.tokenizer or cfg.models.student)
+        provenance["tokenizer"] = tokenizer_fingerprint(cfg.models.tokenizer_source)
     return provenance
 
 
@@ -67,7 +67,7 @@ def load_dataset(cfg: PoclConfig) -> DatasetSplits:
     else:
         train, held = split_holdout(samples, cfg.data.eval_fraction)
     if cfg.data.long_prompts == "drop":
-        tokenizer = load_tokenizer(cfg.models.tokenizer or cfg.models.student, cfg.models.trust_remote_code)
+        tokenizer = load_tokenizer(cfg.models.tokenizer_source, cfg.models.trust_remote_code)
         args = (tokenizer, cfg.data.prompt_template, cfg.data.max_prompt_length)
         (train, long_train), (held, long_held) = drop_long_prompts(train, *args), drop_long_prompts(held, *args)
         log.info("dropped %d train / %d held-out samples whose prompt exceeds data.max_prompt_length=%d tokens",

@@ -35,7 +35,7 @@ from pocl_core.contracts import (RunPaths, check_provenance, measures_schema, re
 from pocl_core.data import Sample, encode_sample, pad_id_of, table_to_samples
 from pocl_core.difficulty import fuse_difficulty
 from pocl_core.measures import GENERATIVE_MEASURES, ScoringContext, get_measure, length_sorted_batches, score_batch
-from pocl_core.models import load_causal_lm, load_tokenizer, model_fingerprint, resolve_device
+from pocl_core.models import load_causal_lm, load_tokenizer, model_fingerprint, resolve_device, tokenizer_fingerprint
 from pocl_core.storage import Location, for_workers
 from pocl_core.teacher_cache import cache_table
 from tasks.common import Progress, task_logger
@@ -79,8 +79,9 @@ def _pass_provenance(cfg: PoclConfig, data: DatasetSplits) -> dict[str, Any]:
 
 
 def _tokenization(cfg: PoclConfig) -> dict[str, Any]:
-    return {"template": cfg.data.prompt_template, "max_prompt_length": cfg.data.max_prompt_length,
-            "max_length": cfg.data.max_length}
+    """How samples become token ids: the tokenizer's files, the prompt template and the length limits."""
+    return {"tokenizer": tokenizer_fingerprint(cfg.models.tokenizer_source), "template": cfg.data.prompt_template,
+            "max_prompt_length": cfg.data.max_prompt_length, "max_length": cfg.data.max_length}
 
 
 def scoring_provenance(cfg: PoclConfig, data: DatasetSplits) -> dict[str, Any]:
@@ -158,7 +159,7 @@ def load_scorer(cfg: PoclConfig) -> tuple[ScoringContext, int]:
     path, dtype = _scorer(cfg)
     device = resolve_device(cfg.ray.use_gpu)
     model = load_causal_lm(path, dtype, cfg.models.trust_remote_code, device).eval()
-    tokenizer = load_tokenizer(cfg.models.tokenizer or cfg.models.student, cfg.models.trust_remote_code)
+    tokenizer = load_tokenizer(cfg.models.tokenizer_source, cfg.models.trust_remote_code)
     for name in cfg.scoring.measures:
         get_measure(name)  # unknown names fail before any compute
     width = min(len(tokenizer), model.get_output_embeddings().weight.shape[0])

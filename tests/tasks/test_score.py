@@ -16,9 +16,11 @@ import tasks.score as score_mod
 from pocl_core.config import ConfigError, load_config
 from pocl_core.contracts import RunPaths, StaleOutputError
 from pocl_core.data import encode_sample
-from pocl_core.models import load_causal_lm, load_tokenizer
+from pocl_core.models import TOKENIZER_FILES, load_causal_lm, load_tokenizer
 from pocl_core.teacher_cache import TeacherCache
+from tasks.distill import training_key
 from tasks.load_data import load_dataset
+from tasks.partition import partition
 from tasks.score import cache_provenance, score_difficulty
 
 REPO = Path(__file__).resolve().parents[2]
@@ -127,6 +129,37 @@ def test_a_changed_model_is_refused_naming_file_and_key(baseline, tmp_path):
     with pytest.raises(StaleOutputError, match=r"scores/part-00000\.parquet .*scorer_fingerprint: found '[0-9a-f]+', "
                                                r"expected '[0-9a-f]+'"):
         score_difficulty.fn(moved, data)
+
+
+def copy_tokenizer(source: str, dest: Path, **config_changes) -> Path:
+    """The tokenizer files of ``source`` copied to ``dest``, with keys set in tokenizer_config.json."""
+    dest.mkdir()
+    for name in TOKENIZER_FILES:
+        if (Path(source) / name).is_file():
+            shutil.copy(Path(source) / name, dest / name)
+    if config_changes:
+        settings = json.loads((dest / "tokenizer_config.json").read_text())
+        (dest / "tokenizer_config.json").write_text(json.dumps({**settings, **config_changes}))
+    return dest
+
+
+def test_a_changed_tokenizer_is_refused_and_changes_the_training_key(baseline, tmp_path):
+    cfg, data, result = baseline
+    part = partition.fn(cfg, result)
+
+    def with_tokenizer(folder: Path):
+        return cfg.model_copy(update={"models": cfg.models.model_copy(update={"tokenizer": str(folder)})})
+
+    same = with_tokenizer(copy_tokenizer(cfg.models.student, tmp_path / "same"))
+    changed = with_tokenizer(copy_tokenizer(cfg.models.student, tmp_path / "changed", model_max_length=77))
+    # The same files elsewhere: the scores are reused and the training key is unchanged.
+    assert score_difficulty.fn(same, data).scores_key == result.scores_key
+    assert training_key(same, data, part) == training_key(cfg, data, part)
+    # Other tokenizer files: the scores are stale and the training key differs.
+    with pytest.raises(StaleOutputError, match=r"scores/part-00000\.parquet .*measurer: found .*'tokenizer': "
+                                               r"'[0-9a-f]+'"):
+        score_difficulty.fn(changed, data)
+    assert training_key(changed, data, part) != training_key(cfg, data, part)
 
 
 def test_a_changed_cache_setting_is_refused_naming_the_cache_shard(baseline):
