@@ -1,6 +1,7 @@
 """The ``pocl`` command line.
 
     pocl run --config configs/tiny.yaml [key=value ...]   run the flow (overrides are dotted keys)
+             [--run-name NAME] [--ray-address HOST:PORT] [--no-resume]
     pocl build-tiny --out .cache/tiny                      build the tiny teacher/student pair
     pocl prepare-quickstart --out .cache/models            SmolLM2-135M teacher + layer-subset student
     pocl plan --config configs/paper.yaml --num-samples 14000   the stage plan, no models loaded
@@ -21,13 +22,15 @@ from pocl_core.model_prep import ModelPrepError
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from flows.pipeline import pocl_distill
+    from flows.pipeline import pocl_distill, resolve_config
 
     from pocl_core.contracts import read_table
     from pocl_core.storage import location
 
-    cfg = load_config(args.config, args.overrides)  # fail fast, before any engine starts
-    summary = pocl_distill(config_path=args.config, overrides=args.overrides)
+    params = dict(config_path=args.config, overrides=args.overrides, run_name=args.run_name,
+                  ray_address=args.ray_address, resume=args.resume)
+    cfg = resolve_config(**params)  # fail fast, before any engine starts
+    summary = pocl_distill(**params)
 
     print()
     print(f"run folder:     {summary.run_dir}")
@@ -117,6 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the distillation flow")
     run.add_argument("--config", default="configs/tiny.yaml", help="YAML config (default: configs/tiny.yaml)")
     run.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. curriculum.num_stages=3")
+    run.add_argument("--run-name", default=None, help="the run folder's name under runs_root (default: the config's)")
+    run.add_argument("--ray-address", default=None,
+                     help="an existing Ray cluster, e.g. 10.0.0.5:6379 (default: RAY_ADDRESS, else a local Ray)")
+    run.add_argument("--no-resume", dest="resume", action="store_false",
+                     help="refuse to start when the run folder exists (default: continue that run)")
     run.set_defaults(func=_cmd_run)
     plan = sub.add_parser("plan", help="print the stage plan of a config without loading models")
     plan.add_argument("--config", required=True)

@@ -41,3 +41,33 @@ def test_bad_override_is_a_clear_error_not_a_traceback(capsys):
     assert "curriculum.num_stagez: unknown key" in err and "Traceback" not in err
     assert main(["plan", "--config", "configs/absent.yaml"]) == 2
     assert "config file not found" in capsys.readouterr().err
+
+
+def test_run_no_resume_refuses_an_existing_run_folder_before_any_engine(tmp_path, capsys):
+    (tmp_path / "demo").mkdir()
+    args = ["run", "--config", "configs/tiny.yaml", "--run-name", "demo", "--no-resume", f"runs_root={tmp_path}"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"run folder {tmp_path / 'demo'} already exists and resume is false" in err and "Traceback" not in err
+
+
+def test_run_flags_become_the_flow_parameters(tmp_path, monkeypatch):
+    import flows.pipeline
+
+    class Started(Exception):
+        pass
+
+    seen = {}
+
+    def fake_flow(**params):
+        seen.update(params)
+        raise Started
+
+    monkeypatch.setattr(flows.pipeline, "pocl_distill", fake_flow)
+    with pytest.raises(Started):
+        main(["run", "--config", "configs/tiny.yaml", f"runs_root={tmp_path}", "--run-name", "007",
+              "--ray-address", "10.0.0.5:6379"])
+    assert seen == {"config_path": "configs/tiny.yaml", "overrides": [f"runs_root={tmp_path}"], "run_name": "007",
+                    "ray_address": "10.0.0.5:6379", "resume": True}
+    cfg = flows.pipeline.resolve_config(**seen)
+    assert (cfg.run_name, cfg.ray.address) == ("007", "10.0.0.5:6379")
