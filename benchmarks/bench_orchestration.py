@@ -49,6 +49,7 @@ import importlib
 import json
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -349,6 +350,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="OMP_NUM_THREADS for every process (default 1; 0: torch's default)")
     parser.add_argument("--json", help="also write every repeat's numbers to this file")
+    parser.add_argument("--keep", action="store_true", help="keep the models and run folders (deleted at the end otherwise)")
     parser.add_argument("--worker", choices=("direct", "ray", "prefect-api", "prefect-warm"), help=argparse.SUPPRESS)
     parser.add_argument("--root", help=argparse.SUPPRESS)
     parser.add_argument("--run-name", default="", help=argparse.SUPPRESS)
@@ -357,10 +359,28 @@ def main(argv: list[str] | None = None) -> None:
         child(args.worker, Path(args.root), args.run_name)
         return
 
+    root = Path(tempfile.mkdtemp(prefix="pocl-bench-orch-"))
+    try:
+        results = measure(root, args)
+    finally:
+        if args.keep:
+            print(f"models, run folders and Prefect home kept in {root}")
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+    if args.repeats > 1:
+        for label, overs in (("cold (temporary server, fresh local Ray)", [r["flow_wall_s"] - r["own_compute_s"] for r in results]),
+                             ("on running services", [r["served"]["wall_s"] - r["served"]["own_compute_s"] for r in results])):
+            print(f"\noverhead over {args.repeats} repeats, {label}: median {statistics.median(overs):.1f} s, "
+                  f"min {min(overs):.1f} s, max {max(overs):.1f} s")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+def measure(root: Path, args: argparse.Namespace) -> list[dict]:
+    """Build the tiny models under ``root``, then run every repeat; one dict of timings per repeat."""
     from pocl_core.data import load_samples
     from pocl_core.tiny import build_tiny_models
 
-    root = Path(tempfile.mkdtemp(prefix="pocl-bench-orch-"))
     samples, _ = load_samples(DATA)
     texts = [f"### Instruction:\n{s.prompt}\n\n### Response:\n{s.response}" for s in samples]
     build_tiny_models(root / "models", texts, teacher_warmup_steps=20)
@@ -378,13 +398,7 @@ def main(argv: list[str] | None = None) -> None:
         for rep in range(args.repeats):
             results.append(one_repeat(root, rep, args.threads, services_env))
             print_repeat(results[-1])
-    if args.repeats > 1:
-        for label, overs in (("cold (temporary server, fresh local Ray)", [r["flow_wall_s"] - r["own_compute_s"] for r in results]),
-                             ("on running services", [r["served"]["wall_s"] - r["served"]["own_compute_s"] for r in results])):
-            print(f"\noverhead over {args.repeats} repeats, {label}: median {statistics.median(overs):.1f} s, "
-                  f"min {min(overs):.1f} s, max {max(overs):.1f} s")
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
+    return results
 
 
 if __name__ == "__main__":

@@ -48,6 +48,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -226,6 +227,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--measures", default="nll", choices=["nll", "nll,rouge_l"],
                         help="difficulty measures scored (nll,rouge_l also generates an answer per prompt)")
     parser.add_argument("--max-new-tokens", type=int, default=32, help="generated tokens per prompt for rouge_l")
+    parser.add_argument("--keep", action="store_true", help="keep the models and data (deleted at the end otherwise)")
     parser.add_argument("--worker", choices=PATHS, help=argparse.SUPPRESS)
     parser.add_argument("--rep", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--root", help=argparse.SUPPRESS)
@@ -238,14 +240,20 @@ def main(argv: list[str] | None = None) -> None:
 
     started = time.perf_counter()
     root = Path(tempfile.mkdtemp(prefix="pocl-bench-scoring-"))
-    build_inputs(root, args)
-    _, _, encoded, _ = _load(root)
+    try:
+        build_inputs(root, args)
+        _, _, encoded, _ = _load(root)
+        laps: dict[str, list[list[float]]] = {name: [] for name in PATHS}
+        for rep in range(args.repeats):
+            for name in PATHS:
+                laps[name].append(_spawn(name, rep, root, argv))
+    finally:
+        if args.keep:
+            print(f"inputs kept in {root}")
+        else:
+            shutil.rmtree(root, ignore_errors=True)
     tokens = sum(len(e.input_ids) for e in encoded)
     response_tokens = sum(e.n_response for e in encoded)
-    laps: dict[str, list[list[float]]] = {name: [] for name in PATHS}
-    for rep in range(args.repeats):
-        for name in PATHS:
-            laps[name].append(_spawn(name, rep, root, argv))
     best = {name: float(sum(min(col) for col in zip(*runs))) for name, runs in laps.items()}
     rate = {name: tokens / t for name, t in best.items()}
     result = {
