@@ -227,9 +227,9 @@ def child_env(root: Path, threads: int) -> dict[str, str]:
 def running_services(root: Path, threads: int) -> Iterator[dict[str, str]]:
     """A Prefect server and a one-node Ray (2 CPUs) on 127.0.0.1 for the block; yields the flow's env
     for them. Both are stopped by PID on the way out."""
-    from tests.ops.live_prefect import PREFECT_CLI, api_healthy, start_service, stop_service, wait_until
-    from tests.ops.local_ray_cluster import LocalRayCluster
-    from tests.ops.processes import free_port
+    from devtools.live_prefect import PREFECT_CLI, api_healthy, start_service, stop_service, wait_until
+    from devtools.local_ray_cluster import LocalRayCluster
+    from devtools.processes import free_port
 
     port = free_port()
     api_url = f"http://127.0.0.1:{port}/api"

@@ -20,12 +20,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from deployments.specs import spec_named
+from devtools.live_prefect import (PREFECT_CLI, Service, api_healthy, flow_run_logs, start_service, stop_service,
+                                   wait_for_final_state, wait_until)
+from devtools.processes import free_port
 from pocl_core.contracts import RunPaths
 from tasks.run_checkpoints import list_checkpoints
 from tests.conftest import TINY_DATA
-from tests.ops.live_prefect import (PREFECT_CLI, Service, api_healthy, flow_run_logs, start_service, stop_service,
-                                    wait_for_final_state, wait_until)
-from tests.ops.processes import free_port
 
 pytestmark = pytest.mark.slow
 

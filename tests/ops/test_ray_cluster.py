@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from devtools.local_ray_cluster import LocalRayCluster
 from pocl_core.models import load_causal_lm
-from tests.ops.local_ray_cluster import LocalRayCluster
 
 pytestmark = pytest.mark.slow
 

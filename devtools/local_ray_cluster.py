@@ -23,7 +23,7 @@ from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.ops.processes import free_port, stop_tree
+from devtools.processes import free_port, stop_tree
 
 RAY_CLI = Path(sys.executable).with_name("ray")
 START_TIMEOUT_S = 180.0

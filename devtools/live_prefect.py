@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 from uuid import UUID
 
-from tests.ops.processes import stop_tree
+from devtools.processes import stop_tree
 
 REPO = Path(__file__).resolve().parents[2]
 PREFECT_CLI = Path(sys.executable).with_name("prefect")
