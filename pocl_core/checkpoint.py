@@ -8,6 +8,7 @@ Folder contents::
     scheduler.pt          LR scheduler state_dict
     rng.pt                torch / numpy / python RNG states
     position.json         curriculum position: stage, step_in_stage, global_step, samples_seen
+    replay_buffer.json    (GKD with a replay buffer only) every worker's buffered generations, by rank
     manifest.json         sha256 of every file above; written last, so its presence marks completion
 
 ``load_checkpoint`` verifies the manifest and raises CheckpointError on a missing or altered file.
@@ -29,9 +30,11 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from pocl_core.data import EncodedSample
 from pocl_core.storage import Location, ObjectPath, location, open_input
 
 MANIFEST = "manifest.json"
+REPLAY_BUFFERS = "replay_buffer.json"
 
 
 class CheckpointError(RuntimeError):
@@ -68,11 +71,13 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def save_checkpoint(folder: str | Path, model: torch.nn.Module | dict[str, torch.Tensor],
                     optimizer: torch.optim.Optimizer | dict[str, Any], scheduler: Any, position: Position,
-                    extra: dict[str, Any] | None = None) -> Path:
+                    extra: dict[str, Any] | None = None,
+                    replay_buffers: list[list[EncodedSample]] | None = None) -> Path:
     """Write a complete checkpoint into ``folder`` (created); the manifest goes last.
 
     ``model`` and ``optimizer`` may be given as their (full) state dicts instead, e.g. gathered from
-    a sharded model (``pocl_core.parallel.full_state``).
+    a sharded model (``pocl_core.parallel.full_state``). ``replay_buffers``: each worker's GKD replay
+    buffer, oldest first, indexed by rank (saved only when given).
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -89,6 +94,10 @@ def save_checkpoint(folder: str | Path, model: torch.nn.Module | dict[str, torch
     torch.save(rng, folder / "rng.pt")
     (folder / "position.json").write_text(json.dumps({**asdict(position), **(extra or {})}, indent=2))
     files = ["model.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt", "position.json"]
+    if replay_buffers is not None:
+        ranks = [[[e.sample_id, e.input_ids, e.n_prompt] for e in buffer] for buffer in replay_buffers]
+        (folder / REPLAY_BUFFERS).write_text(json.dumps({"world_size": len(ranks), "ranks": ranks}))
+        files.append(REPLAY_BUFFERS)
     manifest = {f: _sha256(folder / f) for f in files}
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return folder
@@ -129,6 +138,19 @@ def read_optimizer_state(folder: str | Path) -> dict[str, Any]:
 def read_position(folder: str | Path | ObjectPath) -> Position:
     data = json.loads((location(folder) / "position.json").read_text())
     return Position(**{k: data[k] for k in ("stage", "step_in_stage", "global_step", "samples_seen")})
+
+
+def read_replay_buffers(folder: str | Path) -> list[list[EncodedSample]] | None:
+    """Each rank's saved GKD replay buffer (oldest first), or None when the checkpoint has none.
+
+    Checksums are verified first. The list's length is the world size the run had when it was saved.
+    """
+    verify_checkpoint(folder)
+    path = Path(folder) / REPLAY_BUFFERS
+    if not path.is_file():
+        return None
+    ranks = json.loads(path.read_text())["ranks"]
+    return [[EncodedSample(sid, list(ids), int(n_prompt)) for sid, ids, n_prompt in buffer] for buffer in ranks]
 
 
 def load_checkpoint(folder: str | Path, model: torch.nn.Module | None = None,

@@ -25,7 +25,8 @@ responses for all of its prompts and appends them to its buffer (oldest evicted 
 step then trains on as many samples as it has prompts, drawn uniformly without replacement from
 the whole buffer (fresh and earlier generations alike) with a generator seeded from (seed, step,
 rank). It spreads each on-policy step over the student's recent generations; it does not save
-generation. The buffer lives in worker memory: a resumed run starts with an empty one.
+generation. Checkpoints hold every worker's buffer, so a resumed run draws what an uninterrupted one
+would (``pocl_core.checkpoint``, ``replay_buffer.json``).
 """
 
 from __future__ import annotations

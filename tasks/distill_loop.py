@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import signal
@@ -31,10 +32,11 @@ import ray.train
 import ray.train.torch
 import torch
 
-from pocl_core.checkpoint import MANIFEST, Position, load_checkpoint, read_optimizer_state, save_checkpoint
+from pocl_core.checkpoint import (MANIFEST, Position, load_checkpoint, read_optimizer_state, read_replay_buffers,
+                                  save_checkpoint)
 from pocl_core.config import PoclConfig
 from pocl_core.contracts import STUDENT_PROVENANCE, RunPaths, read_table
-from pocl_core.data import collate, encode_sample, pad_id_of, table_to_samples
+from pocl_core.data import EncodedSample, collate, encode_sample, pad_id_of, table_to_samples
 from pocl_core.models import load_causal_lm, load_tokenizer, warn_if_slow_dtype
 from pocl_core.on_policy import OnPolicyMixer
 from pocl_core.parallel import (full_state, grad_sync, load_optimizer_state, shard_fsdp, transformer_blocks,
@@ -82,6 +84,8 @@ def distill_loop(loop_config: dict[str, Any]) -> None:
     resume_dir, position, resume_copy = _resume_checkpoint(loop_config, student_lm)
     student = _wrap_student(cfg, ResponseLogitsLM(student_lm.to(device)), device)
     mixer = _on_policy_mixer(cfg, student, rank, tokenizer, pad, columns)
+    if mixer is not None and mixer.buffer is not None and resume_dir is not None:
+        _restore_replay_buffer(mixer, resume_dir, rank, world)
     if cfg.train.autocast_dtype != "none":
         warn_if_slow_dtype(cfg.train.autocast_dtype, device)
     autocast = torch.autocast(device.type, dtype=AUTOCAST[cfg.train.autocast_dtype]) \
@@ -160,7 +164,7 @@ def distill_loop(loop_config: dict[str, Any]) -> None:
                     Position(plan.stage, step + 1, global_step, samples_seen)
                 _report_checkpoint(student, optimizer, scheduler, nxt, rank, loop_config["train_key"],
                                    {"stage": plan.stage, "global_step": global_step, "stage_done": done_stage},
-                                   loop_config.get("checkpoints_in_place"))
+                                   loop_config.get("checkpoints_in_place"), _gather_replay_buffers(mixer, world))
             _maybe_inject_fault(fault, global_step, rank)
         position = Position(plan.stage + 1, 0, global_step, samples_seen)
 
@@ -203,6 +207,30 @@ def _on_policy_mixer(cfg: PoclConfig, student: torch.nn.Module, rank: int, token
                          temperature=cfg.loss.on_policy_temperature, replay_buffer_size=cfg.loss.replay_buffer_size,
                          seed=cfg.seed, rank=rank, max_length=cfg.data.max_length, eos_id=tokenizer.eos_token_id,
                          pad_id=pad, vocab_columns=columns)
+
+
+def _gather_replay_buffers(mixer: OnPolicyMixer | None, world: int) -> list[list[EncodedSample]] | None:
+    """Every rank's GKD replay buffer, indexed by rank, or None without one (a collective: every rank calls it)."""
+    if mixer is None or mixer.buffer is None:
+        return None
+    mine = mixer.buffer.items()
+    if world == 1:
+        return [mine]
+    gathered: list[Any] = [None] * world
+    torch.distributed.all_gather_object(gathered, mine)
+    return gathered
+
+
+def _restore_replay_buffer(mixer: OnPolicyMixer, resume_dir: Path, rank: int, world: int) -> None:
+    """Refill this rank's replay buffer from the checkpoint, so the resumed steps draw what an
+    uninterrupted run would. A checkpoint without buffers, or saved by another number of workers,
+    leaves it empty (with a warning): the run continues, no longer step-for-step identical."""
+    saved = read_replay_buffers(resume_dir)
+    if saved is None or len(saved) != world:
+        why = "has no replay buffers" if saved is None else f"holds the buffers of {len(saved)} workers, not {world}"
+        logging.getLogger("pocl").warning("checkpoint %s %s: the GKD replay buffer starts empty", resume_dir, why)
+        return
+    mixer.buffer.add(saved[rank])
 
 
 def _sum_over_ranks(value: int, world: int, device: torch.device) -> int:
@@ -283,29 +311,35 @@ def _append_jsonl(path: Location, row: dict[str, Any]) -> None:
 
 def _report_checkpoint(student: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, position: Position,
                        rank: int, train_key: str, metrics: dict[str, Any],
-                       in_place: str | ObjectPath | None = None) -> None:
+                       in_place: str | ObjectPath | None = None,
+                       replay_buffers: list[list[EncodedSample]] | None = None) -> None:
     """Every rank gathers the state and reports (collectives); rank 0 attaches the checkpoint folder.
 
     Ray Train copies a reported folder into its storage, so it is written to a temporary folder; in
     local mode (``in_place``: the experiment folder) nothing is copied and it is written there instead.
+    ``replay_buffers``: every rank's GKD replay buffer (already gathered), saved with the checkpoint.
     """
     weights, optim = _student_state(student, optimizer, rank)
     if rank != 0:
         ray.train.report(metrics, checkpoint=None)
         return
+
+    def save(folder: str | Path) -> Path:
+        return save_checkpoint(folder, weights, optim, scheduler, position, extra={"train_key": train_key},
+                               replay_buffers=replay_buffers)
+
     if in_place is not None:
         folder = location(in_place) / f"checkpoint_local_{position.global_step:06d}_{position.stage:02d}"
         if isinstance(folder, ObjectPath):  # built locally, uploaded with the manifest last
-            write_dir_atomic(folder, lambda tmp: save_checkpoint(tmp, weights, optim, scheduler, position,
-                                                                 extra={"train_key": train_key}), last=MANIFEST)
+            write_dir_atomic(folder, save, last=MANIFEST)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint(path=folder.key, filesystem=folder.fs))
             return
-        save_checkpoint(folder, weights, optim, scheduler, position, extra={"train_key": train_key})
+        save(folder)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(folder)))
         return
     folder = tempfile.mkdtemp(prefix="pocl-ckpt-")
     try:
-        save_checkpoint(folder, weights, optim, scheduler, position, extra={"train_key": train_key})
+        save(folder)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
     finally:
         shutil.rmtree(folder, ignore_errors=True)

@@ -4,7 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from pocl_core.checkpoint import CheckpointError, Position, load_checkpoint, save_checkpoint, verify_checkpoint
+from pocl_core.checkpoint import (CheckpointError, Position, load_checkpoint, read_replay_buffers, save_checkpoint,
+                                  verify_checkpoint)
+from pocl_core.data import EncodedSample
 
 
 def _state(seed):
@@ -53,3 +55,17 @@ def test_weights_of_another_architecture_are_refused(tmp_path):
     save_checkpoint(tmp_path, model, opt, sched, Position(0, 0, 0, 0))
     with pytest.raises(CheckpointError, match="weights do not match"):
         load_checkpoint(tmp_path, model=torch.nn.Linear(4, 3))
+
+
+def test_replay_buffers_roundtrip_by_rank_and_are_checksummed(tmp_path):
+    model, opt, sched = _state(0)
+    buffers = [[EncodedSample("a", [5, 6, 7, 2], 2), EncodedSample("b", [5, 9], 1)], []]  # rank 1's is empty
+    save_checkpoint(tmp_path / "with", model, opt, sched, Position(0, 1, 1, 4), replay_buffers=buffers)
+    assert read_replay_buffers(tmp_path / "with") == buffers
+    save_checkpoint(tmp_path / "without", model, opt, sched, Position(0, 1, 1, 4))
+    assert read_replay_buffers(tmp_path / "without") is None
+    assert not (tmp_path / "without" / "replay_buffer.json").exists()
+    with open(tmp_path / "with" / "replay_buffer.json", "a") as fh:
+        fh.write(" ")
+    with pytest.raises(CheckpointError, match="checksum mismatch for replay_buffer.json"):
+        read_replay_buffers(tmp_path / "with")
