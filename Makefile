@@ -13,7 +13,7 @@ export TOKENIZERS_PARALLELISM ?= false
 # Prefect's temporary server can take longer than its 20 s default to start on a busy 2-core machine.
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 
-.PHONY: setup run test test-fast bench bench-losses bench-scoring bench-training bench-orchestration bench-ray-report clean tiny-models quickstart-models
+.PHONY: setup run test test-fast bench bench-losses bench-scoring bench-training bench-orchestration bench-ray-report bench-flops clean tiny-models quickstart-models
 
 setup: $(STAMP)
 
@@ -44,7 +44,7 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" tests
 
-bench: bench-losses bench-scoring bench-training bench-orchestration bench-ray-report
+bench: bench-losses bench-scoring bench-training bench-flops bench-orchestration bench-ray-report
 
 bench-losses: $(STAMP)
 	$(PY) -m benchmarks.bench_losses
@@ -60,6 +60,9 @@ bench-orchestration: $(STAMP)
 
 bench-ray-report: $(STAMP)
 	$(PY) -m benchmarks.bench_ray_report
+
+bench-flops: $(STAMP) quickstart-models
+	$(PY) -m benchmarks.bench_flops
 
 clean:
 	rm -rf $(VENV) .cache runs
