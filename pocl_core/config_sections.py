@@ -257,8 +257,9 @@ class TrainConfig(_Section):
 class RayConfig(_Section):
     """Where and how wide the distillation job runs.
 
-    address: an existing Ray cluster (``ray://`` or ``host:port``); None starts a local Ray (or uses
-    RAY_ADDRESS). num_workers: Ray Train workers (0 runs the loop in-process with no
+    address: an existing Ray cluster (``ray://`` or ``host:port``; ``auto``: the cluster ``ray start``
+    began on this machine); None uses RAY_ADDRESS, else starts a fresh local Ray (never joins a
+    running one unasked). num_workers: Ray Train workers (0 runs the loop in-process with no
     cluster, Ray Train's local mode: for debugging; every checkpoint is kept).
     use_gpu: one GPU per worker. max_failures: worker-group restarts from the last checkpoint.
     worker_niceness: Unix niceness of this run's Ray workers (training and scoring). Ray's own

@@ -105,10 +105,14 @@ RAY_TRAIN_ENV_DEFAULTS = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1"}
 
 
 def ensure_ray(address: str | None) -> None:
-    """Connect to ``address`` (or RAY_ADDRESS), or start a local Ray when neither is set."""
+    """Connect to ``address`` (or RAY_ADDRESS), or start a fresh local Ray when neither is set.
+
+    Ray's own ``ray.init()`` without an address would join a cluster that ``ray start`` left running
+    on this machine; here that takes ``address="auto"``.
+    """
     if ray.is_initialized():
         return
-    address = address or os.environ.get("RAY_ADDRESS") or None  # "local" forces a fresh local Ray
+    address = address or os.environ.get("RAY_ADDRESS") or "local"
     ray.init(address=address, include_dashboard=False, log_to_driver=True,
              runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
 
