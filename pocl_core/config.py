@@ -25,6 +25,7 @@ from pocl_core.config_sections import (  # noqa: F401  (re-exported: the config'
     ModelsConfig,
     OptimConfig,
     RayConfig,
+    SamplingConfig,
     ScoringConfig,
     ScoringGenerationConfig,
     StorageConfig,

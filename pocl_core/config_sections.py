@@ -75,7 +75,33 @@ class DataConfig(_Section):
         return self
 
 
-class ScoringGenerationConfig(_Section):
+class SamplingConfig(_Section):
+    """Decoding settings shared by scoring's and evaluation's generations.
+
+    do_sample False decodes greedily (the sampling settings are then ignored); otherwise ancestral
+    sampling at ``temperature`` with ``top_k`` (0: off) and ``top_p`` (1: off).
+    no_repeat_ngram_size: 0 turns it off. max_new_tokens: generated tokens per prompt.
+    """
+
+    do_sample: bool = True
+    temperature: float = Field(1.0, gt=0.0)
+    top_k: int = Field(0, ge=0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    no_repeat_ngram_size: int = Field(6, ge=0)
+    max_new_tokens: int = Field(64, gt=0)
+
+    def generate_kwargs(self, pad_id: int, eos_id: int | None, do_sample: bool | None = None) -> dict[str, Any]:
+        """Keyword arguments of Hugging Face ``generate``; ``do_sample`` overrides the setting."""
+        sample = self.do_sample if do_sample is None else do_sample
+        kwargs: dict[str, Any] = {"max_new_tokens": self.max_new_tokens, "pad_token_id": pad_id,
+                                  "eos_token_id": eos_id, "no_repeat_ngram_size": self.no_repeat_ngram_size or None,
+                                  "do_sample": sample}
+        if sample:
+            kwargs.update(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p)
+        return kwargs
+
+
+class ScoringGenerationConfig(SamplingConfig):
     """How generative measures (``rouge_l``) let the scoring model answer each prompt.
 
     Defaults are the authors' near-greedy decoding: sampling (``do_sample``) at ``temperature`` 0.01
@@ -85,11 +111,7 @@ class ScoringGenerationConfig(_Section):
     the batch's sample ids, so a value never depends on which shard ran first or on which worker.
     """
 
-    do_sample: bool = True
     temperature: float = Field(0.01, gt=0.0)
-    top_k: int = Field(0, ge=0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    no_repeat_ngram_size: int = Field(6, ge=0)
     max_new_tokens: int = Field(256, gt=0)
     seed: int = 10
 
@@ -275,24 +297,18 @@ class RayConfig(_Section):
     worker_niceness: Optional[int] = Field(0, ge=0, le=19)
 
 
-class EvalConfig(_Section):
+class EvalConfig(SamplingConfig):
     """Held-out evaluation: ROUGE-L F1 (×100) of generations and mean response NLL.
 
     seeds: one sampled generation pass per seed (the mean is reported). do_sample False makes those
     passes greedy too. greedy: also one greedy pass (seed-independent), reported as its own ROUGE-L.
-    max_new_tokens: generation length. temperature/top_k/top_p/no_repeat_ngram_size: sampling
-    settings (the method's defaults). batch_size: prompts per generate call. at_stage_boundaries:
+    do_sample/temperature/top_k/top_p/no_repeat_ngram_size/max_new_tokens: see SamplingConfig (the
+    method's defaults: temperature 1, no top-k/top-p, no repeated 6-grams, 64 new tokens). batch_size: prompts per generate call. at_stage_boundaries:
     also evaluate the student as it was at the end of every stage but the last (that one is the
     final student); training then saves those students under ``<run>/stages/``.
     """
 
     seeds: list[int] = Field(default_factory=lambda: [10], min_length=1)
-    do_sample: bool = True
-    temperature: float = Field(1.0, gt=0.0)
-    top_k: int = Field(0, ge=0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    no_repeat_ngram_size: int = Field(6, ge=0)
-    max_new_tokens: int = Field(64, gt=0)
     batch_size: int = Field(16, gt=0)
     greedy: bool = True
     at_stage_boundaries: bool = False

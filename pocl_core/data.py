@@ -288,6 +288,24 @@ def pad_id_of(tokenizer: Any) -> int:
     return 0
 
 
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int,
+             device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token-id lists for generation, so every row's next token goes in the same column.
+
+    Returns input_ids [B, L] (int64, ``pad_id`` on the left) and attention_mask [B, L] (1 = real token).
+    """
+    if not prompts:
+        raise ValueError("left_pad: no prompts")
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        if len(p):
+            ids[i, width - len(p):] = torch.tensor(list(p), dtype=torch.long)
+            attn[i, width - len(p):] = 1
+    return ids.to(device), attn.to(device)
+
+
 def collate(batch: Sequence[EncodedSample], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad a batch.
 

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from pocl_core.config import EvalConfig
-from pocl_core.data import Sample, encode_prompt, encode_sample, pad_id_of
+from pocl_core.data import Sample, encode_prompt, encode_sample, left_pad, pad_id_of
 from pocl_core.measures import ScoringContext, length_sorted_batches, measure_nll
 
 
@@ -58,21 +58,10 @@ def generate_responses(model: torch.nn.Module, tokenizer: Any, samples: Sequence
     order = sorted(range(len(samples)), key=lambda i: -len(prompts[i]))
     for start in range(0, len(order), cfg.batch_size):
         idx = order[start:start + cfg.batch_size]
-        width = max(len(prompts[i]) for i in idx)
-        ids = torch.full((len(idx), width), pad, dtype=torch.long)
-        attn = torch.zeros_like(ids)
-        for r, i in enumerate(idx):
-            n = len(prompts[i])
-            ids[r, width - n:] = torch.tensor(prompts[i])
-            attn[r, width - n:] = 1
-        gen_kwargs: dict[str, Any] = dict(max_new_tokens=cfg.max_new_tokens, pad_token_id=pad,
-                                          eos_token_id=tokenizer.eos_token_id,
-                                          no_repeat_ngram_size=cfg.no_repeat_ngram_size or None)
-        if sample:
-            gen_kwargs.update(do_sample=True, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
-        else:
-            gen_kwargs.update(do_sample=False)
-        seqs = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device), **gen_kwargs)
+        ids, attn = left_pad([prompts[i] for i in idx], pad, device)
+        width = ids.shape[1]
+        seqs = model.generate(input_ids=ids, attention_mask=attn,
+                              **cfg.generate_kwargs(pad, tokenizer.eos_token_id, do_sample=sample))
         for r, i in enumerate(idx):
             out[i] = tokenizer.decode(seqs[r, width:], skip_special_tokens=True).strip()
     return out

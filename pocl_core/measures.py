@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from pocl_core.config import ScoringGenerationConfig
-from pocl_core.data import EncodedSample, collate
+from pocl_core.data import EncodedSample, collate, left_pad
 from pocl_core.teacher_cache import CacheRows, topk_rows
 from pocl_core.train_step import response_positions
 
@@ -153,25 +153,14 @@ def generate_continuations(ctx: ScoringContext, batch: Sequence[EncodedSample]) 
     :func:`batch_seed` inside a forked RNG (the caller's RNG state is left untouched).
     """
     gen = ctx.generation
-    prompts = [e.input_ids[:e.n_prompt] for e in batch]
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), ctx.pad_id, dtype=torch.long)
-    attn = torch.zeros_like(ids)
-    for r, p in enumerate(prompts):
-        ids[r, width - len(p):] = torch.tensor(p, dtype=torch.long)
-        attn[r, width - len(p):] = 1
-    kwargs: dict[str, Any] = dict(max_new_tokens=gen.max_new_tokens, pad_token_id=ctx.pad_id,
-                                  eos_token_id=ctx.tokenizer.eos_token_id,
-                                  no_repeat_ngram_size=gen.no_repeat_ngram_size or None)
-    if gen.do_sample:
-        kwargs.update(do_sample=True, temperature=gen.temperature, top_k=gen.top_k, top_p=gen.top_p)
-    else:
-        kwargs.update(do_sample=False)
+    ids, attn = left_pad([e.input_ids[:e.n_prompt] for e in batch], ctx.pad_id, ctx.device)
+    width = ids.shape[1]
     devices = [ctx.device] if ctx.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(batch_seed(gen.seed, batch))
-        out = ctx.model.generate(input_ids=ids.to(ctx.device), attention_mask=attn.to(ctx.device), **kwargs)
-    return [ctx.tokenizer.decode(out[r, width:], skip_special_tokens=True).strip() for r in range(len(prompts))]
+        out = ctx.model.generate(input_ids=ids, attention_mask=attn,
+                                 **gen.generate_kwargs(ctx.pad_id, ctx.tokenizer.eos_token_id))
+    return [ctx.tokenizer.decode(out[r, width:], skip_special_tokens=True).strip() for r in range(len(batch))]
 
 
 def reference_texts(ctx: ScoringContext, batch: Sequence[EncodedSample]) -> list[str]:

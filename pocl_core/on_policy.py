@@ -37,7 +37,7 @@ from typing import Iterable, Sequence
 
 import torch
 
-from pocl_core.data import EncodedSample
+from pocl_core.data import EncodedSample, left_pad
 
 _DECISION_TAG = "pocl-gkd-on-policy"
 _GENERATION_TAG = "pocl-gkd-generation"
@@ -96,12 +96,7 @@ def sample_responses(lm: torch.nn.Module, prompts: Sequence[Sequence[int]], budg
     if temperature < 0:
         raise ValueError(f"sample_responses: temperature must be >= 0, got {temperature}")
     device = next(lm.parameters()).device
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=device)
-    attn = torch.zeros((len(prompts), width), dtype=torch.long, device=device)
-    for i, p in enumerate(prompts):  # left padding: every row's next token goes in the same column
-        ids[i, width - len(p):] = torch.tensor(list(p), dtype=torch.long, device=device)
-        attn[i, width - len(p):] = 1
+    ids, attn = left_pad(prompts, pad_id, device)
     positions = (attn.cumsum(-1) - 1).clamp(min=0)
     budget = torch.tensor(list(budgets), device=device)
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)

@@ -3,8 +3,8 @@ import json
 import pytest
 import torch
 
-from pocl_core.data import (DataError, Sample, cap_samples, collate, dataset_fingerprint, encode_sample, load_samples,
-                            split_holdout, stable_sample_id)
+from pocl_core.data import (DataError, Sample, cap_samples, collate, dataset_fingerprint, encode_sample, left_pad,
+                            load_samples, split_holdout, stable_sample_id)
 
 
 def write_jsonl(path, rows):
@@ -84,3 +84,12 @@ def test_encoding_masks_prompt_and_truncates(tiny_models):
     assert batch["input_ids"].shape == (2, len(e.input_ids))
     assert batch["target_mask"][0].sum() == e.n_response and batch["target_mask"][1].sum() == 2
     assert torch.equal(batch["attention_mask"][1], torch.tensor([1] * 5 + [0] * (len(e.input_ids) - 5)))
+
+
+def test_left_pad_puts_every_next_token_in_the_last_column():
+    ids, attn = left_pad([[5, 6, 7], [8], [9, 10]], pad_id=0)
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8], [0, 9, 10]]
+    assert attn.tolist() == [[1, 1, 1], [0, 0, 1], [0, 1, 1]]
+    assert ids.dtype == attn.dtype == torch.long
+    with pytest.raises(ValueError, match="no prompts"):
+        left_pad([], pad_id=0)

@@ -62,3 +62,13 @@ def _f1(row: Generation) -> float:
     from pocl_core.evaluate import rouge_l_f1
 
     return rouge_l_f1(row.generation, row.reference)
+
+
+def test_generate_kwargs_sample_or_greedy():
+    cfg = EvalConfig(temperature=0.7, top_k=5, top_p=0.9, no_repeat_ngram_size=0, max_new_tokens=12)
+    assert cfg.generate_kwargs(pad_id=1, eos_id=2) == {
+        "max_new_tokens": 12, "pad_token_id": 1, "eos_token_id": 2, "no_repeat_ngram_size": None,
+        "do_sample": True, "temperature": 0.7, "top_k": 5, "top_p": 0.9}
+    greedy = cfg.generate_kwargs(pad_id=1, eos_id=2, do_sample=False)  # sampling settings dropped
+    assert greedy == {"max_new_tokens": 12, "pad_token_id": 1, "eos_token_id": 2, "no_repeat_ngram_size": None,
+                      "do_sample": False}
