@@ -16,7 +16,7 @@ from uuid import UUID
 
 from devtools.processes import stop_tree
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 PREFECT_CLI = Path(sys.executable).with_name("prefect")
 
 
