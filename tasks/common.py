@@ -45,8 +45,10 @@ class Progress:
         self.logger = task_logger()
         self.artifact_id = create_progress_artifact(progress=0.0, key=key, description=description) if _in_run() else None
 
-    def update(self, done: int) -> None:
+    def update(self, done: int, log: bool = True) -> None:
+        """Set the artifact to ``done`` of ``total``; also log it unless ``log`` is False."""
         pct = 100.0 * min(done, self.total) / self.total
         if self.artifact_id is not None:
             update_progress_artifact(self.artifact_id, progress=pct)
-        self.logger.info("%s: %d/%d (%.0f%%)", self.description, done, self.total, pct)
+        if log:
+            self.logger.info("%s: %d/%d (%.0f%%)", self.description, done, self.total, pct)

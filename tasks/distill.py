@@ -25,15 +25,17 @@ from ray.train.torch import TorchTrainer
 
 from pocl_core.checkpoint import load_checkpoint
 from pocl_core.config import LossConfig, PoclConfig, RayConfig
-from pocl_core.contracts import STUDENT_PROVENANCE, RunPaths, read_metadata
+from pocl_core.contracts import STUDENT_PROVENANCE, RunPaths, read_metadata, read_table
 from pocl_core.models import load_causal_lm, load_tokenizer, model_fingerprint, tokenizer_fingerprint
-from pocl_core.schedule import num_trained_stages
+from pocl_core.partition import bucket_sizes
+from pocl_core.schedule import num_trained_stages, plan_stages
 from pocl_core.storage import (Location, ObjectPath, download_dir, for_workers, location, ray_storage,
                                write_dir_atomic)
 from tasks.common import task_logger
 from tasks.distill_loop import distill_loop
 from tasks.load_data import DatasetSplits
 from tasks.run_checkpoints import EXPERIMENT_NAME, list_checkpoints, newest_valid_checkpoint
+from tasks.train_progress import MetricsFollower
 
 PROVENANCE_FILE = STUDENT_PROVENANCE
 
@@ -171,7 +173,8 @@ def distill(cfg: PoclConfig, data: DatasetSplits, partition_path: str, teacher_c
         ),
     )
     log.info("distilling with %d Ray Train worker(s), storage %s", cfg.ray.num_workers, paths.train_storage)
-    result = trainer.fit()
+    with MetricsFollower(paths.train_metrics, planned_steps(cfg, partition_path)):
+        result = trainer.fit()
     if result.checkpoint is not None:
         with result.checkpoint.as_directory() as ckpt:
             save_student(cfg, ckpt, paths.student, key)
@@ -186,6 +189,13 @@ def distill(cfg: PoclConfig, data: DatasetSplits, partition_path: str, teacher_c
             save_student(cfg, str(newest), paths.student, key)
     log.info("final student saved to %s", paths.student)
     return str(paths.student)
+
+
+def planned_steps(cfg: PoclConfig, partition_path: str) -> int:
+    """Optimizer steps of the whole schedule for this partition (every stage, all epochs)."""
+    n = read_table(location(partition_path, cfg.storage)).num_rows
+    plans = plan_stages(cfg.curriculum, bucket_sizes(n, cfg.curriculum.num_stages), cfg.optim.global_batch_size)
+    return sum(p.num_steps for p in plans)
 
 
 def save_student(cfg: PoclConfig, checkpoint_dir: str, out: Location, train_key: str) -> None:

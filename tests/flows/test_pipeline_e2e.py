@@ -88,11 +88,12 @@ def test_flow_end_to_end_with_two_ray_workers_and_idempotent_rerun(prefect_harne
 
     with get_client(sync_client=True) as client:
         artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(
-            key=ArtifactFilterKey(any_=["pocl-report", "pocl-eval", "partition-buckets"])))
+            key=ArtifactFilterKey(any_=["pocl-report", "pocl-eval", "partition-buckets", "distill"])))
     by_key = {a.key: a for a in artifacts}
-    assert set(by_key) == {"pocl-report", "pocl-eval", "partition-buckets"}
+    assert set(by_key) == {"pocl-report", "pocl-eval", "partition-buckets", "distill"}
     assert "data:image/png;base64," in by_key["pocl-report"].data
     assert by_key["pocl-report"].type == "markdown" and by_key["pocl-eval"].type == "table"
+    assert by_key["distill"].type == "progress" and float(by_key["distill"].data) == 100.0  # training progress
 
     # rerun with the same run name: scoring, partitioning and training are reused, not redone
     watched = [*shards, *sorted((paths.scores_dir / "measures").glob("*.parquet")), paths.partition,
