@@ -35,9 +35,12 @@ class MetricsFollower:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.progress = Progress("distill", total_steps, "optimizer steps")
-        earlier = self._complete_lines()
-        self._seen = len(earlier)
-        self.last_step = json.loads(earlier[-1])["global_step"] if earlier else 0
+        try:
+            earlier = self._complete_lines()
+            self._seen = len(earlier)
+            self.last_step = int(json.loads(earlier[-1])["global_step"]) if earlier else 0
+        except (OSError, ValueError, KeyError, TypeError):  # unreadable now: count from zero, log all rows
+            self._seen, self.last_step = 0, 0
         if self.last_step:
             self.progress.update(self.last_step, log=False)
 
@@ -50,23 +53,34 @@ class MetricsFollower:
         return text.split("\n")[:-1]
 
     def poll(self) -> list[dict[str, Any]]:
-        """Log and publish the rows appended since the last poll; returns them."""
+        """Log and publish the rows appended since the last poll; returns them (unreadable rows skipped)."""
         lines = self._complete_lines()
-        rows = [json.loads(line) for line in lines[self._seen:] if line.strip()]
-        self._seen = len(lines)
-        for row in rows:
-            self.progress.logger.info("%s", format_row(row, self.total_steps))
+        fresh, self._seen = lines[self._seen:], len(lines)
+        rows = []
+        for line in fresh:
+            try:
+                row = json.loads(line)
+                message = format_row(row, self.total_steps)
+            except (ValueError, KeyError, TypeError) as exc:
+                self.progress.logger.warning("training progress: skipping a metrics row of %s: %s", self.metrics, exc)
+                continue
+            self.progress.logger.info("%s", message)
+            rows.append(row)
         if rows:
             self.last_step = rows[-1]["global_step"]
             self.progress.update(self.last_step, log=False)
         return rows
 
+    def _poll_quietly(self) -> None:
+        """poll(), but a flaky store never fails training: it is logged and tried again next time."""
+        try:
+            self.poll()
+        except OSError as exc:
+            self.progress.logger.warning("training progress: could not read %s: %s", self.metrics, exc)
+
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
-            try:
-                self.poll()
-            except (OSError, ValueError) as exc:  # a flaky store or a torn read: try again next time
-                self.progress.logger.debug("metrics follower: %s", exc)
+            self._poll_quietly()
 
     def __enter__(self) -> "MetricsFollower":
         # Prefect's run context lives in context variables: the thread gets a copy, so its log lines
@@ -81,4 +95,4 @@ class MetricsFollower:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
-        self.poll()  # the rows written since the last poll
+        self._poll_quietly()  # the rows written since the last poll

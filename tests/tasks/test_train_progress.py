@@ -48,3 +48,17 @@ def test_follower_without_a_metrics_file_yet(tmp_path):
     with MetricsFollower(tmp_path / "absent.jsonl", total_steps=3, interval_s=0.05) as follower:
         time.sleep(0.15)
     assert follower.last_step == 0 and follower.poll() == []
+
+
+def test_an_unreadable_row_is_skipped_with_a_warning_not_raised(tmp_path, caplog):
+    metrics = tmp_path / "metrics.jsonl"
+    caplog.set_level(logging.INFO, logger="pocl")
+    follower = MetricsFollower(metrics, total_steps=4, interval_s=60)
+    append(metrics, row(1))
+    with metrics.open("a") as fh:  # a torn row, then one with fields missing
+        fh.write("{not json\n" + json.dumps({"global_step": 2}) + "\n")
+    append(metrics, row(3))
+    assert [r["global_step"] for r in follower.poll()] == [1, 3]
+    assert follower.last_step == 3
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 2 and all("skipping a metrics row" in w for w in warnings)
