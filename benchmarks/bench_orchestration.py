@@ -55,9 +55,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 for _key, _value in {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "RAY_AUTH_MODE": "disabled",
                      "TOKENIZERS_PARALLELISM": "false", "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
@@ -223,28 +221,12 @@ def child_env(root: Path, threads: int) -> dict[str, str]:
     return env
 
 
-@contextmanager
-def running_services(root: Path, threads: int) -> Iterator[dict[str, str]]:
-    """A Prefect server and a one-node Ray (2 CPUs) on 127.0.0.1 for the block; yields the flow's env
-    for them. Both are stopped by PID on the way out."""
-    from devtools.live_prefect import PREFECT_CLI, api_healthy, start_service, stop_service, wait_until
-    from devtools.local_ray_cluster import LocalRayCluster
-    from devtools.processes import free_port
+def running_services(root: Path, threads: int):
+    """A Prefect server and a one-node Ray (2 CPUs) on 127.0.0.1 (``devtools.services``), as a context
+    manager yielding the flow's env for them."""
+    from devtools.services import prefect_and_ray
 
-    port = free_port()
-    api_url = f"http://127.0.0.1:{port}/api"
-    server_env = {**child_env(root, threads), "PREFECT_HOME": str(root / "prefect-server-home"),
-                  "PREFECT_UI_ENABLED": "false"}
-    server = start_service("prefect server", [str(PREFECT_CLI), "server", "start", "--host", "127.0.0.1",
-                                              "--port", str(port)], server_env, root / "prefect-server.log")
-    cluster = LocalRayCluster(num_cpus_per_node=2, root=Path(tempfile.mkdtemp(prefix="ray-", dir=root)))
-    try:
-        wait_until("the Prefect server's API", lambda: api_healthy(api_url), 180, (server,))
-        cluster.start(1)
-        yield {**child_env(root, threads), "PREFECT_API_URL": api_url, "RAY_ADDRESS": cluster.address}
-    finally:
-        cluster.stop()
-        stop_service(server)
+    return prefect_and_ray(root, child_env(root, threads), num_cpus=2)
 
 
 def one_repeat(root: Path, rep: int, threads: int, services_env: dict[str, str]) -> dict:
