@@ -202,6 +202,9 @@ class CurriculumConfig(_Section):
 class LossConfig(_Section):
     """The KD divergence: ``name`` (fkl, rkl, jsd, tvd, skl, srkl, akl, gjsd) and its ``params``.
 
+    temperature_scaling: ``t_squared`` (default) multiplies the divergence at temperature T by T²,
+    for every loss alike; ``none`` leaves it bare (docs/losses.md, "Temperature: one rule").
+
     GKD on-policy mixing (see docs/losses.md and pocl_core/on_policy.py):
     on_policy_fraction: share of optimizer steps that train on responses the current student samples
     for the step's prompts instead of the dataset's (0 = off, the default; 1 = every step). Which steps
@@ -219,6 +222,7 @@ class LossConfig(_Section):
 
     name: str = "fkl"
     params: dict[str, Any] = Field(default_factory=dict)
+    temperature_scaling: Literal["t_squared", "none"] = "t_squared"
     on_policy_fraction: float = Field(0.0, ge=0.0, le=1.0)
     on_policy_max_new_tokens: int = Field(256, gt=0)
     on_policy_temperature: float = Field(1.0, ge=0.0)

@@ -61,8 +61,9 @@ class StepLosses:
 
 def distillation_losses(student: torch.nn.Module, teacher: torch.nn.Module | None, batch: dict[str, torch.Tensor], *,
                         temperature: float, kd_weight: float, loss_name: str, loss_params: dict[str, Any],
-                        vocab_columns: int | None = None, teacher_logits: Any = None) -> StepLosses:
-    """(1−λ)·CE + λ·D_T on one micro-batch.
+                        vocab_columns: int | None = None, teacher_logits: Any = None,
+                        temperature_scaling: str = "t_squared") -> StepLosses:
+    """(1−λ)·CE + λ·D_T on one micro-batch (D_T times T² under ``temperature_scaling="t_squared"``).
 
     ``student`` / ``teacher`` are ResponseLogitsLM (possibly DDP-wrapped). ``vocab_columns`` cuts
     both logits to the shared tokenizer width (padded embedding rows are ignored). A precomputed
@@ -82,7 +83,8 @@ def distillation_losses(student: torch.nn.Module, teacher: torch.nn.Module | Non
     targets = response_targets(batch["input_ids"], batch["target_mask"])
     mask = torch.ones(targets.shape, dtype=torch.bool, device=targets.device)
     total, kd, ce = kd_objective(s_logits, teacher_logits, targets, mask, kd_weight=kd_weight,
-                                 temperature=temperature, loss_name=loss_name, loss_params=loss_params)
+                                 temperature=temperature, loss_name=loss_name, loss_params=loss_params,
+                                 temperature_scaling=temperature_scaling)
     return StepLosses(total, kd, ce, int(targets.numel()))
 
 

@@ -50,6 +50,8 @@ def training_key(cfg: PoclConfig, data: DatasetSplits, partition_path: str, teac
     recipe = cfg.model_dump(mode="json", include={"seed", "curriculum", "loss", "optim", "data"})
     if not cfg.loss.on_policy_fraction:
         recipe["loss"] = {k: v for k, v in recipe["loss"].items() if k not in LossConfig.ON_POLICY_FIELDS}
+    if cfg.loss.temperature_scaling == "t_squared":  # the default keeps the keys of runs made before the knob
+        del recipe["loss"]["temperature_scaling"]
     partition_path = location(partition_path, cfg.storage)
     teacher_cache_dir = location(teacher_cache_dir, cfg.storage) if teacher_cache_dir else None
     blob = {

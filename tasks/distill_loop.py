@@ -135,7 +135,8 @@ def distill_loop(loop_config: dict[str, Any]) -> None:
                         losses = distillation_losses(student, teacher, batch, temperature=plan.temperature,
                                                      kd_weight=kd_weight, loss_name=cfg.loss.name,
                                                      loss_params=cfg.loss.params, vocab_columns=columns,
-                                                     teacher_logits=cached)
+                                                     teacher_logits=cached,
+                                                     temperature_scaling=cfg.loss.temperature_scaling)
                     share = losses.num_tokens / max(global_tokens, 1) * world
                     (losses.total * share).backward()
                 window.add(losses, share / world)

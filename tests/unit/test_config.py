@@ -92,3 +92,13 @@ def test_training_key_depends_on_the_data_and_the_train_settings(monkeypatch):
     assert key != distill_mod.training_key(frozen, SimpleNamespace(train_fingerprint="a"), "partition.parquet")
     logging_only = load_config(TINY_CONFIG, ["train.log_every_steps=3"])
     assert key == distill_mod.training_key(logging_only, SimpleNamespace(train_fingerprint="a"), "partition.parquet")
+    # the T² rule is the default; the bare divergence trains other weights, so it is another key
+    bare = load_config(TINY_CONFIG, ["loss.temperature_scaling=none"])
+    assert key != distill_mod.training_key(bare, SimpleNamespace(train_fingerprint="a"), "partition.parquet")
+    explicit = load_config(TINY_CONFIG, ["loss.temperature_scaling=t_squared"])
+    assert key == distill_mod.training_key(explicit, SimpleNamespace(train_fingerprint="a"), "partition.parquet")
+
+
+def test_temperature_scaling_accepts_only_the_two_rules():
+    with pytest.raises(ConfigError, match="loss.temperature_scaling"):
+        load_config(TINY_CONFIG, ["loss.temperature_scaling=t2"])

@@ -166,3 +166,17 @@ def test_config_defaults_off_and_rejects_bad_on_policy_settings():
         _config("loss.on_policy_fraction=1.5")
     with pytest.raises(ConfigError, match="loss.on_policy_max_new_tokens"):
         _config("loss.on_policy_fraction=1", "loss.on_policy_max_new_tokens=0")
+
+
+def test_temperature_scaling_reaches_the_step_loss(tiny_models, student, encoded):
+    """loss.temperature_scaling's two rules give KD terms that differ by exactly T² (CE untouched)."""
+    teacher = ResponseLogitsLM(load_causal_lm(str(tiny_models.teacher), "float32", False)).eval().requires_grad_(False)
+    model = ResponseLogitsLM(student).eval()
+    batch = collate(encoded, pad_id=0)
+    with torch.no_grad():
+        scaled, bare = (distillation_losses(model, teacher, batch, temperature=1.7, kd_weight=0.6, loss_name="fkl",
+                                            loss_params={}, temperature_scaling=rule) for rule in ("t_squared", "none"))
+    assert scaled.kd.item() > 0
+    assert scaled.kd.item() == pytest.approx(1.7 ** 2 * bare.kd.item(), rel=1e-6)
+    assert scaled.ce.item() == pytest.approx(bare.ce.item(), rel=1e-7)
+    assert scaled.total.item() == pytest.approx(0.4 * bare.ce.item() + 0.6 * 1.7 ** 2 * bare.kd.item(), rel=1e-6)
