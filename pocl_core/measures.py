@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from pocl_core.config import ScoringGenerationConfig
 from pocl_core.data import EncodedSample, collate, left_pad
+from pocl_core.lm_head import head_logits
 from pocl_core.teacher_cache import CacheRows, topk_rows
 from pocl_core.train_step import response_positions
 
@@ -102,13 +103,12 @@ def score_batch(ctx: ScoringContext, batch: Sequence[EncodedSample], measures: S
         hidden = ctx.model.base_model(input_ids=tensors["input_ids"], attention_mask=tensors["attention_mask"],
                                       use_cache=False).last_hidden_state[rows, cols]
         targets = tensors["input_ids"][rows, cols + 1]
-        head = ctx.model.get_output_embeddings()
-        width = head.weight.shape[0]
+        width = ctx.model.get_output_embeddings().weight.shape[0]
         step = max(1, CHUNK_ELEMENTS // width)
         sums = {m: torch.zeros(len(batch), dtype=torch.float64, device=ctx.device) for m in token_names}
         parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         for start in range(0, hidden.shape[0], step):
-            logits = head(hidden[start:start + step])
+            logits = head_logits(ctx.model, hidden[start:start + step])
             owner = rows[start:start + step]
             for m in token_names:
                 sums[m].index_add_(0, owner, TOKEN_MEASURES[m](logits, targets[start:start + step]).double())

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from pocl_core.fingerprints import hash_files
+from pocl_core.lm_head import check_head
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -47,7 +48,11 @@ def warn_if_slow_dtype(dtype: str, device: torch.device) -> None:
 
 def load_causal_lm(name_or_path: str, dtype: str = "float32", trust_remote_code: bool = False,
                    device: str | torch.device = "cpu") -> torch.nn.Module:
-    """AutoModelForCausalLM in ``dtype`` on ``device`` (safetensors preferred)."""
+    """AutoModelForCausalLM in ``dtype`` on ``device`` (safetensors preferred).
+
+    Refused (ValueError) when its logits are not what ``pocl_core.lm_head.head_logits`` computes from
+    its hidden states: every loss and measure here runs the head only at response positions.
+    """
     from transformers import AutoModelForCausalLM
 
     if dtype not in DTYPES:
@@ -56,7 +61,9 @@ def load_causal_lm(name_or_path: str, dtype: str = "float32", trust_remote_code:
     model = AutoModelForCausalLM.from_pretrained(
         name_or_path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, use_safetensors=_has_safetensors(name_or_path)
     )
-    return model.to(device)
+    model = model.to(device)
+    check_head(model, name_or_path)
+    return model
 
 
 def _has_safetensors(name_or_path: str) -> bool | None:

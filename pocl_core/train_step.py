@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from pocl_core.config import OptimConfig
+from pocl_core.lm_head import head_logits
 from pocl_core.losses import kd_objective
 
 
@@ -30,7 +31,7 @@ class ResponseLogitsLM(torch.nn.Module):
 
     forward(input_ids [B, L], attention_mask [B, L], target_mask [B, L]) -> logits [N, V], where N is
     the number of response tokens (targets ``input_ids[b, t+1]`` for each selected (b, t)).
-    Models whose head applies extra scaling beyond the output embedding are not supported.
+    The head is ``pocl_core.lm_head.head_logits`` (soft-capping and logit scales as the model applies them).
     """
 
     def __init__(self, lm: torch.nn.Module) -> None:
@@ -40,7 +41,7 @@ class ResponseLogitsLM(torch.nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:
         hidden = self.lm.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         rows, cols = response_positions(target_mask)
-        return self.lm.get_output_embeddings()(hidden[rows, cols])
+        return head_logits(self.lm, hidden[rows, cols])
 
 
 def response_targets(input_ids: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:
