@@ -92,8 +92,10 @@ class _ChunkedRowsObjective(torch.autograd.Function):
         if grad_buf is None:
             grad = None
         elif bool(grad_total == 1):
-            # The usual case (loss.backward() on this value): hand the buffer on without a copy.
-            # It is never modified in place, so a retained graph can run backward again.
+            # The usual case (loss.backward() on this value): hand the buffer on without a copy (a
+            # second [N, V] buffer at the memory peak otherwise). Autograd may adopt it as a leaf's
+            # .grad and add to it in place later; its version counter then makes a retained graph's
+            # next backward fail loudly ("modified by an inplace operation"), never silently wrong.
             grad = grad_buf
         else:
             grad = grad_buf * grad_total.to(grad_buf.dtype)
