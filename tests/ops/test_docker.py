@@ -68,6 +68,15 @@ def test_cpu_image_uses_the_slim_python_base_and_cpu_torch():
     assert any("download.pytorch.org/whl/cpu" in i.args for i in ins if i.keyword == "ARG")
 
 
+
+def test_cpu_and_cuda_images_run_the_same_python():
+    """Ray refuses a node whose Python differs from the head's: every image must share one base."""
+    bases = {name: [i.args for i in parse((DOCKER / name).read_text()) if i.keyword == "FROM"]
+             for name in ("Dockerfile.cpu", "Dockerfile.cuda")}
+    assert bases["Dockerfile.cpu"] == bases["Dockerfile.cuda"], bases
+    assert bases["Dockerfile.cpu"][0].count(".") >= 2, "pin the patch release (python:3.11.x)"
+
+
 @pytest.mark.parametrize("text,rule", [
     ("RUN echo hi\n", "PD001"),
     ("FROM python\nUSER app\n", "PD002"),
