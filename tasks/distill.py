@@ -34,7 +34,7 @@ from pocl_core.storage import (Location, ObjectPath, download_dir, for_workers, 
 from tasks.common import task_logger
 from tasks.distill_loop import distill_loop
 from tasks.load_data import DatasetSplits
-from tasks.run_checkpoints import EXPERIMENT_NAME, list_checkpoints, newest_valid_checkpoint
+from tasks.run_checkpoints import EXPERIMENT_NAME, foreign_checkpoints, list_checkpoints, newest_valid_checkpoint
 from tasks.train_progress import MetricsFollower
 
 PROVENANCE_FILE = STUDENT_PROVENANCE
@@ -142,6 +142,13 @@ def distill(cfg: PoclConfig, data: DatasetSplits, partition_path: str, teacher_c
         log.info("reusing the trained student in %s", paths.student)
         return str(paths.student)
 
+    foreign = foreign_checkpoints(paths.root, key)
+    if foreign:
+        raise RuntimeError(
+            f"{paths.train_storage} holds {len(foreign)} checkpoint(s) of another training config or other inputs "
+            f"(e.g. {foreign[0].name}; this run's training key is {key}): resuming them would mix two trainings. "
+            "Use a new run_name to train with the new settings")
+
     # ray.num_workers=0 is Ray Train's local mode: the loop runs in this process and needs no cluster.
     # Ray Train then keeps only a reference to each reported checkpoint, so the loop writes them
     # straight into the experiment folder (where resume looks for them).
@@ -176,19 +183,19 @@ def distill(cfg: PoclConfig, data: DatasetSplits, partition_path: str, teacher_c
     )
     log.info("distilling with %d Ray Train worker(s), storage %s", cfg.ray.num_workers, paths.train_storage)
     with MetricsFollower(paths.train_metrics, planned_steps(cfg, partition_path)):
-        result = trainer.fit()
-    if result.checkpoint is not None:
-        with result.checkpoint.as_directory() as ckpt:
-            save_student(cfg, ckpt, paths.student, key)
-    else:  # local mode reports nothing when a resumed run has no step left: take the newest one in storage
-        newest = newest_valid_checkpoint(list(reversed(list_checkpoints(paths.root))))
-        if newest is None:
-            raise RuntimeError(f"distillation finished without a checkpoint in {paths.train_storage}")
-        if isinstance(newest, ObjectPath):
-            with tempfile.TemporaryDirectory(prefix="pocl-ckpt-") as tmp:
-                save_student(cfg, str(download_dir(newest, Path(tmp))), paths.student, key)
-        else:
-            save_student(cfg, str(newest), paths.student, key)
+        trainer.fit()
+    # The newest valid checkpoint in storage, not only those Ray Train registered (result.checkpoint):
+    # a run killed right after its final report leaves a complete checkpoint that Ray registers only
+    # at its next poll; the retry resumes there, has no step left, and reports nothing more.
+    newest = newest_valid_checkpoint(list(reversed(list_checkpoints(paths.root))))
+    if newest is None:
+        raise RuntimeError(f"distillation finished without a valid checkpoint in {paths.train_storage}")
+    if isinstance(newest, ObjectPath):
+        with tempfile.TemporaryDirectory(prefix="pocl-ckpt-") as tmp:
+            local = download_dir(newest, Path(tmp))
+            save_student(cfg, str(local), paths.student, key)
+    else:
+        save_student(cfg, str(newest), paths.student, key, verified=True)
     log.info("final student saved to %s", paths.student)
     return str(paths.student)
 
@@ -200,16 +207,22 @@ def planned_steps(cfg: PoclConfig, partition_path: str) -> int:
     return sum(p.num_steps for p in plans)
 
 
-def save_student(cfg: PoclConfig, checkpoint_dir: str, out: Location, train_key: str) -> None:
+def save_student(cfg: PoclConfig, checkpoint_dir: str, out: Location, train_key: str, verified: bool = False) -> None:
     """Load a checkpoint's weights into the student architecture and save_pretrained it atomically.
+
+    The checkpoint must be local, finished (its position past the last stage) and of ``train_key``;
+    its checksums are verified unless ``verified`` says the caller just did.
 
     A local ``out`` is written beside itself and renamed into place; a remote one is built in a local
     temporary folder and uploaded, the provenance file last (``storage.write_dir_atomic``).
     """
     model = load_causal_lm(cfg.models.student, "float32", cfg.models.trust_remote_code)
-    position = load_checkpoint(checkpoint_dir, model=model)
+    position = load_checkpoint(checkpoint_dir, model=model, verify=not verified)
     if position.stage < num_trained_stages(cfg.curriculum):
         raise RuntimeError(f"checkpoint {checkpoint_dir} is at stage {position.stage}, not finished")
+    found = json.loads((Path(checkpoint_dir) / "position.json").read_text()).get("train_key")
+    if found != train_key:
+        raise RuntimeError(f"checkpoint {checkpoint_dir} has training key {found}, not this run's {train_key}")
     tokenizer = load_tokenizer(cfg.models.tokenizer_source, cfg.models.trust_remote_code)
     provenance = json.dumps({"train_key": train_key, "position": position.__dict__}, indent=2)
 

@@ -24,6 +24,7 @@ import shutil
 import signal
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,7 @@ import ray.train.torch
 import torch
 
 from pocl_core.checkpoint import (MANIFEST, Position, load_checkpoint, read_optimizer_state, read_replay_buffers,
-                                  save_checkpoint)
+                                  read_rng_states, rng_state, save_checkpoint, set_rng_state)
 from pocl_core.config import PoclConfig
 from pocl_core.contracts import STUDENT_PROVENANCE, RunPaths, read_table
 from pocl_core.data import EncodedSample, collate, encode_sample, pad_id_of, table_to_samples
@@ -81,11 +82,12 @@ def distill_loop(loop_config: dict[str, Any]) -> None:
         student_lm.get_input_embeddings().weight.requires_grad_(False)
 
     # --- resume: the newest checkpoint that passes its checksums
-    resume_dir, position, resume_copy = _resume_checkpoint(loop_config, student_lm)
+    resumed = _resume_checkpoint(loop_config, student_lm, cfg)
+    position = resumed.position if resumed is not None else Position(0, 0, 0, 0)
     student = _wrap_student(cfg, ResponseLogitsLM(student_lm.to(device)), device)
     mixer = _on_policy_mixer(cfg, student, rank, tokenizer, pad, columns)
-    if mixer is not None and mixer.buffer is not None and resume_dir is not None:
-        _restore_replay_buffer(mixer, resume_dir, rank, world)
+    if mixer is not None and mixer.buffer is not None and resumed is not None:
+        _restore_replay_buffer(mixer, resumed, rank, world)
     if cfg.train.autocast_dtype != "none":
         warn_if_slow_dtype(cfg.train.autocast_dtype, device)
     autocast = torch.autocast(device.type, dtype=AUTOCAST[cfg.train.autocast_dtype]) \
@@ -104,13 +106,12 @@ def distill_loop(loop_config: dict[str, Any]) -> None:
             optimizer = build_optimizer(student, cfg.optim)
             horizon = plan.num_steps if cfg.curriculum.fresh_optimizer_per_stage else sum(p.num_steps for p in plans)
             scheduler = build_lr_scheduler(optimizer, cfg.optim, horizon)
-        if resume_dir is not None:
-            if start > 0 or not cfg.curriculum.fresh_optimizer_per_stage:
-                load_optimizer_state(student, optimizer, read_optimizer_state(resume_dir))
-                load_checkpoint(resume_dir, scheduler=scheduler, restore_rng=True)
-            if resume_copy is not None:
-                shutil.rmtree(resume_copy, ignore_errors=True)
-            resume_dir = None
+        if resumed is not None:  # the first stage after a resume: continue its optimizer, RNG streams
+            if resumed.optimizer_state is not None:
+                load_optimizer_state(student, optimizer, resumed.optimizer_state)
+                scheduler.load_state_dict(resumed.scheduler_state)
+            _restore_rng(resumed, rank, world, device)
+            resumed = None
         window = _Window()
         for step, idx in stage_batches(members, plan.num_steps, cfg.optim.global_batch_size,
                                        cfg.curriculum.shuffle_seed, plan.stage, start):
@@ -165,7 +166,8 @@ def distill_loop(loop_config: dict[str, Any]) -> None:
                     Position(plan.stage, step + 1, global_step, samples_seen)
                 _report_checkpoint(student, optimizer, scheduler, nxt, rank, loop_config["train_key"],
                                    {"stage": plan.stage, "global_step": global_step, "stage_done": done_stage},
-                                   loop_config.get("checkpoints_in_place"), _gather_replay_buffers(mixer, world))
+                                   loop_config.get("checkpoints_in_place"), _gather_replay_buffers(mixer, world),
+                                   _gather(rng_state(device), world))
             _maybe_inject_fault(fault, global_step, rank)
         position = Position(plan.stage + 1, 0, global_step, samples_seen)
 
@@ -210,28 +212,46 @@ def _on_policy_mixer(cfg: PoclConfig, student: torch.nn.Module, rank: int, token
                          pad_id=pad, vocab_columns=columns)
 
 
+def _gather(value: Any, world: int) -> list[Any]:
+    """Every rank's ``value`` (picklable), indexed by rank (a collective: every rank calls it)."""
+    if world == 1:
+        return [value]
+    gathered: list[Any] = [None] * world
+    torch.distributed.all_gather_object(gathered, value)
+    return gathered
+
+
 def _gather_replay_buffers(mixer: OnPolicyMixer | None, world: int) -> list[list[EncodedSample]] | None:
     """Every rank's GKD replay buffer, indexed by rank, or None without one (a collective: every rank calls it)."""
     if mixer is None or mixer.buffer is None:
         return None
-    mine = mixer.buffer.items()
-    if world == 1:
-        return [mine]
-    gathered: list[Any] = [None] * world
-    torch.distributed.all_gather_object(gathered, mine)
-    return gathered
+    return _gather(mixer.buffer.items(), world)
 
 
-def _restore_replay_buffer(mixer: OnPolicyMixer, resume_dir: Path, rank: int, world: int) -> None:
+def _restore_replay_buffer(mixer: OnPolicyMixer, resumed: "_Resumed", rank: int, world: int) -> None:
     """Refill this rank's replay buffer from the checkpoint, so the resumed steps draw what an
     uninterrupted run would. A checkpoint without buffers, or saved by another number of workers,
     leaves it empty (with a warning): the run continues, no longer step-for-step identical."""
-    saved = read_replay_buffers(resume_dir)
+    saved = resumed.replay_buffers
     if saved is None or len(saved) != world:
         why = "has no replay buffers" if saved is None else f"holds the buffers of {len(saved)} workers, not {world}"
-        logging.getLogger("pocl").warning("checkpoint %s %s: the GKD replay buffer starts empty", resume_dir, why)
+        logging.getLogger("pocl").warning("checkpoint %s %s: the GKD replay buffer starts empty", resumed.name, why)
         return
     mixer.buffer.add(saved[rank])
+
+
+def _restore_rng(resumed: "_Resumed", rank: int, world: int, device: torch.device) -> None:
+    """Continue this rank's RNG streams (dropout, shuffles) where the checkpoint left them. Saved by
+    another number of workers (or before states were kept per worker): rank 0's, with a warning."""
+    states = resumed.rng_states
+    if len(states) == world:
+        set_rng_state(states[rank], device)
+        return
+    if rank == 0:
+        logging.getLogger("pocl").warning(
+            "checkpoint %s holds the RNG states of %d worker(s), not %d: every worker continues rank 0's "
+            "(random ops such as dropout then differ from an uninterrupted run)", resumed.name, len(states), world)
+    set_rng_state(states[0], device)
 
 
 def _sum_over_ranks(value: int, world: int, device: torch.device) -> int:
@@ -243,42 +263,68 @@ def _sum_over_ranks(value: int, world: int, device: torch.device) -> int:
     return int(total.item())
 
 
-def _resume_checkpoint(loop_config: dict[str, Any],
-                       student_lm: torch.nn.Module) -> tuple[Path | None, Position, str | None]:
-    """Load the newest valid checkpoint's weights into ``student_lm``.
+@dataclass
+class _Resumed:
+    """What a resumed run restores besides the weights, read once from the chosen checkpoint (whose
+    local copy is deleted right after). ``optimizer_state``/``scheduler_state``: only when the resumed
+    stage continues an optimizer (mid-stage, or one optimizer across stages)."""
+
+    name: str
+    position: Position
+    optimizer_state: dict[str, Any] | None
+    scheduler_state: dict[str, Any] | None
+    rng_states: list[dict[str, Any]]
+    replay_buffers: list[list[EncodedSample]] | None
+
+
+def _resume_checkpoint(loop_config: dict[str, Any], student_lm: torch.nn.Module, cfg: PoclConfig) -> _Resumed | None:
+    """Load the newest valid checkpoint's weights into ``student_lm``; None when there is none.
 
     Candidates, newest first: every checkpoint folder in the run's storage (Ray Train registers a
     reported checkpoint only at its next poll, so a run killed right after a report can leave a
     complete, verified checkpoint that Ray does not know; using it avoids redoing finished work),
     then Ray Train's latest checkpoint if it lives elsewhere (copied locally). Each must pass its
     checksums, read through the run folder's filesystem; a remote one is then downloaded to a local
-    temporary folder. Returns (chosen local folder or None, position, local copy to delete).
+    temporary folder (verified again there) and deleted once read.
     """
     candidates: list[Location] = list(reversed(list_checkpoints(loop_config["run_dir"])))
     latest = ray.train.get_checkpoint()
     local_copy = None
-    if latest is not None and Path(latest.path).name not in {c.name for c in candidates}:
-        local_copy = tempfile.mkdtemp(prefix="pocl-resume-")
-        with latest.as_directory() as d:
-            shutil.copytree(d, local_copy, dirs_exist_ok=True)
-        candidates.insert(0, Path(local_copy))
-    if not candidates:
-        return None, Position(0, 0, 0, 0), None
-    chosen = newest_valid_checkpoint(candidates)
-    if chosen is None:
-        raise RuntimeError(f"no valid checkpoint to resume from in {loop_config['run_dir']} (all fail their checksums)")
-    found = json.loads((chosen / "position.json").read_text()).get("train_key")
-    if found != loop_config["train_key"]:
-        raise RuntimeError(
-            f"checkpoint {chosen} was written by a different training config (train_key {found}, now "
-            f"{loop_config['train_key']}); use a new run_name to train with the new settings")
-    if isinstance(chosen, ObjectPath):
+    try:
+        if latest is not None and Path(latest.path).name not in {c.name for c in candidates}:
+            local_copy = tempfile.mkdtemp(prefix="pocl-resume-")
+            with latest.as_directory() as d:
+                shutil.copytree(d, local_copy, dirs_exist_ok=True)
+            candidates.insert(0, Path(local_copy))
+        if not candidates:
+            return None
+        chosen = newest_valid_checkpoint(candidates)
+        if chosen is None:
+            raise RuntimeError(f"no valid checkpoint to resume from in {loop_config['run_dir']} (all fail their checksums)")
+        found = json.loads((chosen / "position.json").read_text()).get("train_key")
+        if found != loop_config["train_key"]:
+            raise RuntimeError(
+                f"checkpoint {chosen} was written by a different training config (train_key {found}, now "
+                f"{loop_config['train_key']}); use a new run_name to train with the new settings")
+        remote = isinstance(chosen, ObjectPath)
+        if remote:
+            if local_copy is not None:
+                shutil.rmtree(local_copy, ignore_errors=True)
+            local_copy = tempfile.mkdtemp(prefix="pocl-resume-")
+            folder = download_dir(chosen, Path(local_copy))
+        else:
+            folder = Path(chosen)
+        position = load_checkpoint(folder, model=student_lm, verify=remote)  # local ones were just verified
+        continues_optimizer = position.step_in_stage > 0 or not cfg.curriculum.fresh_optimizer_per_stage
+        return _Resumed(
+            name=str(chosen), position=position,
+            optimizer_state=read_optimizer_state(folder, verify=False) if continues_optimizer else None,
+            scheduler_state=torch.load(folder / "scheduler.pt", weights_only=True) if continues_optimizer else None,
+            rng_states=read_rng_states(folder, verify=False),
+            replay_buffers=read_replay_buffers(folder, verify=False))
+    finally:
         if local_copy is not None:
             shutil.rmtree(local_copy, ignore_errors=True)
-        local_copy = tempfile.mkdtemp(prefix="pocl-resume-")
-        chosen = download_dir(chosen, Path(local_copy))
-    position = load_checkpoint(chosen, model=student_lm)
-    return chosen, position, local_copy
 
 
 class _Window:
@@ -313,12 +359,14 @@ def _append_jsonl(path: Location, row: dict[str, Any]) -> None:
 def _report_checkpoint(student: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, position: Position,
                        rank: int, train_key: str, metrics: dict[str, Any],
                        in_place: str | ObjectPath | None = None,
-                       replay_buffers: list[list[EncodedSample]] | None = None) -> None:
+                       replay_buffers: list[list[EncodedSample]] | None = None,
+                       rng_states: list[dict[str, Any]] | None = None) -> None:
     """Every rank gathers the state and reports (collectives); rank 0 attaches the checkpoint folder.
 
     Ray Train copies a reported folder into its storage, so it is written to a temporary folder; in
     local mode (``in_place``: the experiment folder) nothing is copied and it is written there instead.
-    ``replay_buffers``: every rank's GKD replay buffer (already gathered), saved with the checkpoint.
+    ``replay_buffers`` / ``rng_states``: every rank's GKD replay buffer and RNG states (already
+    gathered), saved with the checkpoint. Local in-place folders are built beside and renamed in.
     """
     weights, optim = _student_state(student, optimizer, rank)
     if rank != 0:
@@ -327,16 +375,14 @@ def _report_checkpoint(student: torch.nn.Module, optimizer: torch.optim.Optimize
 
     def save(folder: str | Path) -> Path:
         return save_checkpoint(folder, weights, optim, scheduler, position, extra={"train_key": train_key},
-                               replay_buffers=replay_buffers)
+                               replay_buffers=replay_buffers, rng_states=rng_states)
 
     if in_place is not None:
         folder = location(in_place) / f"checkpoint_local_{position.global_step:06d}_{position.stage:02d}"
-        if isinstance(folder, ObjectPath):  # built locally, uploaded with the manifest last
-            write_dir_atomic(folder, save, last=MANIFEST)
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint(path=folder.key, filesystem=folder.fs))
-            return
-        save(folder)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(folder)))
+        write_dir_atomic(folder, save, last=MANIFEST)  # remote: uploaded with the manifest last
+        checkpoint = ray.train.Checkpoint(path=folder.key, filesystem=folder.fs) if isinstance(folder, ObjectPath) \
+            else ray.train.Checkpoint.from_directory(str(folder))
+        ray.train.report(metrics, checkpoint=checkpoint)
         return
     folder = tempfile.mkdtemp(prefix="pocl-ckpt-")
     try:

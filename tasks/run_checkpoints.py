@@ -24,13 +24,32 @@ def experiment_dir(run_dir: str | Path | ObjectPath) -> Location:
     return location(run_dir) / "train" / EXPERIMENT_NAME
 
 
-def list_checkpoints(run_dir: str | Path | ObjectPath) -> list[Location]:
-    """Checkpoint folders of a run that hold a position, oldest first (by global step)."""
-    steps = {}
+def _positions(run_dir: str | Path | ObjectPath) -> dict[Location, dict]:
+    """Each checkpoint folder's position.json (folders being built, ``*.tmp``, and unreadable
+    positions are left out; the latter with a warning: a damaged checkpoint is never resumed)."""
+    found = {}
     for p in experiment_dir(run_dir).glob("checkpoint_*"):
-        if p.is_dir() and (p / "position.json").is_file():
-            steps[p] = json.loads((p / "position.json").read_text())["global_step"]
-    return sorted(steps, key=lambda p: (steps[p], p.name))
+        if p.name.endswith(".tmp") or not p.is_dir() or not (p / "position.json").is_file():
+            continue
+        try:
+            position = json.loads((p / "position.json").read_text())
+            int(position["global_step"])
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+            log.warning("skipping checkpoint %s: unreadable position.json (%s)", p, exc)
+            continue
+        found[p] = position
+    return found
+
+
+def list_checkpoints(run_dir: str | Path | ObjectPath) -> list[Location]:
+    """Checkpoint folders of a run that hold a readable position, oldest first (by global step)."""
+    positions = _positions(run_dir)
+    return sorted(positions, key=lambda p: (int(positions[p]["global_step"]), p.name))
+
+
+def foreign_checkpoints(run_dir: str | Path | ObjectPath, train_key: str) -> list[Location]:
+    """Checkpoint folders of the run written under another training key (another recipe or inputs)."""
+    return [p for p, pos in _positions(run_dir).items() if pos.get("train_key") != train_key]
 
 
 def newest_valid_checkpoint(candidates: list[Location]) -> Location | None:

@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 import ray
+import torch
 from safetensors.torch import load_file
 
 from pocl_core.checkpoint import verify_checkpoint
@@ -45,3 +46,35 @@ def test_local_mode_trains_in_process_keeps_its_checkpoints_and_resumes_from_the
     assert metrics.read_text() == rows
     resumed = load_file(f"{again}/model.safetensors")
     assert resumed.keys() == weights.keys() and all((resumed[k] == weights[k]).all() for k in weights)
+
+
+def test_a_run_failing_at_a_stage_boundary_resumes_its_rng_streams(make_config, tiny_models, tmp_path, monkeypatch):
+    """A student with dropout (random masks every step): a run stopped by a failure right after the
+    stage-0 boundary checkpoint and started again ends with the uninterrupted run's exact weights,
+    because the checkpoint carries the RNG streams and the resumed stage continues them."""
+    student = tmp_path / "dropout-student"
+    shutil.copytree(tiny_models.student, student)
+    config = json.loads((student / "config.json").read_text())
+    (student / "config.json").write_text(json.dumps({**config, "attention_dropout": 0.3}))
+    recipe = ("ray.num_workers=0", "curriculum.num_stages=2", "data.max_train_samples=48", "optim.global_batch_size=8",
+              "optim.micro_batch_size=4", f"models.student={student}")
+
+    def run(name: str) -> tuple[str, dict]:
+        cfg = make_config(*recipe, f"run_name={name}").with_absolute_paths()
+        data = load_dataset.fn(cfg)
+        part = partition.fn(cfg, score_difficulty.fn(cfg, data))
+        return cfg.run_dir, load_file(f"{distill.fn(cfg, data, part)}/model.safetensors")
+
+    run_dir, reference = run("uninterrupted")
+    boundary = next(json.loads((c / "position.json").read_text()) for c in list_checkpoints(run_dir)
+                    if json.loads((c / "position.json").read_text())["stage"] == 1)
+    marker = tmp_path / "fired"
+    monkeypatch.setenv("POCL_FAULT_INJECT", json.dumps({"at_global_step": boundary["global_step"],
+                                                       "marker": str(marker), "kind": "raise"}))
+    with pytest.raises(Exception, match="injected fault"):
+        run("interrupted")
+    assert marker.exists()
+    _, resumed = run("interrupted")  # the marker keeps the fault from firing again
+    assert resumed.keys() == reference.keys()
+    assert all(torch.equal(resumed[k], reference[k]) for k in reference), \
+        max((resumed[k] - reference[k]).abs().max().item() for k in reference)

@@ -1,12 +1,15 @@
+import hashlib
+import json
 import random
 
 import numpy as np
 import pytest
 import torch
 
-from pocl_core.checkpoint import (CheckpointError, Position, load_checkpoint, read_replay_buffers, save_checkpoint,
-                                  verify_checkpoint)
+from pocl_core.checkpoint import (CheckpointError, Position, load_checkpoint, read_replay_buffers, read_rng_states,
+                                  rng_state, save_checkpoint, set_rng_state, verify_checkpoint)
 from pocl_core.data import EncodedSample
+from tasks.run_checkpoints import foreign_checkpoints, list_checkpoints, newest_valid_checkpoint
 
 
 def _state(seed):
@@ -69,3 +72,68 @@ def test_replay_buffers_roundtrip_by_rank_and_are_checksummed(tmp_path):
         fh.write(" ")
     with pytest.raises(CheckpointError, match="checksum mismatch for replay_buffer.json"):
         read_replay_buffers(tmp_path / "with")
+
+
+def test_rng_states_are_kept_per_rank_and_old_single_state_files_still_load(tmp_path):
+    model, opt, sched = _state(0)
+    states = []
+    for seed in (11, 22):  # two workers whose streams have diverged
+        torch.manual_seed(seed)
+        np.random.seed(seed)
+        random.seed(seed)
+        states.append(rng_state())
+    save_checkpoint(tmp_path / "new", model, opt, sched, Position(1, 0, 4, 32), rng_states=states)
+    saved = read_rng_states(tmp_path / "new")
+    assert len(saved) == 2
+    for seed, state in zip((11, 22), saved):
+        set_rng_state(state)
+        got = (torch.rand(1).item(), np.random.rand(), random.random())
+        torch.manual_seed(seed)
+        np.random.seed(seed)
+        random.seed(seed)
+        assert got == (torch.rand(1).item(), np.random.rand(), random.random())
+    # a checkpoint written before per-rank states: rng.pt held one state; it reads as rank 0's
+    old = tmp_path / "old"
+    save_checkpoint(old, model, opt, sched, Position(1, 0, 4, 32))
+    torch.save(states[1], old / "rng.pt")
+    manifest = json.loads((old / "manifest.json").read_text())
+    manifest["rng.pt"] = hashlib.sha256((old / "rng.pt").read_bytes()).hexdigest()
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    assert len(read_rng_states(old)) == 1
+    load_checkpoint(old, restore_rng=True)
+    first = torch.rand(1).item()
+    set_rng_state(states[1])
+    assert first == torch.rand(1).item()
+
+
+@pytest.mark.parametrize("damage,match", [
+    (lambda d: (d / "manifest.json").write_text('{"model.safetensors": "ab'), "unreadable manifest.json"),
+    (lambda d: (d / "manifest.json").write_text(""), "unreadable manifest.json"),
+    (lambda d: (d / "manifest.json").write_text("{}"), "does not list model.safetensors"),
+    (lambda d: (d / "manifest.json").write_text('["model.safetensors"]'), "not a map"),
+])
+def test_a_damaged_manifest_is_a_checkpoint_error(tmp_path, damage, match):
+    model, opt, sched = _state(0)
+    save_checkpoint(tmp_path, model, opt, sched, Position(0, 0, 0, 0))
+    damage(tmp_path)
+    with pytest.raises(CheckpointError, match=match):
+        verify_checkpoint(tmp_path)
+
+
+def test_resume_candidates_skip_damaged_and_half_built_folders(tmp_path, caplog):
+    model, opt, sched = _state(0)
+    root = tmp_path / "train" / "distill"
+    for step in (4, 8, 12):
+        save_checkpoint(root / f"checkpoint_{step:03d}", model, opt, sched, Position(0, step, step, 8 * step),
+                        extra={"train_key": "k" if step < 12 else "other"})
+    (root / "checkpoint_008" / "manifest.json").write_text('{"model.safe')  # torn manifest
+    save_checkpoint(root / "checkpoint_016.tmp", model, opt, sched, Position(1, 0, 16, 128))  # being built
+    (root / "checkpoint_020").mkdir()
+    (root / "checkpoint_020" / "position.json").write_text("")  # torn position
+    found = list_checkpoints(tmp_path)
+    assert [p.name for p in found] == ["checkpoint_004", "checkpoint_008", "checkpoint_012"]
+    assert "checkpoint_020" in caplog.text
+    # newest first: 012 is valid (another key, see below), 008 is skipped, 004 is the fallback
+    assert newest_valid_checkpoint([found[1], found[0]]).name == "checkpoint_004"
+    assert "checkpoint_008" in caplog.text and "unreadable manifest.json" in caplog.text
+    assert [p.name for p in foreign_checkpoints(tmp_path, "k")] == ["checkpoint_012"]
