@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 from prefect import task
 
@@ -15,14 +16,22 @@ from tasks.plots import plot_eval, plot_stage_rouge, plot_training, png_data_uri
 
 
 def read_train_metrics(path: Location) -> list[dict]:
-    """Metric rows from the training log, the last row per global step (a resumed run may repeat some)."""
+    """Metric rows from the training log, the last row per global step (a resumed run may repeat some).
+
+    A damaged line (a row torn by a killed run, then glued to the next run's first row) is skipped
+    with a warning naming the file and line: the report never fails on the training log.
+    """
     if not path.is_file():
         return []
     rows: dict[int, dict] = {}
-    for line in path.read_text().splitlines():
-        if line.strip():
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
             row = json.loads(line)
-            rows[row["global_step"]] = row
+            rows[int(row["global_step"])] = row
+        except (ValueError, KeyError, TypeError) as exc:
+            logging.getLogger("pocl").warning("report: skipping line %d of %s: %s", number, path, exc)
     return [rows[k] for k in sorted(rows)]
 
 
