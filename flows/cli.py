@@ -14,11 +14,14 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional, Sequence, get_args
 
-from pocl_core.config import ConfigError, load_config
+from pocl_core.config import ConfigError, CurriculumConfig, load_config
 from pocl_core.data import DataError
 from pocl_core.model_prep import ModelPrepError
+
+
+STRATEGIES = get_args(CurriculumConfig.model_fields["strategy"].annotation)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -134,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.set_defaults(func=_cmd_plan)
     cmp_ = sub.add_parser("compare", help="compare strategies x losses x seeds over one shared scoring pass")
     cmp_.add_argument("--config", default="configs/quickstart.yaml")
-    cmp_.add_argument("--strategies", nargs="+", default=["curriculum", "none"],
+    cmp_.add_argument("--strategies", nargs="+", default=["curriculum", "none"], choices=STRATEGIES,
                       help="curriculum, none (plain KD, same sample budget), anti, random")
     cmp_.add_argument("--losses", nargs="+", default=None, help="loss names (default: the config's)")
     cmp_.add_argument("--seeds", nargs="+", type=int, default=None, help="seeds (default: the config's)")
@@ -155,10 +158,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """Parse the command line; ``key=value`` overrides may stand anywhere among the options."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    stray = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}"
+                     + ("" if hasattr(args, "overrides") else f" ('{args.command}' takes no key=value overrides)"))
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    return args
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     # Prefect's temporary server may need more than its 20 s default on a busy small machine.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-    args = build_parser().parse_args(argv)
+    # No usage reports from the temporary server (they also fail noisily on machines without network).
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    args = parse_args(argv)
     try:
         return args.func(args)
     except (ConfigError, DataError, ModelPrepError) as exc:

@@ -71,3 +71,19 @@ def test_run_flags_become_the_flow_parameters(tmp_path, monkeypatch):
                     "ray_address": "10.0.0.5:6379", "resume": True}
     cfg = flows.pipeline.resolve_config(**seen)
     assert (cfg.run_name, cfg.ray.address) == ("007", "10.0.0.5:6379")
+
+
+def test_overrides_may_stand_between_options_and_strays_are_named(capsys):
+    from flows.cli import parse_args
+
+    args = parse_args(["run", "--config", "c.yaml", "a.b=1", "--run-name", "x", "c.d=2", "--no-resume", "e=3"])
+    assert args.overrides == ["a.b=1", "c.d=2", "e=3"] and args.run_name == "x" and args.resume is False
+    with pytest.raises(SystemExit):
+        parse_args(["plan", "--config", "c.yaml", "a=1", "--bogus", "b=2"])
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_args(["build-tiny", "a=1"])
+    assert "'build-tiny' takes no key=value overrides" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_args(["compare", "--strategies", "antii"])
+    assert "invalid choice: 'antii'" in capsys.readouterr().err
