@@ -48,11 +48,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from flows.compare import pocl_compare
+    from flows.compare import plan_variants, pocl_compare
 
     from pocl_core.storage import location
 
     cfg = load_config(args.config, args.overrides)
+    plan_variants(cfg, args.strategies, args.losses, args.seeds)  # every variant valid before any engine starts
     out = pocl_compare(config_path=args.config, overrides=args.overrides, strategies=args.strategies,
                        losses=args.losses, seeds=args.seeds, compare_name=args.name)
     print()

@@ -18,7 +18,7 @@ from typing import Optional
 
 from prefect import flow
 
-from pocl_core.config import PoclConfig, load_config
+from pocl_core.config import PoclConfig, load_config, validate_config
 from pocl_core.contracts import RunPaths, read_table, write_text_atomic
 from pocl_core.storage import join, location
 from tasks.common import publish_markdown, publish_table
@@ -47,7 +47,17 @@ def variant_config(base: PoclConfig, root: str, variant: Variant) -> PoclConfig:
     data["curriculum"].update(strategy=variant.strategy, shuffle_seed=variant.seed)
     if variant.loss != base.loss.name:  # the base loss's params belong to it; other loss settings carry over
         data["loss"].update(name=variant.loss, params={})
-    return PoclConfig.model_validate(data)
+    return validate_config(data, f"variant {variant.name}")
+
+
+def plan_variants(base: PoclConfig, strategies: Optional[list[str]], losses: Optional[list[str]],
+                  seeds: Optional[list[int]]) -> list[Variant]:
+    """Every (strategy × loss × seed) variant, each validated (ConfigError before any compute)."""
+    variants = [Variant(s, loss, seed) for loss in (losses or [base.loss.name])
+                for s in (strategies or ["curriculum", "none"]) for seed in (seeds or [base.seed])]
+    for v in variants:
+        variant_config(base, base.runs_root, v)
+    return variants
 
 
 def _mean_std(values: list[float | None]) -> tuple[float | None, float | None]:
@@ -102,12 +112,8 @@ def pocl_compare(config_path: str = "configs/quickstart.yaml", overrides: Option
                  seeds: Optional[list[int]] = None, compare_name: str = "compare") -> str:
     """Train every (strategy × loss × seed) variant over one shared scoring pass; returns comparison.md."""
     base = load_config(config_path, list(overrides or [])).with_absolute_paths()
-    strategies = strategies or ["curriculum", "none"]
-    losses = losses or [base.loss.name]
-    seeds = seeds or [base.seed]
-    variants = [Variant(s, loss, seed) for loss in losses for s in strategies for seed in seeds]
-    for v in variants:  # validate every variant before any compute
-        variant_config(base, base.runs_root, v)
+    variants = plan_variants(base, strategies, losses, seeds)
+    strategies, losses, seeds = ([*dict.fromkeys(getattr(v, f) for v in variants)] for f in ("strategy", "loss", "seed"))
     root = join(base.runs_root, compare_name)
     shared = PoclConfig.model_validate({**base.model_dump(), "runs_root": root, "run_name": "shared"})
     write_text_atomic(RunPaths.of(shared.run_dir, shared.storage).config, shared.to_yaml())

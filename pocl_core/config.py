@@ -10,7 +10,8 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from types import UnionType
+from typing import Any, Union, get_args, get_origin
 
 import yaml
 from pydantic import Field, ValidationError, model_validator
@@ -46,7 +47,7 @@ class PoclConfig(_Section):
     """
 
     run_name: str = Field("pocl-run", min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-    runs_root: str = "runs"
+    runs_root: str = Field("runs", min_length=1)
     seed: int = 10
     models: ModelsConfig
     data: DataConfig
@@ -156,13 +157,16 @@ class PoclConfig(_Section):
 def _format_validation_error(err: ValidationError, source: str) -> str:
     lines = [f"invalid configuration ({source}):"]
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        key = ".".join(str(p) for p in e["loc"])
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
         elif e["type"] == "missing":
             msg = "required key is missing"
-        lines.append(f"  {key}: {msg}")
+        elif e["type"] == "value_error":  # a cross-field check: its message names the keys itself
+            msg = str(e.get("ctx", {}).get("error", msg.removeprefix("Value error, ")))
+            key = ""
+        lines.append(f"  {key}: {msg}" if key else f"  {msg}")
     return "\n".join(lines)
 
 
@@ -179,14 +183,34 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+def _is_text_field(dotted: str) -> bool:
+    """True when ``dotted`` names a plain-text setting (``run_name``, ``models.teacher``, ...)."""
+    model: Any = PoclConfig
+    field = None
+    for part in dotted.split("."):
+        fields = getattr(model, "model_fields", None)
+        if not fields or part not in fields:
+            return False
+        field = fields[part]
+        model = field.annotation
+    annotation = field.annotation if field is not None else None
+    if get_origin(annotation) in (Union, UnionType):  # Optional[str]
+        return [a for a in get_args(annotation) if a is not type(None)] == [str]
+    return annotation is str
+
+
 def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
-    """Parse ``key.sub=value`` strings; values are read as YAML scalars/lists (``3``, ``true``, ``[1,2]``)."""
+    """Parse ``key.sub=value`` strings; values are read as YAML scalars/lists (``3``, ``true``, ``[1,2]``),
+    except for text settings (``run_name=007`` stays ``"007"``; ``null`` still means None)."""
     parsed = []
     for item in overrides:
         key, sep, raw = item.partition("=")
         key = key.strip()
         if not sep or not key:
             raise ConfigError(f"override '{item}' is not of the form key=value (e.g. curriculum.num_stages=3)")
+        if _is_text_field(key) and raw.strip() not in ("null", "~", "None") and not raw.strip()[:1] in ("'", '"'):
+            parsed.append((key, raw.strip()))
+            continue
         try:
             value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError as exc:
@@ -218,6 +242,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     for key, value in parse_overrides(overrides or []):
         _set_dotted(tree, key, value)
         source += f" + {key}"
+    return validate_config(tree, source)
+
+
+def validate_config(tree: dict[str, Any], source: str = "<config>") -> PoclConfig:
+    """``PoclConfig`` from a plain dict, or ConfigError naming ``source`` and the offending keys."""
     try:
         return PoclConfig.model_validate(tree)
     except ValidationError as err:

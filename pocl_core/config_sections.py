@@ -25,9 +25,9 @@ class ModelsConfig(_Section):
     float32 with optional autocast). trust_remote_code stays False unless you vouch for the model code.
     """
 
-    teacher: str
-    student: str
-    tokenizer: Optional[str] = None
+    teacher: str = Field(min_length=1)
+    student: str = Field(min_length=1)
+    tokenizer: Optional[str] = Field(None, min_length=1)
     teacher_dtype: Dtype = "float32"
     trust_remote_code: bool = False
 
@@ -52,8 +52,8 @@ class DataConfig(_Section):
     N by id hash).
     """
 
-    train_path: str
-    eval_path: Optional[str] = None
+    train_path: str = Field(min_length=1)
+    eval_path: Optional[str] = Field(None, min_length=1)
     eval_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     prompt_template: str = "### Instruction:\n{prompt}\n\n### Response:\n"
     max_prompt_length: int = Field(256, gt=0)
@@ -67,6 +67,9 @@ class DataConfig(_Section):
     def _check(self) -> "DataConfig":
         if self.prompt_template != "chat" and "{prompt}" not in self.prompt_template:
             raise ValueError("data.prompt_template must contain '{prompt}' or be 'chat' (the tokenizer's chat template)")
+        if self.eval_path is None and self.eval_fraction <= 0:
+            raise ValueError("data.eval_fraction is 0 and there is no data.eval_path: the run would have no "
+                             "held-out samples to evaluate; set data.eval_fraction > 0 (e.g. 0.1) or data.eval_path")
         if self.max_prompt_length >= self.max_length:
             raise ValueError(
                 f"data.max_prompt_length ({self.max_prompt_length}) must be below data.max_length "
@@ -146,6 +149,12 @@ class ScoringConfig(_Section):
     def _check(self) -> "ScoringConfig":
         if len(set(self.measures)) != len(self.measures):
             raise ValueError(f"scoring.measures lists a measure twice: {self.measures}")
+        from pocl_core.measures import MEASURES  # imported here: it needs torch, the config does not
+
+        unknown = [m for m in self.measures if m not in MEASURES]
+        if unknown:
+            raise ValueError(f"scoring.measures: unknown measure(s) {', '.join(map(repr, unknown))}; "
+                             f"available: {', '.join(sorted(MEASURES))}")
         if self.teacher_cache_topk and self.model != "teacher":
             raise ValueError(
                 f"scoring.teacher_cache_topk ({self.teacher_cache_topk}) caches the teacher's logits, but "
@@ -230,6 +239,12 @@ class LossConfig(_Section):
 
     @model_validator(mode="after")
     def _check(self) -> "LossConfig":
+        from pocl_core.losses.registry import resolve_loss  # imported here: it needs torch, the config does not
+
+        try:
+            resolve_loss(self.name, self.params)
+        except ValueError as exc:
+            raise ValueError(f"loss.name / loss.params: {exc}") from None
         if self.replay_buffer_size and not self.on_policy_fraction:
             raise ValueError(
                 f"loss.replay_buffer_size ({self.replay_buffer_size}) keeps student generations, which only "
@@ -252,6 +267,13 @@ class OptimConfig(_Section):
     warmup_steps: int = Field(0, ge=0)
     global_batch_size: int = Field(8, gt=0)
     micro_batch_size: int = Field(8, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> "OptimConfig":
+        if self.min_lr > self.lr:
+            raise ValueError(f"optim.min_lr ({self.min_lr}) is above optim.lr ({self.lr}): the cosine schedule "
+                             "would raise the learning rate through each stage")
+        return self
 
 
 class TrainConfig(_Section):
@@ -331,4 +353,4 @@ class StorageConfig(_Section):
 
     endpoint_url: Optional[str] = None
     region: Optional[str] = None
-    model_cache_dir: str = ".cache/run-models"
+    model_cache_dir: str = Field(".cache/run-models", min_length=1)

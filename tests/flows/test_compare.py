@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from flows.compare import Variant, render_comparison, summarize, variant_config
-from pocl_core.config import load_config
+from flows.compare import Variant, plan_variants, render_comparison, summarize, variant_config
+from pocl_core.config import ConfigError, load_config
 from tests.conftest import TINY_CONFIG
 
 pytestmark = pytest.mark.slow
@@ -19,6 +19,14 @@ def test_variant_config_sets_strategy_loss_and_seed(tmp_path):
     assert (cfg.curriculum.strategy, cfg.loss.name, cfg.seed, cfg.curriculum.shuffle_seed) == ("none", "rkl", 20, 20)
     assert cfg.run_dir == str(tmp_path / "none-rkl-s20")
     assert cfg.optim == base.optim and cfg.models == base.models
+
+
+def test_every_variant_is_checked_before_any_compute():
+    base = load_config(TINY_CONFIG)
+    assert [v.name for v in plan_variants(base, ["curriculum", "none"], ["fkl", "rkl"], [10])] == [
+        "curriculum-fkl-s10", "none-fkl-s10", "curriculum-rkl-s10", "none-rkl-s10"]
+    with pytest.raises(ConfigError, match=r"(?s)variant curriculum-fkll-s10.*unknown KD loss 'fkll'"):
+        plan_variants(base, None, ["fkl", "fkll"], None)
 
 
 def test_summarize_mean_and_std_over_seeds():

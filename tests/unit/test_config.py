@@ -36,6 +36,14 @@ def test_unknown_keys_are_named(override, key):
     ("ray.num_workers=-2", "ray.num_workers"),
     ("curriculum.strategy=sideways", "curriculum.strategy"),
     ("run_name=has/slash", "run_name"),
+    ("loss.name=fkll", "unknown KD loss 'fkll'; valid names: fkl"),
+    ("loss.params={bogus: 1}", "got unknown parameter(s) 'bogus'"),
+    ("scoring.measures=[nll, bleu]", "scoring.measures: unknown measure(s) 'bleu'; available: nll, rouge_l"),
+    ("data.eval_fraction=0", "data.eval_fraction is 0 and there is no data.eval_path"),
+    ("optim.min_lr=0.5", "optim.min_lr (0.5) is above optim.lr"),
+    ("runs_root=", "runs_root"),
+    ("data.train_path=", "data.train_path"),
+    ("models.teacher=", "models.teacher"),
 ])
 def test_out_of_range_values_are_named(override, key):
     with pytest.raises(ConfigError) as err:
@@ -43,11 +51,22 @@ def test_out_of_range_values_are_named(override, key):
     assert key in str(err.value)
 
 
+def test_text_settings_keep_their_text_and_other_values_are_yaml():
+    assert parse_overrides(["run_name=007", "run_name=on", "models.tokenizer=null", "data.prompt_template=Q: {prompt}",
+                            "run_name='x y'"]) == [
+        ("run_name", "007"), ("run_name", "on"), ("models.tokenizer", None), ("data.prompt_template", "Q: {prompt}"),
+        ("run_name", "x y")]
+    assert load_config(TINY_CONFIG, ["run_name=007", "loss.name=jsd", "loss.params={beta: 0.5}"]).run_name == "007"
+    with pytest.raises(ConfigError, match="'beta'=1.5 must lie in"):
+        load_config(TINY_CONFIG, ["loss.name=jsd", "loss.params={beta: 1.5}"])
+
+
 def test_cross_field_errors_name_both_keys():
     with pytest.raises(ConfigError, match=r"curriculum.temperatures.*num_stages"):
         load_config(TINY_CONFIG, ["curriculum.temperatures=[1.0, 2.0]"])
-    with pytest.raises(ConfigError, match=r"global_batch_size.*ray.num_workers"):
+    with pytest.raises(ConfigError, match=r"global_batch_size.*ray.num_workers") as err:
         load_config(TINY_CONFIG, ["optim.global_batch_size=15"])
+    assert "<root>" not in str(err.value) and "Value error" not in str(err.value)
     with pytest.raises(ConfigError, match=r"max_prompt_length"):
         load_config(TINY_CONFIG, ["data.max_prompt_length=200", "data.max_length=100"])
 
