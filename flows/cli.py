@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Optional, Sequence, get_args
 
 from pocl_core.config import ConfigError, CurriculumConfig, load_config
+from pocl_core.contracts import StaleOutputError
 from pocl_core.data import DataError
 from pocl_core.model_prep import ModelPrepError
 
@@ -180,7 +181,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, DataError, ModelPrepError) as exc:
+    except (ConfigError, DataError, ModelPrepError, StaleOutputError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -7,7 +7,9 @@ same run name reuses every finished step and resumes training from its newest ch
 Parameters a person fills in the Prefect UI (see docs/operations.md): ``config_path``, ``overrides``
 (dotted ``key=value`` strings), ``run_name``, ``ray_address`` (the override ``ray.address``) and
 ``resume`` (False refuses to start when the run folder already exists). A bad parameter (a
-ConfigError or DataError) is logged as one message and re-raised without the library traceback.
+ConfigError or DataError) is logged as one message and re-raised without the library traceback;
+so is a rerun refused as stale (StaleOutputError), with the settings that differ from the run's
+config.yaml named.
 
 The run folder may be an ``s3://bucket/prefix`` URI (``runs_root``, with the ``storage`` section or
 ``AWS_ENDPOINT_URL`` naming an S3-compatible endpoint): every task reads and writes it through its
@@ -21,13 +23,16 @@ import logging
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import yaml
 
 from prefect import flow, get_run_logger
 from prefect.exceptions import MissingContextError
 
 from pocl_core.config import ConfigError, PoclConfig, load_config
-from pocl_core.contracts import RunPaths, write_text_atomic
+from pocl_core.contracts import RunPaths, StaleOutputError, write_text_atomic
 from pocl_core.data import DataError
 from pocl_core.storage import ObjectPath, location
 from tasks.distill import distill
@@ -47,12 +52,13 @@ class RunSummary:
 
 
 def resolve_config(config_path: Optional[str], overrides: Optional[list[str]], run_name: Optional[str],
-                   ray_address: Optional[str] = None, resume: bool = True) -> PoclConfig:
+                   ray_address: Optional[str] = None, resume: bool = True, check_inputs: bool = True) -> PoclConfig:
     """The config file plus overrides; ``run_name`` and ``ray_address`` (when given) win over both.
 
     Both are quoted as YAML strings, so a name like ``007`` or an address like ``10.0.0.5:6379`` stays
     text. With ``resume=False`` an existing run folder is a ConfigError naming it; for an ``s3://``
-    run folder, a missing bucket or an unreachable store is a ConfigError too.
+    run folder, a missing bucket or an unreachable store is a ConfigError too; so is a model folder
+    or data file that is not there (unless ``check_inputs`` is False: the config alone is checked).
     """
     extra = list(overrides or [])
     if run_name:
@@ -66,7 +72,46 @@ def resolve_config(config_path: Optional[str], overrides: Optional[list[str]], r
     if not resume and run_dir.exists():
         raise ConfigError(f"run folder {cfg.run_dir} already exists and resume is false: choose a new "
                           f"run_name (e.g. {cfg.run_name}-2), or set resume=true to continue that run")
+    if check_inputs:
+        _check_inputs(cfg)
     return cfg
+
+
+def _looks_local(value: str) -> bool:
+    """A path rather than a Hugging Face hub id (``org/name``)."""
+    return "://" not in value and (value.startswith(("/", ".", "~")) or value.count("/") > 1)
+
+
+def _check_inputs(cfg: PoclConfig) -> None:
+    """ConfigError for a model folder or data file that is not there (hub ids and URIs pass)."""
+    for key in ("teacher", "student", "tokenizer"):
+        value = getattr(cfg.models, key)
+        if value is not None and _looks_local(value) and not Path(value).expanduser().exists():
+            raise ConfigError(f"models.{key}: folder {value} not found (the shipped configs' models are built by "
+                              "`make tiny-models` / `make quickstart-models`; a Hugging Face hub id is org/name)")
+    for key in ("train_path", "eval_path"):
+        value = getattr(cfg.data, key)
+        if value is not None and "://" not in value and not Path(value).exists():
+            raise ConfigError(f"data.{key}: {value} not found")
+
+
+def _dotted_differences(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """``key: old → new`` for every leaf setting that differs between two config trees."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for key in [*old, *(k for k in new if k not in old)]:
+            out += _dotted_differences(old.get(key), new.get(key), f"{prefix}{key}.")
+        return out
+    return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} → {new!r}"]
+
+
+def changed_settings(paths: RunPaths, cfg: PoclConfig) -> list[str]:
+    """The settings of ``cfg`` that differ from the run folder's config.yaml (empty when it has none)."""
+    try:
+        ran = yaml.safe_load(paths.config.read_text())
+    except (OSError, yaml.YAMLError):
+        return []
+    return _dotted_differences(ran, cfg.model_dump(mode="json"))
 
 
 def _check_bucket(run_dir: ObjectPath, cfg: PoclConfig) -> None:
@@ -92,7 +137,7 @@ def parameter_errors_logged() -> Iterator[None]:
     """
     try:
         yield
-    except (ConfigError, DataError) as exc:
+    except (ConfigError, DataError, StaleOutputError) as exc:
         _logger().error(str(exc))
         raise type(exc)(str(exc)) from None
 
@@ -119,13 +164,23 @@ def pocl_distill(config_path: str = "configs/tiny.yaml", overrides: Optional[lis
     with parameter_errors_logged():
         cfg = resolve_config(config_path, overrides, run_name, ray_address, resume)
         paths = RunPaths.of(cfg.run_dir, cfg.storage)
-        write_text_atomic(paths.config, cfg.to_yaml())
-        data = load_dataset(cfg)
-        scores = score_difficulty(cfg, data)
-        partition_path = partition(cfg, scores)
-        student = distill(cfg, data, partition_path, scores.teacher_cache_dir)
-        metrics = evaluate(cfg, data, student)
-        report_path = report(cfg, metrics, partition_path)
+        try:
+            data = load_dataset(cfg)
+            # config.yaml says what ran: a new run folder gets it once its data loaded; a rerun with
+            # changed settings replaces it only after it passed every stale-output check and finished.
+            if not paths.config.is_file():
+                write_text_atomic(paths.config, cfg.to_yaml())
+            scores = score_difficulty(cfg, data)
+            partition_path = partition(cfg, scores)
+            student = distill(cfg, data, partition_path, scores.teacher_cache_dir)
+            metrics = evaluate(cfg, data, student)
+            report_path = report(cfg, metrics, partition_path)
+        except StaleOutputError as exc:
+            changed = changed_settings(paths, cfg)
+            hint = f"; settings that differ from the run's config.yaml: {', '.join(changed)}" if changed else ""
+            raise StaleOutputError(f"{exc}{hint}") from None
+        if paths.config.read_text() != cfg.to_yaml():
+            write_text_atomic(paths.config, cfg.to_yaml())
     return RunSummary(run_dir=str(paths.root), student=student, report=report_path, metrics=metrics)
 
 

@@ -9,7 +9,8 @@ Run folder layout (``<runs_root>/<run_name>/``)::
     scores/part-00000.parquet   scores_schema(measures): fused difficulty and rank, same sharding
     teacher_cache/part-*.parquet  teacher_cache_schema(): optional top-k teacher logits, same sharding
     partition.parquet           PARTITION_SCHEMA: sample -> bucket
-    train/                      Ray Train storage: checkpoints
+    train/distill/checkpoint_*/ Ray Train storage: checkpoints (folder format: pocl_core/checkpoint.py)
+    train/metrics.jsonl         TRAIN_METRICS_FIELDS: one JSON row per metrics window, appended by rank 0
     stages/stage_<s>/           student at the end of stage s (save_pretrained), with eval.at_stage_boundaries
     student/                    final student (save_pretrained, safetensors) + tokenizer
     eval/generations.parquet    GENERATIONS_SCHEMA
@@ -133,6 +134,25 @@ def teacher_cache_schema() -> pa.Schema:
         ]
     )
 
+
+# One row of train/metrics.jsonl: the means over a window of ``train.log_every_steps`` optimizer steps
+# (a stage's last window may be shorter). Losses are token-weighted means over the whole global batch
+# (every worker's response tokens), in nats per token.
+TRAIN_METRICS_FIELDS: dict[str, str] = {
+    "stage": "curriculum stage (0-based)",
+    "step_in_stage": "optimizer steps done in the stage at the window's end",
+    "global_step": "optimizer steps done in the run at the window's end",
+    "temperature": "the stage's KD temperature T",
+    "kd_weight": "λ actually used, averaged over the window's steps (on-policy steps use 1)",
+    "lr": "learning rate after the window's last step",
+    "samples_seen": "training samples consumed so far, all workers",
+    "loss": "(1 − λ)·CE + λ·D_T (T² · D_T under loss.temperature_scaling=t_squared)",
+    "kd_loss": "the divergence term as it enters the loss (T² included when scaled)",
+    "ce_loss": "cross-entropy on the reference response tokens (T = 1)",
+    "tokens_per_s": "response tokens of the global batch per second of the loop's own compute",
+    "seconds": "the loop's own compute in the window, measured on rank 0 (batching, forward, backward, optimizer)",
+    "on_policy_fraction": "share of the window's steps trained on the student's own generations (GKD)",
+}
 
 STUDENT_PROVENANCE = "pocl_provenance.json"  # in student/: written (uploaded) last, marks a complete student
 

@@ -87,6 +87,15 @@ def model_fingerprint(name_or_path: str) -> str:
     return hash_files(files, p)
 
 
+def weights_digest(folder: str | Path) -> str:
+    """sha256 (16 hex digits) of a save_pretrained folder's weight files (``*.safetensors``, by name)."""
+    p = Path(folder)
+    files = sorted(p.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{p}: no .safetensors weight files")
+    return hash_files(files, p)
+
+
 # The files a Hugging Face tokenizer is loaded from (whichever of them a folder has).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model", "chat_template.jinja",
@@ -105,6 +114,10 @@ def tokenizer_fingerprint(name_or_path: str) -> str:
 
 
 def resolve_device(use_gpu: bool) -> torch.device:
+    """The CUDA device of this process (LOCAL_RANK) when ``use_gpu`` and one is visible, else the CPU
+    (with a warning when a GPU was asked for)."""
     if use_gpu and torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+    if use_gpu:
+        logging.getLogger("pocl").warning("ray.use_gpu is true but no CUDA device is visible here: running on the CPU")
     return torch.device("cpu")

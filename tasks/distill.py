@@ -24,9 +24,9 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from pocl_core.checkpoint import load_checkpoint
-from pocl_core.config import LossConfig, PoclConfig, RayConfig
-from pocl_core.contracts import STUDENT_PROVENANCE, RunPaths, read_metadata, read_table
-from pocl_core.models import load_causal_lm, load_tokenizer, model_fingerprint, tokenizer_fingerprint
+from pocl_core.config import ConfigError, LossConfig, PoclConfig, RayConfig
+from pocl_core.contracts import STUDENT_PROVENANCE, RunPaths, StaleOutputError, read_metadata, read_table
+from pocl_core.models import load_causal_lm, load_tokenizer, model_fingerprint, tokenizer_fingerprint, weights_digest
 from pocl_core.partition import bucket_sizes
 from pocl_core.schedule import num_trained_stages, plan_stages
 from pocl_core.storage import (Location, ObjectPath, download_dir, for_workers, location, ray_storage,
@@ -45,7 +45,9 @@ def training_key(cfg: PoclConfig, data: DatasetSplits, partition_path: str, teac
 
     With on-policy mixing off (``loss.on_policy_fraction`` 0) its other knobs change nothing, so they
     stay out of the hash: such runs keep their key whatever those knobs say. The parallel strategy
-    enters only when it is not the default ``ddp`` (FSDP checkpoints store the optimizer differently).
+    enters only when it is not the default ``ddp`` (FSDP checkpoints store the optimizer differently);
+    the live teacher's dtype only when it is not float32 (the cached teacher's is in the cache's
+    provenance). Defaults stay out so that keys of runs made before a setting existed still hold.
     """
     recipe = cfg.model_dump(mode="json", include={"seed", "curriculum", "loss", "optim", "data"})
     if not cfg.loss.on_policy_fraction:
@@ -67,6 +69,8 @@ def training_key(cfg: PoclConfig, data: DatasetSplits, partition_path: str, teac
     }
     if cfg.train.parallel_strategy != "ddp":  # its checkpoints' optimizer state has another layout
         blob["parallel_strategy"] = cfg.train.parallel_strategy
+    if not cfg.train.use_teacher_cache and cfg.models.teacher_dtype != "float32":  # the live teacher's numerics
+        blob["teacher_dtype"] = cfg.models.teacher_dtype
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -121,6 +125,21 @@ def ensure_ray(address: str | None) -> None:
              runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
 
 
+def _check_gpus(cfg: PoclConfig) -> None:
+    """With ray.use_gpu, a Ray that cannot hold one GPU per worker: a ConfigError on a local Ray (the
+    job would wait for GPUs forever), a warning on a cluster (its autoscaler may still add them)."""
+    if not cfg.ray.use_gpu:
+        return
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    if gpus >= cfg.ray.num_workers:
+        return
+    message = (f"ray.use_gpu is true and ray.num_workers is {cfg.ray.num_workers}, but the Ray cluster has {gpus} "
+               "GPU(s)")
+    if (cfg.ray.address or os.environ.get("RAY_ADDRESS") or "local") == "local":
+        raise ConfigError(f"{message}: set ray.use_gpu=false, fewer workers, or ray.address of a GPU cluster")
+    task_logger().warning("%s now: the job waits until the cluster has them (autoscaling)", message)
+
+
 def worker_runtime_env(cfg: RayConfig) -> dict:
     """The runtime environment of this run's Ray workers: their niceness (``ray.worker_niceness``)."""
     if cfg.worker_niceness is None:
@@ -144,7 +163,7 @@ def distill(cfg: PoclConfig, data: DatasetSplits, partition_path: str, teacher_c
 
     foreign = foreign_checkpoints(paths.root, key)
     if foreign:
-        raise RuntimeError(
+        raise StaleOutputError(
             f"{paths.train_storage} holds {len(foreign)} checkpoint(s) of another training config or other inputs "
             f"(e.g. {foreign[0].name}; this run's training key is {key}): resuming them would mix two trainings. "
             "Use a new run_name to train with the new settings")
@@ -155,6 +174,7 @@ def distill(cfg: PoclConfig, data: DatasetSplits, partition_path: str, teacher_c
     local_mode = cfg.ray.num_workers == 0
     if not local_mode:
         ensure_ray(cfg.ray.address)
+        _check_gpus(cfg)
         for name, value in RAY_TRAIN_ENV_DEFAULTS.items():  # read by TorchTrainer.fit() in this process
             os.environ.setdefault(name, value)
     storage_path, storage_fs = ray_storage(paths.train_storage)
@@ -224,11 +244,12 @@ def save_student(cfg: PoclConfig, checkpoint_dir: str, out: Location, train_key:
     if found != train_key:
         raise RuntimeError(f"checkpoint {checkpoint_dir} has training key {found}, not this run's {train_key}")
     tokenizer = load_tokenizer(cfg.models.tokenizer_source, cfg.models.trust_remote_code)
-    provenance = json.dumps({"train_key": train_key, "position": position.__dict__}, indent=2)
-
     def build(folder: Path) -> None:
         model.save_pretrained(folder, safe_serialization=True)
         tokenizer.save_pretrained(folder)
-        (folder / PROVENANCE_FILE).write_text(provenance)
+        # the weights' digest makes the provenance name these exact weights: a cached local copy of a
+        # remote student (storage.fetch_dir) is reused only while the provenance bytes match
+        provenance = {"train_key": train_key, "position": position.__dict__, "weights": weights_digest(folder)}
+        (folder / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2))
 
     write_dir_atomic(out, build, last=PROVENANCE_FILE)

@@ -64,11 +64,15 @@ def test_run_flags_become_the_flow_parameters(tmp_path, monkeypatch):
         raise Started
 
     monkeypatch.setattr(flows.pipeline, "pocl_distill", fake_flow)
+    models = []
+    for name in ("teacher", "student"):  # folders that exist: the run's inputs are checked before the flow
+        (tmp_path / name).mkdir()
+        models.append(f"models.{name}={tmp_path / name}")
     with pytest.raises(Started):
-        main(["run", "--config", "configs/tiny.yaml", f"runs_root={tmp_path}", "--run-name", "007",
+        main(["run", "--config", "configs/tiny.yaml", f"runs_root={tmp_path}", *models, "--run-name", "007",
               "--ray-address", "10.0.0.5:6379"])
-    assert seen == {"config_path": "configs/tiny.yaml", "overrides": [f"runs_root={tmp_path}"], "run_name": "007",
-                    "ray_address": "10.0.0.5:6379", "resume": True}
+    assert seen == {"config_path": "configs/tiny.yaml", "overrides": [f"runs_root={tmp_path}", *models],
+                    "run_name": "007", "ray_address": "10.0.0.5:6379", "resume": True}
     cfg = flows.pipeline.resolve_config(**seen)
     assert (cfg.run_name, cfg.ray.address) == ("007", "10.0.0.5:6379")
 

@@ -103,3 +103,12 @@ def test_flow_end_to_end_with_two_ray_workers_and_idempotent_rerun(prefect_harne
     assert again.student == summary.student
     assert _mtimes(watched) == before
     assert list_checkpoints(paths.root) == ckpts
+
+    # a rerun with another training recipe is refused before any Ray work (its checkpoints would mix
+    # two trainings), and config.yaml still describes the run that produced the folder
+    config_text = paths.config.read_text()
+    with pytest.raises(RuntimeError, match="checkpoint\\(s\\) of another training config.*new run_name.*"
+                                           "differ from the run's config.yaml: optim.lr: .* → 0.01"):
+        pocl_distill(config_path="configs/tiny.yaml", overrides=[*overrides, "optim.lr=0.01"])
+    assert paths.config.read_text() == config_text and "lr: 0.01" not in config_text
+    assert list_checkpoints(paths.root) == ckpts

@@ -82,7 +82,9 @@ def test_shipped_configs_with_deployment_parameters_validate():
 
     for spec in DEPLOYMENTS:
         p = spec.parameters
-        cfg = resolve_config(str(REPO / p["config_path"]), p["overrides"], p["run_name"], p["ray_address"])
+        # the parameters form a valid config; the models and data are the serving machine's to provide
+        cfg = resolve_config(str(REPO / p["config_path"]), p["overrides"], p["run_name"], p["ray_address"],
+                             check_inputs=False)
         assert cfg.run_name
 
 

@@ -7,6 +7,7 @@ server is needed.
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -19,20 +20,44 @@ REPO = Path(__file__).resolve().parents[2]
 TINY = str(REPO / "configs" / "tiny.yaml")
 
 
-def test_ray_address_and_run_name_become_overrides_and_stay_strings(tmp_path):
-    cfg = resolve_config(TINY, [f"runs_root={tmp_path}", "ray.address=ignored:1"], "007", "10.0.0.5:6379")
+@pytest.fixture
+def models(tmp_path) -> list[str]:
+    """Overrides pointing the tiny config at model folders that exist (nothing is loaded from them)."""
+    for name in ("teacher", "student"):
+        (tmp_path / "models" / name).mkdir(parents=True)
+    return [f"models.teacher={tmp_path / 'models' / 'teacher'}", f"models.student={tmp_path / 'models' / 'student'}"]
+
+
+def test_ray_address_and_run_name_become_overrides_and_stay_strings(tmp_path, models):
+    cfg = resolve_config(TINY, [f"runs_root={tmp_path}", "ray.address=ignored:1", *models], "007", "10.0.0.5:6379")
     assert cfg.ray.address == "10.0.0.5:6379" and cfg.run_name == "007"
-    assert resolve_config(TINY, [f"runs_root={tmp_path}"], None, None).ray.address is None
+    assert resolve_config(TINY, [f"runs_root={tmp_path}", *models], None, None).ray.address is None
 
 
-def test_resume_false_refuses_an_existing_run_folder(tmp_path):
+def test_resume_false_refuses_an_existing_run_folder(tmp_path, models):
     (tmp_path / "taken").mkdir()
     with pytest.raises(ConfigError) as err:
-        resolve_config(TINY, [f"runs_root={tmp_path}"], "taken", resume=False)
+        resolve_config(TINY, [f"runs_root={tmp_path}", *models], "taken", resume=False)
     msg = str(err.value)
     assert str(tmp_path / "taken") in msg and "new run_name" in msg
-    assert resolve_config(TINY, [f"runs_root={tmp_path}"], "taken", resume=True).run_name == "taken"
-    assert resolve_config(TINY, [f"runs_root={tmp_path}"], "fresh", resume=False).run_name == "fresh"
+    assert resolve_config(TINY, [f"runs_root={tmp_path}", *models], "taken", resume=True).run_name == "taken"
+    assert resolve_config(TINY, [f"runs_root={tmp_path}", *models], "fresh", resume=False).run_name == "fresh"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("models.teacher=.cache/nowhere/teachr", "models.teacher: folder .cache/nowhere/teachr not found"),
+    ("models.student=/no/such/student", "models.student: folder /no/such/student not found"),
+    ("models.tokenizer=./tok", "models.tokenizer: folder ./tok not found"),
+    ("data.train_path=no-such.jsonl", "data.train_path: "),
+    ("data.eval_path=/no/eval.jsonl", "data.eval_path: /no/eval.jsonl not found"),
+])
+def test_missing_model_folders_and_data_files_are_named_before_any_engine(tmp_path, models, override, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        resolve_config(TINY, [f"runs_root={tmp_path}", *models, override], None)
+    assert not (tmp_path / "tiny").exists()
+    # a hub id (org/name) is not a local path: it passes and is left to Hugging Face
+    hub = resolve_config(TINY, [f"runs_root={tmp_path}", *models, "models.teacher=HuggingFaceTB/SmolLM2-135M"], None)
+    assert hub.models.teacher == "HuggingFaceTB/SmolLM2-135M"
 
 
 def test_resume_false_in_the_flow_is_one_logged_message(tmp_path, caplog):
@@ -72,3 +97,19 @@ def test_other_errors_pass_through_unchanged():
         with parameter_errors_logged():
             raise boom
     assert err.value is boom
+
+
+def test_changed_settings_name_the_dotted_keys_that_differ_from_config_yaml(tmp_path, models):
+    from flows.pipeline import changed_settings
+    from pocl_core.contracts import RunPaths
+
+    ran = resolve_config(TINY, [f"runs_root={tmp_path}", *models], "r")
+    paths = RunPaths.of(ran.run_dir)
+    assert changed_settings(paths, ran) == []  # no config.yaml yet
+    paths.root.mkdir(parents=True)
+    paths.config.write_text(ran.to_yaml())
+    now = resolve_config(TINY, [f"runs_root={tmp_path}", *models, "optim.lr=0.5", "eval.seeds=[1, 2]",
+                                "models.tokenizer=HuggingFaceTB/x"], "r")
+    assert changed_settings(paths, now) == [f"models.tokenizer: None → 'HuggingFaceTB/x'",
+                                            f"optim.lr: {ran.optim.lr!r} → 0.5",
+                                            f"eval.seeds: {ran.eval.seeds!r} → [1, 2]"]

@@ -3,6 +3,8 @@ unrelated cluster that ``ray start`` left running, which Ray's own default would
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 
 import tasks.distill as distill_mod
@@ -34,3 +36,21 @@ def test_an_initialised_ray_is_reused(monkeypatch):
     monkeypatch.setattr(distill_mod.ray, "is_initialized", lambda: True)
     monkeypatch.setattr(distill_mod.ray, "init", lambda **kw: pytest.fail("ray.init called again"))
     distill_mod.ensure_ray("10.0.0.5:6379")
+
+
+def test_use_gpu_without_gpus_fails_on_a_local_ray_and_warns_on_a_cluster(monkeypatch, caplog):
+    from pocl_core.config import ConfigError, load_config
+    from tests.conftest import TINY_CONFIG
+
+    monkeypatch.setattr(distill_mod.ray, "cluster_resources", lambda: {"CPU": 2.0, "GPU": 1.0})
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(distill_mod, "task_logger", lambda: logging.getLogger("pocl"))
+    two = load_config(TINY_CONFIG, ["ray.use_gpu=true", "ray.num_workers=2"])
+    with pytest.raises(ConfigError, match="ray.num_workers is 2, but the Ray cluster has 1 GPU"):
+        distill_mod._check_gpus(two)
+    distill_mod._check_gpus(load_config(TINY_CONFIG, ["ray.use_gpu=true", "ray.num_workers=1"]))  # enough
+    distill_mod._check_gpus(load_config(TINY_CONFIG, ["ray.num_workers=2"]))  # CPU run: not asked
+    with caplog.at_level(logging.WARNING, logger="pocl"):
+        distill_mod._check_gpus(load_config(TINY_CONFIG, ["ray.use_gpu=true", "ray.num_workers=2",
+                                                          "ray.address=10.0.0.5:6379"]))
+    assert "waits until the cluster has them" in caplog.text

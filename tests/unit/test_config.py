@@ -112,6 +112,9 @@ def test_training_key_depends_on_the_data_and_the_train_settings(monkeypatch):
     logging_only = load_config(TINY_CONFIG, ["train.log_every_steps=3"])
     assert key == distill_mod.training_key(logging_only, SimpleNamespace(train_fingerprint="a"), "partition.parquet")
     # the T² rule is the default; the bare divergence trains other weights, so it is another key
+    # a live teacher's dtype changes the training; float32 (the default) leaves the key as it was
+    assert key != distill_mod.training_key(load_config(TINY_CONFIG, ["models.teacher_dtype=bfloat16"]),
+                                           SimpleNamespace(train_fingerprint="a"), "partition.parquet")
     bare = load_config(TINY_CONFIG, ["loss.temperature_scaling=none"])
     assert key != distill_mod.training_key(bare, SimpleNamespace(train_fingerprint="a"), "partition.parquet")
     explicit = load_config(TINY_CONFIG, ["loss.temperature_scaling=t_squared"])
