@@ -38,7 +38,7 @@ from pocl_core.checkpoint import (MANIFEST, Position, load_checkpoint, read_opti
 from pocl_core.config import PoclConfig
 from pocl_core.contracts import STUDENT_PROVENANCE, RunPaths, read_table
 from pocl_core.data import EncodedSample, collate, encode_sample, pad_id_of, table_to_samples
-from pocl_core.models import load_causal_lm, load_tokenizer, warn_if_slow_dtype
+from pocl_core.models import load_causal_lm, load_tokenizer, warn_if_slow_dtype, weights_digest
 from pocl_core.on_policy import OnPolicyMixer
 from pocl_core.parallel import (full_state, grad_sync, load_optimizer_state, shard_fsdp, transformer_blocks,
                                 unwrap)
@@ -150,12 +150,13 @@ def distill_loop(loop_config: dict[str, Any]) -> None:
             window.tokens += global_tokens
             window.steps += 1
             window.on_policy_steps += int(on_policy)
+            window.kd_weight_sum += kd_weight
             window.seconds += time.perf_counter() - t0
             done_stage = step + 1 == plan.num_steps
             if done_stage or (step + 1) % cfg.train.log_every_steps == 0:
-                row = window.flush(stage=plan.stage, step_in_stage=step + 1, global_step=global_step,
-                                   temperature=plan.temperature, kd_weight=plan.kd_weight,
-                                   lr=optimizer.param_groups[0]["lr"], samples_seen=samples_seen)
+                row = window.flush(world, device, stage=plan.stage, step_in_stage=step + 1, global_step=global_step,
+                                   temperature=plan.temperature, lr=optimizer.param_groups[0]["lr"],
+                                   samples_seen=samples_seen)
                 if rank == 0:
                     _append_jsonl(metrics_path, row)
             every = cfg.train.checkpoint_every_steps
@@ -328,7 +329,8 @@ def _resume_checkpoint(loop_config: dict[str, Any], student_lm: torch.nn.Module,
 
 
 class _Window:
-    """Token-weighted running means of the losses between two metric reports."""
+    """Running sums between two metric reports: this rank's token-weighted losses (weights are shares
+    of the global batch's response tokens), steps, λ used, tokens and seconds."""
 
     def __init__(self) -> None:
         self.total = self.kd = self.ce = 0.0
@@ -336,6 +338,7 @@ class _Window:
         self.tokens = 0
         self.seconds = 0.0
         self.steps = self.on_policy_steps = 0
+        self.kd_weight_sum = 0.0
 
     def add(self, losses: Any, weight: float) -> None:
         self.total += losses.total.item() * weight
@@ -343,10 +346,18 @@ class _Window:
         self.ce += losses.ce.item() * weight
         self.weight += weight
 
-    def flush(self, **fields: Any) -> dict[str, Any]:
-        w = max(self.weight, 1e-12)
-        row = {**fields, "loss": self.total / w, "kd_loss": self.kd / w, "ce_loss": self.ce / w,
-               "tokens_per_s": self.tokens / max(self.seconds, 1e-9), "seconds": self.seconds,
+    def flush(self, world: int, device: torch.device, **fields: Any) -> dict[str, Any]:
+        """One ``TRAIN_METRICS_FIELDS`` row; the losses are summed over every rank first (a
+        collective: every rank calls it at the same step), so they are global-batch token means."""
+        sums = [self.total, self.kd, self.ce, self.weight]
+        if world > 1:
+            t = torch.tensor(sums, dtype=torch.float64, device=device)
+            torch.distributed.all_reduce(t)
+            sums = t.tolist()
+        total, kd, ce, weight = sums
+        w = max(weight, 1e-12)
+        row = {**fields, "kd_weight": self.kd_weight_sum / max(self.steps, 1), "loss": total / w, "kd_loss": kd / w,
+               "ce_loss": ce / w, "tokens_per_s": self.tokens / max(self.seconds, 1e-9), "seconds": self.seconds,
                "on_policy_fraction": self.on_policy_steps / max(self.steps, 1)}
         self.__init__()
         return row
@@ -405,7 +416,8 @@ def _save_stage_student(student: torch.nn.Module, run_dir: str | ObjectPath, sta
 
     def build(folder: Path) -> None:
         inner.save_pretrained(folder, state_dict=weights, safe_serialization=True)
-        (folder / STUDENT_PROVENANCE).write_text(json.dumps({"train_key": train_key, "stage": stage}))
+        provenance = {"train_key": train_key, "stage": stage, "weights": weights_digest(folder)}
+        (folder / STUDENT_PROVENANCE).write_text(json.dumps(provenance))
 
     write_dir_atomic(RunPaths.of(run_dir).stage_student(stage), build, last=STUDENT_PROVENANCE)
 

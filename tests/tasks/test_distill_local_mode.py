@@ -11,7 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 from pocl_core.checkpoint import verify_checkpoint
-from pocl_core.contracts import RunPaths
+from pocl_core.contracts import STUDENT_PROVENANCE, TRAIN_METRICS_FIELDS, RunPaths
+from pocl_core.models import weights_digest
 from tasks.distill import distill
 from tasks.load_data import load_dataset
 from tasks.partition import partition
@@ -39,6 +40,9 @@ def test_local_mode_trains_in_process_keeps_its_checkpoints_and_resumes_from_the
     weights = load_file(f"{student}/model.safetensors")
     metrics = paths.train_storage / "metrics.jsonl"
     rows = metrics.read_text()
+    parsed = [json.loads(line) for line in rows.splitlines()]
+    assert parsed and all(set(r) == set(TRAIN_METRICS_FIELDS) for r in parsed)  # the contract's fields, exactly
+    assert json.loads((paths.student / STUDENT_PROVENANCE).read_text())["weights"] == weights_digest(student)
 
     # without the saved student, a rerun resumes from the final in-place checkpoint: no step is redone
     shutil.rmtree(student)

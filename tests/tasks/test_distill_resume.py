@@ -18,6 +18,7 @@ from pocl_core.contracts import RunPaths
 from tasks.distill import distill
 from tasks.load_data import load_dataset
 from tasks.partition import partition
+from tasks.report import read_train_metrics
 from tasks.run_checkpoints import list_checkpoints
 from tasks.score import score_difficulty
 
@@ -80,9 +81,15 @@ def test_two_worker_ddp_survives_a_killed_worker_and_equals_one_worker(baseline,
     make, _, reference = baseline
     marker = tmp_path / "fired"
     monkeypatch.setenv("POCL_FAULT_INJECT", json.dumps({"at_global_step": 12, "marker": str(marker), "kind": "kill"}))
-    _, student = _run_distill(make, "ddp2-failure", "ray.num_workers=2", "ray.max_failures=1")
+    cfg, student = _run_distill(make, "ddp2-failure", "ray.num_workers=2", "ray.max_failures=1")
     assert marker.read_text() == "12"  # the fault did fire
     _assert_same_weights(_weights(student), reference, atol=1e-5)
+    # the logged losses are means over the whole global batch, so they do not depend on the worker count
+    one, two = (read_train_metrics(RunPaths.of(c.run_dir).train_metrics) for c in (baseline[1], cfg))
+    assert [r["global_step"] for r in one] == [r["global_step"] for r in two]
+    for a, b in zip(one, two):
+        for key in ("loss", "kd_loss", "ce_loss", "kd_weight", "temperature"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (a["global_step"], key)
 
 
 def test_sigkill_mid_stage_then_rerun_resumes_exactly(baseline, tmp_path):
