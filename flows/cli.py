@@ -53,8 +53,11 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
     from pocl_core.storage import location
 
+    from flows.pipeline import check_inputs
+
     cfg = load_config(args.config, args.overrides)
-    plan_variants(cfg, args.strategies, args.losses, args.seeds)  # every variant valid before any engine starts
+    check_inputs(cfg.with_absolute_paths())  # model folders and data files, before any engine starts
+    plan_variants(cfg, args.strategies, args.losses, args.seeds)  # every variant valid, too
     out = pocl_compare(config_path=args.config, overrides=args.overrides, strategies=args.strategies,
                        losses=args.losses, seeds=args.seeds, compare_name=args.name)
     print()
@@ -72,6 +75,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     if args.num_samples is not None:
         n = args.num_samples
+        if n <= 0:
+            raise ConfigError(f"--num-samples must be a positive number of training samples, got {n}")
         source = f"--num-samples {n}"
     else:
         samples, _ = load_samples(cfg.data.train_path, cfg.data.on_bad_rows)
@@ -88,6 +93,10 @@ def _cmd_plan(args: argparse.Namespace) -> int:
               f"{p.temperature:>6.2f} {p.kd_weight:>7.2f}")
     total = sum(p.num_steps for p in plans)
     print(f"total: {total} optimizer steps, {total * gb} samples ({total * gb / max(n, 1):.1f} passes over the data)")
+    small = [p.stage for p in plans if p.num_samples < gb]
+    if small:
+        print(f"note: stage(s) {', '.join(map(str, small))} hold fewer samples than the global batch ({gb}): each of "
+              "their steps repeats samples; use fewer stages or a smaller optim.global_batch_size")
     return 0
 
 

@@ -52,13 +52,13 @@ class RunSummary:
 
 
 def resolve_config(config_path: Optional[str], overrides: Optional[list[str]], run_name: Optional[str],
-                   ray_address: Optional[str] = None, resume: bool = True, check_inputs: bool = True) -> PoclConfig:
+                   ray_address: Optional[str] = None, resume: bool = True, verify_inputs: bool = True) -> PoclConfig:
     """The config file plus overrides; ``run_name`` and ``ray_address`` (when given) win over both.
 
     Both are quoted as YAML strings, so a name like ``007`` or an address like ``10.0.0.5:6379`` stays
     text. With ``resume=False`` an existing run folder is a ConfigError naming it; for an ``s3://``
     run folder, a missing bucket or an unreachable store is a ConfigError too; so is a model folder
-    or data file that is not there (unless ``check_inputs`` is False: the config alone is checked).
+    or data file that is not there (unless ``verify_inputs`` is False: the config alone is checked).
     """
     extra = list(overrides or [])
     if run_name:
@@ -72,8 +72,8 @@ def resolve_config(config_path: Optional[str], overrides: Optional[list[str]], r
     if not resume and run_dir.exists():
         raise ConfigError(f"run folder {cfg.run_dir} already exists and resume is false: choose a new "
                           f"run_name (e.g. {cfg.run_name}-2), or set resume=true to continue that run")
-    if check_inputs:
-        _check_inputs(cfg)
+    if verify_inputs:
+        check_inputs(cfg)
     return cfg
 
 
@@ -82,7 +82,7 @@ def _looks_local(value: str) -> bool:
     return "://" not in value and (value.startswith(("/", ".", "~")) or value.count("/") > 1)
 
 
-def _check_inputs(cfg: PoclConfig) -> None:
+def check_inputs(cfg: PoclConfig) -> None:
     """ConfigError for a model folder or data file that is not there (hub ids and URIs pass)."""
     for key in ("teacher", "student", "tokenizer"):
         value = getattr(cfg.models, key)

@@ -14,7 +14,8 @@ Dtype = Literal["float32", "bfloat16", "float16"]
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # strict: YAML's true is not a count of 1, nor 1 a boolean (an int is still a valid float)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True)
 
 
 class ModelsConfig(_Section):

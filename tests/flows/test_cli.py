@@ -91,3 +91,17 @@ def test_overrides_may_stand_between_options_and_strays_are_named(capsys):
     with pytest.raises(SystemExit):
         parse_args(["compare", "--strategies", "antii"])
     assert "invalid choice: 'antii'" in capsys.readouterr().err
+
+
+def test_plan_refuses_no_samples_and_notes_stages_smaller_than_a_batch(capsys):
+    assert main(["plan", "--config", "configs/tiny.yaml", "--num-samples", "0"]) == 2
+    assert "--num-samples must be a positive number" in capsys.readouterr().err
+    assert main(["plan", "--config", "configs/tiny.yaml", "--num-samples", "20", "curriculum.num_stages=4"]) == 0
+    assert "note: stage(s) 0, 1, 2 hold fewer samples than the global batch (16)" in capsys.readouterr().out
+    assert main(["plan", "--config", "configs/tiny.yaml", "--num-samples", "400"]) == 0
+    assert "note:" not in capsys.readouterr().out
+
+
+def test_compare_names_a_missing_model_folder_before_any_engine(capsys):
+    assert main(["compare", "--config", "configs/tiny.yaml", "models.student=./no/such/student"]) == 2
+    assert "models.student: folder ./no/such/student not found" in capsys.readouterr().err

@@ -84,7 +84,7 @@ def test_shipped_configs_with_deployment_parameters_validate():
         p = spec.parameters
         # the parameters form a valid config; the models and data are the serving machine's to provide
         cfg = resolve_config(str(REPO / p["config_path"]), p["overrides"], p["run_name"], p["ray_address"],
-                             check_inputs=False)
+                             verify_inputs=False)
         assert cfg.run_name
 
 

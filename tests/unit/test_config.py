@@ -44,6 +44,8 @@ def test_unknown_keys_are_named(override, key):
     ("runs_root=", "runs_root"),
     ("data.train_path=", "data.train_path"),
     ("models.teacher=", "models.teacher"),
+    ("curriculum.num_stages=true", "curriculum.num_stages: Input should be a valid integer"),  # no bool -> 1
+    ("ray.use_gpu=1", "ray.use_gpu: Input should be a valid boolean"),
 ])
 def test_out_of_range_values_are_named(override, key):
     with pytest.raises(ConfigError) as err:
