@@ -24,7 +24,7 @@ import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Iterator, Optional
 
 import yaml
 
@@ -32,7 +32,7 @@ from prefect import flow, get_run_logger
 from prefect.exceptions import MissingContextError
 
 from pocl_core.config import ConfigError, PoclConfig, load_config
-from pocl_core.contracts import RunPaths, StaleOutputError, write_text_atomic
+from pocl_core.contracts import RunPaths, StaleOutputError, dotted_differences, write_text_atomic
 from pocl_core.data import DataError
 from pocl_core.storage import ObjectPath, location
 from tasks.distill import distill
@@ -95,23 +95,13 @@ def check_inputs(cfg: PoclConfig) -> None:
             raise ConfigError(f"data.{key}: {value} not found")
 
 
-def _dotted_differences(old: Any, new: Any, prefix: str = "") -> list[str]:
-    """``key: old → new`` for every leaf setting that differs between two config trees."""
-    if isinstance(old, dict) and isinstance(new, dict):
-        out = []
-        for key in [*old, *(k for k in new if k not in old)]:
-            out += _dotted_differences(old.get(key), new.get(key), f"{prefix}{key}.")
-        return out
-    return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} → {new!r}"]
-
-
 def changed_settings(paths: RunPaths, cfg: PoclConfig) -> list[str]:
     """The settings of ``cfg`` that differ from the run folder's config.yaml (empty when it has none)."""
     try:
         ran = yaml.safe_load(paths.config.read_text())
     except (OSError, yaml.YAMLError):
         return []
-    return _dotted_differences(ran, cfg.model_dump(mode="json"))
+    return [f"{key}: {a!r} → {b!r}" for key, a, b in dotted_differences(ran, cfg.model_dump(mode="json"))]
 
 
 def _check_bucket(run_dir: ObjectPath, cfg: PoclConfig) -> None:

@@ -344,6 +344,16 @@ def read_metadata(path: PathLike) -> dict[str, Any]:
     return decode_metadata(pq.read_schema(path).metadata)
 
 
+def dotted_differences(old: Any, new: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """(dotted key, old value, new value) for every leaf that differs between two nested mappings."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for key in [*old, *(k for k in new if k not in old)]:
+            out += dotted_differences(old.get(key), new.get(key), f"{prefix}{key}.")
+        return out
+    return [] if old == new else [(prefix.rstrip("."), old, new)]
+
+
 def check_provenance(path: PathLike, expected: dict[str, Any]) -> bool:
     """True if ``path`` exists and every ``expected`` key matches its metadata.
 
@@ -354,9 +364,10 @@ def check_provenance(path: PathLike, expected: dict[str, Any]) -> bool:
     if not path.exists():
         return False
     meta = read_metadata(path)
-    diff = [k for k, v in expected.items() if meta.get(k) != json.loads(json.dumps(v))]
+    found = {k: meta.get(k) for k in expected}
+    diff = dotted_differences(found, json.loads(json.dumps(expected)))
     if diff:
-        details = ", ".join(f"{k}: found {meta.get(k)!r}, expected {expected[k]!r}" for k in diff)
+        details = ", ".join(f"{k}: found {a!r}, expected {b!r}" for k, a, b in diff)
         raise StaleOutputError(
             f"{path} was produced from different inputs ({details}). Use a new run_name, or delete "
             f"the file to recompute it."

@@ -50,6 +50,8 @@ def training_key(cfg: PoclConfig, data: DatasetSplits, partition_path: str, teac
     provenance). Defaults stay out so that keys of runs made before a setting existed still hold.
     """
     recipe = cfg.model_dump(mode="json", include={"seed", "curriculum", "loss", "optim", "data"})
+    for key in ("train_path", "eval_path"):  # the data enter by content (train_data); paths move with checkouts
+        recipe["data"].pop(key)
     if not cfg.loss.on_policy_fraction:
         recipe["loss"] = {k: v for k, v in recipe["loss"].items() if k not in LossConfig.ON_POLICY_FIELDS}
     if cfg.loss.temperature_scaling == "t_squared":  # the default keeps the keys of runs made before the knob

@@ -33,7 +33,9 @@ def _source_provenance(cfg: PoclConfig) -> dict:
     files = {"train": _file_fingerprint(cfg.data.train_path)}
     if cfg.data.eval_path:
         files["eval"] = _file_fingerprint(cfg.data.eval_path)
-    provenance = {"source": cfg.fingerprint("data"), "source_files": files}
+    # the data settings without their paths (the files enter by content): a moved checkout still matches
+    settings = cfg.data.model_dump(mode="json", exclude={"train_path", "eval_path"})
+    provenance = {"source": settings, "source_files": files}
     if cfg.data.long_prompts == "drop":
         provenance["tokenizer"] = tokenizer_fingerprint(cfg.models.tokenizer_source)
     return provenance

@@ -69,8 +69,8 @@ def _scorer(cfg: PoclConfig) -> tuple[str, str]:
 
 def _pass_provenance(cfg: PoclConfig, data: DatasetSplits) -> dict[str, Any]:
     scorer, dtype = _scorer(cfg)
-    return {
-        "scorer": scorer,
+    return {  # the scorer by its role and contents, not its path: a moved checkout or another host still matches
+        "scorer": cfg.scoring.model,
         "scorer_fingerprint": model_fingerprint(scorer),
         "scorer_dtype": dtype,
         "dataset_fingerprint": data.train_fingerprint,
@@ -121,7 +121,7 @@ def score_difficulty(cfg: PoclConfig, data: DatasetSplits) -> ScoresResult:
         if need_measures or need_cache:
             jobs.append(ShardJob(i, shard, need_measures, need_cache))
     if jobs:
-        log.info("scoring %d of %d shards with %s (%d worker(s))", len(jobs), len(shards), provenance["scorer"],
+        log.info("scoring %d of %d shards with %s (%d worker(s))", len(jobs), len(shards), _scorer(cfg)[0],
                  cfg.scoring.num_workers)
         run = _run_in_process if cfg.scoring.num_workers == 1 else _run_on_ray
         run(cfg.with_absolute_paths(), jobs, provenance, cache_prov, for_workers(paths.root))

@@ -156,10 +156,30 @@ def test_a_changed_tokenizer_is_refused_and_changes_the_training_key(baseline, t
     assert score_difficulty.fn(same, data).scores_key == result.scores_key
     assert training_key(same, data, part) == training_key(cfg, data, part)
     # Other tokenizer files: the scores are stale and the training key differs.
-    with pytest.raises(StaleOutputError, match=r"scores/part-00000\.parquet .*measurer: found .*'tokenizer': "
-                                               r"'[0-9a-f]+'"):
+    with pytest.raises(StaleOutputError, match=r"scores/part-00000\.parquet .*measurer\.tokenizer: found "
+                                               r"'[0-9a-f]+', expected '[0-9a-f]+'"):
         score_difficulty.fn(changed, data)
     assert training_key(changed, data, part) != training_key(cfg, data, part)
+
+
+def test_a_moved_checkout_reuses_the_run(baseline, tmp_path):
+    """The same models and data under other paths (another checkout or host, e.g. a container at
+    /opt/pocl): data, scores and cache are reused and the training key holds; inputs enter by content."""
+    cfg, data, result = baseline
+    part = partition.fn(cfg, result)
+    moved = {name: shutil.copytree(getattr(cfg.models, name), tmp_path / name) for name in ("teacher", "student")}
+    data_file = tmp_path / "data" / Path(cfg.data.train_path).name
+    data_file.parent.mkdir()
+    shutil.copyfile(cfg.data.train_path, data_file)
+    other = load_config(TINY_CONFIG, [f"models.teacher={moved['teacher']}", f"models.student={moved['student']}",
+                                      f"data.train_path={data_file}", f"runs_root={cfg.runs_root}", *BASE,
+                                      "run_name=base", "scoring.teacher_cache_topk=4"])
+    written = {p: p.stat().st_mtime_ns for p in Path(cfg.run_dir).rglob("*.parquet")}
+    again = load_dataset.fn(other)
+    assert again.train_fingerprint == data.train_fingerprint
+    assert score_difficulty.fn(other, again).scores_key == result.scores_key
+    assert {p: p.stat().st_mtime_ns for p in Path(cfg.run_dir).rglob("*.parquet")} == written  # nothing redone
+    assert training_key(other, again, part) == training_key(cfg, data, part)
 
 
 def test_a_changed_cache_setting_is_refused_naming_the_cache_shard(baseline):
