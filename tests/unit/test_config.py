@@ -90,6 +90,11 @@ def test_missing_required_section_and_bad_files(tmp_path):
         load_config(TINY_CONFIG, ["novalue"])
     with pytest.raises(ConfigError, match="not a section"):
         load_config(TINY_CONFIG, ["seed.sub=1"])
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("models: {teacher: a, student: b}\ndata: {train_path: x}\ncurriculum: {num_stages: 3}\n"
+                     "curriculum: {num_stages: 2}\n")
+    with pytest.raises(ConfigError, match=r"twice.yaml: not valid YAML: key 'curriculum' appears twice(?s:.*)line 4"):
+        load_config(twice)
 
 
 def test_fingerprint_changes_with_the_section_it_covers():
