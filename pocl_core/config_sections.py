@@ -330,7 +330,9 @@ class EvalConfig(SamplingConfig):
     seeds: one sampled generation pass per seed (the mean is reported). do_sample False makes those
     passes greedy too. greedy: also one greedy pass (seed-independent), reported as its own ROUGE-L.
     do_sample/temperature/top_k/top_p/no_repeat_ngram_size/max_new_tokens: see SamplingConfig (the
-    method's defaults: temperature 1, no top-k/top-p, no repeated 6-grams, 64 new tokens). batch_size: prompts per generate call. at_stage_boundaries:
+    method's: temperature 1, no top-k/top-p, no repeated 6-grams; its answers run to 256 new tokens,
+    as configs/paper.yaml sets; the default of 64 suits short answers). seeds must differ.
+    batch_size: prompts per generate call. at_stage_boundaries:
     also evaluate the student as it was at the end of every stage but the last (that one is the
     final student); training then saves those students under ``<run>/stages/``.
     """
@@ -339,6 +341,12 @@ class EvalConfig(SamplingConfig):
     batch_size: int = Field(16, gt=0)
     greedy: bool = True
     at_stage_boundaries: bool = False
+
+    @model_validator(mode="after")
+    def _check(self) -> "EvalConfig":
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"eval.seeds lists a seed twice: {self.seeds} (a repeated seed repeats the same pass)")
+        return self
 
 
 class StorageConfig(_Section):

@@ -66,6 +66,21 @@ def load_causal_lm(name_or_path: str, dtype: str = "float32", trust_remote_code:
     return model
 
 
+def decode_only_as_configured(model: torch.nn.Module) -> torch.nn.Module:
+    """Give ``model`` a generation config holding only its special-token ids, in place; returns it.
+
+    ``generate`` fills every setting it is not passed from the model's ``generation_config.json``
+    (a shipped ``repetition_penalty``, ``min_p``, ...), which would bend the method's decoding
+    (``SamplingConfig``) without entering any provenance; after this, only what is passed applies.
+    """
+    from transformers import GenerationConfig
+
+    old = model.generation_config
+    model.generation_config = GenerationConfig(bos_token_id=old.bos_token_id, eos_token_id=old.eos_token_id,
+                                               pad_token_id=old.pad_token_id)
+    return model
+
+
 def _has_safetensors(name_or_path: str) -> bool | None:
     p = Path(name_or_path)
     if p.is_dir():

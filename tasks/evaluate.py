@@ -18,7 +18,7 @@ from pocl_core.contracts import (EVAL_METRICS_SCHEMA, GENERATIONS_SCHEMA, STUDEN
                                  check_provenance, read_table, write_table_atomic)
 from pocl_core.data import table_to_samples
 from pocl_core.evaluate import evaluate_generations, mean_response_nll, summarize_rouge
-from pocl_core.models import load_causal_lm, load_tokenizer, model_fingerprint, resolve_device
+from pocl_core.models import decode_only_as_configured, load_causal_lm, load_tokenizer, model_fingerprint, resolve_device
 from pocl_core.schedule import num_trained_stages
 from pocl_core.storage import ObjectPath, fetch_dir, is_remote, location
 from tasks.common import Progress, task_logger
@@ -89,7 +89,7 @@ def evaluate(cfg: PoclConfig, data: DatasetSplits, student_path: str | None,
     progress = Progress("evaluate", len(models), "evaluating models")
     for done, (name, path) in enumerate(models.items(), start=1):
         dtype = cfg.models.teacher_dtype if name == "teacher" else "float32"
-        model = load_causal_lm(path, dtype, cfg.models.trust_remote_code, device).eval()
+        model = decode_only_as_configured(load_causal_lm(path, dtype, cfg.models.trust_remote_code, device).eval())
         common = dict(template=cfg.data.prompt_template, max_prompt_length=cfg.data.max_prompt_length, device=device)
         gens = evaluate_generations(model, tokenizer, samples, cfg=cfg.eval, **common)
         nll = mean_response_nll(model, tokenizer, samples, max_length=cfg.data.max_length,

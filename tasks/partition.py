@@ -75,8 +75,8 @@ def partition(cfg: PoclConfig, scores: ScoresResult) -> str:
     buckets = partition_by_rank(ranks, k, cfg.curriculum.strategy, cfg.curriculum.shuffle_seed)
     out = pa.table({"sample_id": table.column("sample_id"), "rank": pa.array(ranks), "bucket": pa.array(buckets)})
     out = out.sort_by([("bucket", "ascending"), ("rank", "ascending")])
-    write_table_atomic(out, paths.partition, PARTITION_SCHEMA, provenance)
 
+    # the table, plot and artifacts first: partition.parquet marks the step done, so it goes last
     difficulty = table.column("difficulty").to_numpy()
     measures = [m for m in cfg.scoring.measures if m in table.column_names]
     rows = bucket_summary(buckets, k, difficulty, {m: table.column(m).to_numpy() for m in measures})
@@ -86,6 +86,7 @@ def partition(cfg: PoclConfig, scores: ScoresResult) -> str:
     plot = plot_difficulty_by_bucket(difficulty, buckets, k, paths.plots_dir / PLOT_NAME, title)
     publish_markdown("partition-difficulty-plot", _plot_markdown(plot, rows),
                      "histogram of difficulty per curriculum bucket (PNG in the run folder)")
+    write_table_atomic(out, paths.partition, PARTITION_SCHEMA, provenance)
     log.info("partitioned %d samples into %d buckets (%s): %s; plot %s", len(ranks), k,
              cfg.curriculum.strategy, [r["samples"] for r in rows], plot)
     return str(paths.partition)

@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import logging
 
+import numpy as np
 from prefect import task
 
 from pocl_core.config import PoclConfig
 from pocl_core.contracts import RunPaths, read_table, write_text_atomic
 from pocl_core.storage import Location
-from pocl_core.schedule import build_schedule
+from pocl_core.schedule import plan_stages
 from tasks.common import publish_markdown, publish_table, task_logger
 from tasks.plots import plot_eval, plot_stage_rouge, plot_training, png_data_uri
 
@@ -50,10 +51,13 @@ def render_report(cfg: PoclConfig, metrics: list[dict], train_rows: list[dict], 
              "|---|---:|---:|---:|---:|"]
     lines += [f"| {m['model']} | {m['rouge_l']:.2f} | {m['rouge_l_std']:.2f} | {_fmt(m.get('rouge_l_greedy'))} | "
               f"{m['nll']:.3f} |" for m in metrics]
-    lines += ["", "## Stage plan", "", "| stage | buckets | samples | temperature | KD weight λ |", "|---|---|---:|---:|---:|"]
-    for plan in build_schedule(cfg.curriculum):
-        n = int((part <= plan.stage).sum())
-        lines.append(f"| {plan.stage} | 0..{plan.stage} | {n} | {plan.temperature:.2f} | {plan.kd_weight:.2f} |")
+    # the stages as trained (the plain-KD baseline, strategy none, is one stage over every bucket)
+    sizes = np.bincount(part, minlength=cfg.curriculum.num_stages).tolist()
+    lines += ["", "## Stage plan", "", "| stage | buckets | samples | epochs | steps | temperature | KD weight λ |",
+              "|---|---|---:|---:|---:|---:|---:|"]
+    for plan in plan_stages(cfg.curriculum, sizes, cfg.optim.global_batch_size):
+        lines.append(f"| {plan.stage} | {min(plan.buckets)}..{max(plan.buckets)} | {plan.num_samples} | {plan.epochs} | "
+                     f"{plan.num_steps} | {plan.temperature:.2f} | {plan.kd_weight:.2f} |")
     if train_rows:
         lines += ["", "## Training (last logged window of each stage)", "",
                   "| stage | global step | loss | KD | CE | tokens/s |", "|---:|---:|---:|---:|---:|---:|"]

@@ -35,7 +35,8 @@ from pocl_core.contracts import (RunPaths, check_provenance, measures_schema, re
 from pocl_core.data import Sample, encode_sample, pad_id_of, table_to_samples
 from pocl_core.difficulty import fuse_difficulty
 from pocl_core.measures import GENERATIVE_MEASURES, ScoringContext, get_measure, length_sorted_batches, score_batch
-from pocl_core.models import load_causal_lm, load_tokenizer, model_fingerprint, resolve_device, tokenizer_fingerprint
+from pocl_core.models import (decode_only_as_configured, load_causal_lm, load_tokenizer, model_fingerprint,
+                              resolve_device, tokenizer_fingerprint)
 from pocl_core.storage import Location, for_workers
 from pocl_core.teacher_cache import cache_table
 from tasks.common import Progress, task_logger
@@ -158,7 +159,7 @@ def load_scorer(cfg: PoclConfig) -> tuple[ScoringContext, int]:
     """
     path, dtype = _scorer(cfg)
     device = resolve_device(cfg.ray.use_gpu)
-    model = load_causal_lm(path, dtype, cfg.models.trust_remote_code, device).eval()
+    model = decode_only_as_configured(load_causal_lm(path, dtype, cfg.models.trust_remote_code, device).eval())
     tokenizer = load_tokenizer(cfg.models.tokenizer_source, cfg.models.trust_remote_code)
     for name in cfg.scoring.measures:
         get_measure(name)  # unknown names fail before any compute

@@ -20,3 +20,32 @@ def test_metrics_rows_last_per_step_and_damaged_lines_skipped(tmp_path, caplog):
     assert got == [rows[0], rows[1], resumed[1]]  # step 2's glued line is lost, its first row stays
     assert "line 3" in caplog.text and "line 6" in caplog.text and str(path) in caplog.text
     assert read_train_metrics(tmp_path / "absent.jsonl") == []
+
+
+def test_the_stage_plan_is_what_trains_for_curriculum_and_the_plain_kd_baseline(tmp_path):
+    import pyarrow as pa
+
+    from pocl_core.config import load_config
+    from pocl_core.contracts import PARTITION_SCHEMA, write_table_atomic
+    from tasks.report import render_report
+    from tests.conftest import TINY_CONFIG
+
+    n = 100
+    path = tmp_path / "partition.parquet"
+    write_table_atomic(pa.table({"sample_id": [f"s{i}" for i in range(n)], "rank": list(range(n)),
+                                 "bucket": [i * 4 // n for i in range(n)]}), path, PARTITION_SCHEMA, {})
+
+    def plan_rows(*overrides: str) -> list[str]:
+        cfg = load_config(TINY_CONFIG, ["curriculum.num_stages=4", "optim.global_batch_size=10",
+                                        "optim.micro_batch_size=5", *overrides])
+        text = render_report(cfg, [], [], path)
+        table = text.split("## Stage plan")[1].split("\n\n")[1].splitlines()
+        return table[2:]
+
+    staged = plan_rows("curriculum.epochs_per_stage=2", "curriculum.temperature_start=1", "curriculum.temperature_end=2")
+    assert [r.split(" | ")[1:5] for r in staged] == [["0..0", "25", "2", "6"], ["0..1", "50", "2", "10"],
+                                                   ["0..2", "75", "2", "16"], ["0..3", "100", "2", "20"]]
+    assert staged[0].endswith("| 1.00 | 0.70 |") and staged[-1].endswith("| 2.00 | 1.00 |")
+    baseline = plan_rows("curriculum.strategy=none", "curriculum.epochs_per_stage=2")
+    assert len(baseline) == 1 and baseline[0].startswith("| 0 | 0..3 | 100 |")  # one stage over all buckets
+    assert baseline[0].split(" | ")[4] == "52"  # the curriculum's 52 steps, the same sample budget

@@ -72,3 +72,31 @@ def test_generate_kwargs_sample_or_greedy():
     greedy = cfg.generate_kwargs(pad_id=1, eos_id=2, do_sample=False)  # sampling settings dropped
     assert greedy == {"max_new_tokens": 12, "pad_token_id": 1, "eos_token_id": 2, "no_repeat_ngram_size": None,
                       "do_sample": False}
+
+
+def test_a_models_generation_config_does_not_bend_the_decoding(tiny_models, tmp_path):
+    """A repetition_penalty in generation_config.json changes generate()'s output unless the model is
+    set to decode only as configured (what scoring and evaluation do)."""
+    import json
+    import shutil
+
+    from pocl_core.models import decode_only_as_configured
+
+    leaky = shutil.copytree(tiny_models.student, tmp_path / "leaky")
+    gen_file = leaky / "generation_config.json"
+    settings = json.loads(gen_file.read_text()) if gen_file.is_file() else {}
+    gen_file.write_text(json.dumps({**settings, "repetition_penalty": 1.8}))
+    samples, _ = load_samples(TINY_DATA)
+    tokenizer = load_tokenizer(str(tiny_models.student))
+    common = dict(cfg=EvalConfig(max_new_tokens=12, batch_size=8), seed=0, sample=False,
+                  template=DataConfig.model_fields["prompt_template"].default, max_prompt_length=48,
+                  device=torch.device("cpu"))
+
+    def answers(path, neutral: bool) -> list[str]:
+        model = load_causal_lm(str(path)).eval()
+        return generate_responses(decode_only_as_configured(model) if neutral else model, tokenizer,
+                                  samples[:8], **common)
+
+    clean = answers(tiny_models.student, neutral=False)
+    assert answers(leaky, neutral=False) != clean  # the shipped setting leaks into plain generate()
+    assert answers(leaky, neutral=True) == clean
