@@ -92,3 +92,25 @@ def test_partition_publishes_table_and_plot_artifacts(scored, prefect_harness, t
     plot = Artifact.get("partition-difficulty-plot")
     assert table is not None and "mean_difficulty" in str(table.data)
     assert plot is not None and str(RunPaths.of(other.run_dir).plots_dir / PLOT_NAME) in plot.data
+
+
+def test_a_partition_killed_before_its_plot_is_redone_with_the_plot(scored, tmp_path, monkeypatch):
+    """partition.parquet marks the step done, so it is written last: a failure while plotting leaves
+    no partition behind, and the rerun writes both."""
+    import tasks.partition as partition_mod
+
+    cfg, scores = scored
+    cfg = cfg.model_copy(update={"run_name": "part-killed"})
+    scores = replace(scores, scores_dir=str(shutil.copytree(scores.scores_dir, tmp_path / "scores")))
+    paths = RunPaths.of(cfg.run_dir)
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("killed while plotting")
+
+    with monkeypatch.context() as m:
+        m.setattr(partition_mod, "plot_difficulty_by_bucket", crash)
+        with pytest.raises(RuntimeError, match="killed while plotting"):
+            partition.fn(cfg, scores)
+    assert not paths.partition.exists()
+    partition.fn(cfg, scores)
+    assert paths.partition.exists() and (paths.plots_dir / PLOT_NAME).read_bytes()[:4] == b"\x89PNG"
