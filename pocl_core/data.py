@@ -250,12 +250,32 @@ def _prompt_ids(tokenizer: Any, prompt: str, template: str) -> list[int]:
 
 
 def encode_prompt(tokenizer: Any, prompt: str, template: str, max_prompt_length: int) -> list[int]:
-    """Template + tokenize a prompt, keeping its last ``max_prompt_length`` tokens.
+    """Template + tokenize a prompt, at most ``max_prompt_length`` tokens.
 
     template: a format string with ``{prompt}`` (special tokens added as the tokenizer does by
     default), or ``"chat"`` for the tokenizer's chat template (one user turn + the assistant header).
+    A prompt too long loses the start of its own text, not of the template: the user text is cut from
+    the left (by tokens) and rendered again, so BOS, turn markers and the response header stay. Only
+    when the template alone leaves no room are the rendered tokens cut, keeping their leading
+    special tokens (BOS).
     """
-    return _prompt_ids(tokenizer, prompt, template)[-max_prompt_length:]
+    ids = _prompt_ids(tokenizer, prompt, template)
+    if len(ids) <= max_prompt_length:
+        return ids
+    text_ids = list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    keep = len(text_ids) - (len(ids) - max_prompt_length)
+    for _ in range(8):  # re-rendering can merge tokens at the cut differently: shrink until it fits
+        if keep <= 0:
+            break
+        cut = _prompt_ids(tokenizer, tokenizer.decode(text_ids[-keep:]), template)
+        if len(cut) <= max_prompt_length:
+            return cut
+        keep -= len(cut) - max_prompt_length
+    special = set(tokenizer.all_special_ids)
+    lead = 0
+    while lead < len(ids) and ids[lead] in special and lead < max_prompt_length // 2:
+        lead += 1
+    return ids[:lead] + ids[len(ids) - (max_prompt_length - lead):]
 
 
 def drop_long_prompts(samples: Sequence[Sample], tokenizer: Any, template: str,

@@ -82,7 +82,8 @@ def _pass_provenance(cfg: PoclConfig, data: DatasetSplits) -> dict[str, Any]:
 def _tokenization(cfg: PoclConfig) -> dict[str, Any]:
     """How samples become token ids: the tokenizer's files, the prompt template and the length limits."""
     return {"tokenizer": tokenizer_fingerprint(cfg.models.tokenizer_source), "template": cfg.data.prompt_template,
-            "max_prompt_length": cfg.data.max_prompt_length, "max_length": cfg.data.max_length}
+            "max_prompt_length": cfg.data.max_prompt_length, "max_length": cfg.data.max_length,
+            "prompt_truncation": "user-text"}  # data.encode_prompt cuts the user text, keeping the template
 
 
 def scoring_provenance(cfg: PoclConfig, data: DatasetSplits) -> dict[str, Any]:

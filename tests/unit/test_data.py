@@ -93,3 +93,31 @@ def test_left_pad_puts_every_next_token_in_the_last_column():
     assert ids.dtype == attn.dtype == torch.long
     with pytest.raises(ValueError, match="no prompts"):
         left_pad([], pad_id=0)
+
+
+@pytest.mark.parametrize("template", ["### Instruction:\n{prompt}\n\n### Response:\n", "chat"])
+def test_a_long_prompt_loses_the_start_of_its_text_not_the_template(tiny_models, template):
+    """Truncation keeps BOS, the template's framing (instruction header / chat turn markers) and the
+    response header, and the end of the user's text."""
+    from pocl_core.data import encode_prompt
+    from pocl_core.models import load_tokenizer
+
+    tok = load_tokenizer(str(tiny_models.student))
+    if template == "chat":  # a minimal chat template on the tiny tokenizer: BOS, user turn, assistant header
+        tok.chat_template = ("{{ bos_token }}{% for m in messages %}<user> {{ m['content'] }} </user>{% endfor %}"
+                             "{% if add_generation_prompt %} <assistant>{% endif %}")
+    words = [f"word{i}" for i in range(60)]
+    short = encode_prompt(tok, "x", template, 400)
+    full = encode_prompt(tok, " ".join(words), template, 400)
+    limit = len(full) - 25
+    cut = encode_prompt(tok, " ".join(words), template, limit)
+    assert len(cut) <= limit and cut[0] == tok.bos_token_id
+    head = next(i for i, (a, b) in enumerate(zip(short, full)) if a != b)  # the template's tokens before the text
+    tail = next(i for i, (a, b) in enumerate(zip(reversed(short), reversed(full))) if a != b)  # ... and after it
+    assert head >= 1 and tail >= 1
+    assert cut[:head] == short[:head] and cut[-tail:] == short[-tail:]
+    text = tok.decode(cut[head:len(cut) - tail])
+    assert "word59" in text and "word0 " not in text  # the end of the prompt survives, its start goes
+    # a template with no room left for text: the rendered tokens are cut, BOS kept
+    tiny = encode_prompt(tok, " ".join(words), template, 4)
+    assert len(tiny) == 4 and tiny[0] == tok.bos_token_id
