@@ -46,8 +46,8 @@ class DataConfig(_Section):
     eval_path: held-out file; when absent, ``eval_fraction`` of train_path is held out by a stable
     hash of the sample id. prompt_template: a format string whose ``{prompt}`` is replaced, or
     ``chat``: the tokenizer's chat template with one user turn and the assistant header.
-    max_prompt_length / max_length: token limits. long_prompts: ``truncate`` cuts a longer prompt from
-    the left (keeps its end); ``drop`` removes such samples at load time (counted in the log).
+    max_prompt_length / max_length: token limits. long_prompts: ``truncate`` cuts a longer prompt's
+    own text from the left (keeps its end and the template's BOS, markers and response header); ``drop`` removes such samples at load time (counted in the log).
     on_bad_rows: ``error`` stops at the first unusable row (naming file and row); ``drop`` skips and
     counts them. max_train_samples / max_eval_samples: optional caps, applied after the split (first
     N by id hash).
