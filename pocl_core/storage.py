@@ -43,6 +43,22 @@ from pocl_core.config_sections import StorageConfig
 REMOTE_SCHEMES = ("s3",)
 
 
+def _process_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# tempfile makes its files 0600 and folders 0700; what is renamed into place gets the modes an
+# ordinary open() or mkdir() would have given (0666 / 0777 less the umask, read at import).
+UMASK = _process_umask()
+
+
+def with_default_mode(path: str | os.PathLike) -> None:
+    """Give a temporary file or folder the mode a plain open()/mkdir() would have given it."""
+    os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~UMASK)
+
+
 def is_remote(path: object) -> bool:
     """True for an ObjectPath or a ``scheme://`` string (other than ``file://``)."""
     if isinstance(path, ObjectPath):
@@ -238,6 +254,7 @@ def replacing(path: Path) -> Iterator[str]:
     os.close(fd)
     try:
         yield tmp
+        with_default_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -321,6 +338,7 @@ def fetch_dir(src: ObjectPath, cache_root: str | Path, marker: str) -> Path:
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    with_default_mode(tmp)
     try:
         download_dir(src, tmp)
         if (tmp / marker).read_bytes() != expected:

@@ -95,3 +95,25 @@ def test_checkpoint_upload_verify_and_cached_download_on_s3(s3_server, s3_bucket
         load_checkpoint(remote, model=fresh)
     remove_tree(remote)
     assert not remote.exists()
+
+
+def test_files_and_folders_renamed_into_place_get_the_usual_modes(tmp_path):
+    """Atomic writes go through tempfile (0600 files, 0700 folders); what lands has open()/mkdir()'s modes."""
+    import os
+    import stat
+
+    from pocl_core.contracts import write_text_atomic
+    from pocl_core.storage import UMASK, write_dir_atomic
+
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    write_text_atomic(tmp_path / "atomic.txt", "x")
+    assert stat.S_IMODE(os.stat(tmp_path / "atomic.txt").st_mode) == stat.S_IMODE(plain.stat().st_mode) == 0o666 & ~UMASK
+
+    def build(folder):
+        folder.mkdir()
+        (folder / "f").write_text("y")
+
+    write_dir_atomic(tmp_path / "out", build, last="f")
+    (tmp_path / "made").mkdir()
+    assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == stat.S_IMODE((tmp_path / "made").stat().st_mode)
