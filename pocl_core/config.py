@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from types import UnionType
 from typing import Any, Union, get_args, get_origin
@@ -212,25 +213,43 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
             parsed.append((key, raw.strip()))
             continue
         try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
+            value = _yaml(raw) if raw.strip() else ""
         except yaml.YAMLError as exc:
             raise ConfigError(f"override {key}: cannot parse value '{raw}': {exc}") from None
         parsed.append((key, value))
     return parsed
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """yaml.safe_load that refuses a key given twice in one mapping (YAML would keep the last silently)."""
+class _ConfigLoader(yaml.SafeLoader):
+    """yaml.safe_load, plus: a key given twice in one mapping is an error (YAML keeps the last
+    silently), and ``1e-4`` is a float as in YAML 1.2 (YAML 1.1 needs a dot: ``1.0e-4``)."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
         seen: set = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: merged keys may be overridden
+                continue
             key = self.construct_object(key_node, deep=deep)
-            if key in seen:
+            try:
+                duplicate = key in seen
+                seen.add(key)
+            except TypeError:
+                raise yaml.constructor.ConstructorError(None, None, f"a key must be a plain value, not a {type(key).__name__}",
+                                                        key_node.start_mark) from None
+            if duplicate:
                 raise yaml.constructor.ConstructorError(None, None, f"key '{key}' appears twice in one section",
                                                         key_node.start_mark)
-            seen.add(key)
         return super().construct_mapping(node, deep=deep)
+
+
+_ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
+
+
+def _yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_ConfigLoader)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
@@ -247,7 +266,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
         try:
-            loaded = yaml.load(p.read_text(), Loader=_UniqueKeyLoader) or {}
+            loaded = _yaml(p.read_text()) or {}
         except yaml.YAMLError as exc:
             raise ConfigError(f"{p}: not valid YAML: {exc}") from None
         if not isinstance(loaded, dict):

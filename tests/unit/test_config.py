@@ -53,6 +53,32 @@ def test_out_of_range_values_are_named(override, key):
     assert key in str(err.value)
 
 
+def test_exponent_floats_merge_keys_and_odd_keys_in_config_files(tmp_path):
+    """YAML 1.1 reads 1e-4 as text; the config reads it as the number it means (strict types would refuse
+    text). Anchors and merge keys still work; a list as a key is a clear error."""
+    cfg = load_config(TINY_CONFIG, ["optim.lr=1e-4", "optim.min_lr=1E-6", "curriculum.temperature_end=2e0"])
+    assert (cfg.optim.lr, cfg.optim.min_lr, cfg.curriculum.temperature_end) == (1e-4, 1e-6, 2.0)
+    p = tmp_path / "c.yaml"
+    p.write_text(textwrap.dedent("""
+        models: {teacher: a, student: b}
+        data: {train_path: x.jsonl}
+        optim: &optim {lr: 3e-4, min_lr: 1e-6}
+        loss: {name: jsd, params: {beta: 5e-1}}
+    """))
+    cfg = load_config(p)
+    assert (cfg.optim.lr, cfg.optim.min_lr, cfg.loss.params) == (3e-4, 1e-6, {"beta": 0.5})
+    merged = tmp_path / "merged.yaml"
+    merged.write_text("base: &b {teacher: a, student: b}\nmodels:\n  <<: *b\n  student: c\ndata: {train_path: x}\n")
+    with pytest.raises(ConfigError, match="base: unknown key"):  # the anchor's own section is not a config key
+        load_config(merged)
+    merged.write_text("models:\n  <<: {teacher: a, student: b}\n  student: c\ndata: {train_path: x}\n")
+    assert load_config(merged).models.student == "c"
+    odd = tmp_path / "odd.yaml"
+    odd.write_text("? [1, 2]\n: x\n")
+    with pytest.raises(ConfigError, match="odd.yaml: not valid YAML: a key must be a plain value, not a list"):
+        load_config(odd)
+
+
 def test_text_settings_keep_their_text_and_other_values_are_yaml():
     assert parse_overrides(["run_name=007", "run_name=on", "models.tokenizer=null", "data.prompt_template=Q: {prompt}",
                             "run_name='x y'"]) == [
