@@ -368,8 +368,12 @@ def check_provenance(path: PathLike, expected: dict[str, Any]) -> bool:
     diff = dotted_differences(found, json.loads(json.dumps(expected)))
     if diff:
         details = ", ".join(f"{k}: found {a!r}, expected {b!r}" for k, a, b in diff)
+        written_by = meta.get("package_version")
+        older = "" if written_by == __version__ else (
+            f" It was written by pocl-distill {written_by or '(unknown version)'}, this is {__version__}: "
+            "provenance records change between versions, so older run folders are not continued.")
         raise StaleOutputError(
-            f"{path} was produced from different inputs ({details}). Use a new run_name, or delete "
+            f"{path} was produced from different inputs ({details}).{older} Use a new run_name, or delete "
             f"the file to recompute it."
         )
     return True

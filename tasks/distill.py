@@ -47,7 +47,8 @@ def training_key(cfg: PoclConfig, data: DatasetSplits, partition_path: str, teac
     stay out of the hash: such runs keep their key whatever those knobs say. The parallel strategy
     enters only when it is not the default ``ddp`` (FSDP checkpoints store the optimizer differently);
     the live teacher's dtype only when it is not float32 (the cached teacher's is in the cache's
-    provenance). Defaults stay out so that keys of runs made before a setting existed still hold.
+    provenance). A new setting's default stays out, so adding a setting does not change existing keys.
+    Data enter by content, not path: a moved checkout keeps its keys.
     """
     recipe = cfg.model_dump(mode="json", include={"seed", "curriculum", "loss", "optim", "data"})
     for key in ("train_path", "eval_path"):  # the data enter by content (train_data); paths move with checkouts

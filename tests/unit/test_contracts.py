@@ -64,3 +64,19 @@ def test_read_checked_reports_wrong_types(tmp_path):
     with pytest.raises(ValueError, match="bucket.*int16"):
         read_table_checked(path, PARTITION_SCHEMA)
     os.remove(path)
+
+
+def test_stale_outputs_name_nested_keys_and_an_older_writer(tmp_path, monkeypatch):
+    import pocl_core.contracts as contracts
+
+    path = tmp_path / "p.parquet"
+    table = pa.table({"sample_id": ["a"], "rank": [0], "bucket": [0]})
+    write_table_atomic(table, path, PARTITION_SCHEMA, {"source": {"max_length": 64, "template": "t"}, "k": 1})
+    assert check_provenance(path, {"source": {"max_length": 64, "template": "t"}, "k": 1})
+    with pytest.raises(StaleOutputError) as err:
+        check_provenance(path, {"source": {"max_length": 96, "template": "t"}, "k": 1})
+    assert "source.max_length: found 64, expected 96" in str(err.value) and "template" not in str(err.value)
+    assert "written by" not in str(err.value)  # same version: no word about versions
+    monkeypatch.setattr(contracts, "__version__", "9.9.9")
+    with pytest.raises(StaleOutputError, match=r"written by pocl-distill \d+\.\d+\.\d+, this is 9\.9\.9"):
+        check_provenance(path, {"source": {"max_length": 96, "template": "t"}, "k": 1})
