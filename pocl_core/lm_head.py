@@ -49,13 +49,20 @@ def check_head(lm: torch.nn.Module, name: str, probe_tokens: int = 6) -> None:
     weight = lm.get_output_embeddings().weight
     device, vocab = weight.device, weight.shape[0]
     ids = (torch.arange(probe_tokens, device=device) * 7919 + 11).remainder(vocab).unsqueeze(0)
+    if lm.base_model is lm:
+        raise ValueError(f"{name}: {type(lm).__name__} has no separate decoder (base_model is the model itself); "
+                         "the response-position head needs one")
     was_training = lm.training
     lm.eval()
     try:
-        full = lm(input_ids=ids, use_cache=False).logits[0].float()
-        ours = head_logits(lm, lm.base_model(input_ids=ids, use_cache=False).last_hidden_state[0]).float()
+        full = lm(input_ids=ids, use_cache=False, return_dict=True).logits[0].float()
+        hidden = lm.base_model(input_ids=ids, use_cache=False, return_dict=True).last_hidden_state[0]
+        ours = head_logits(lm, hidden).float()
     finally:
         lm.train(was_training)
+    if not torch.isfinite(full).all():
+        raise ValueError(f"{name}: the model's own logits are not finite on a short probe in {weight.dtype} "
+                         "(overflow? try models.teacher_dtype=float32 or bfloat16)")
     err = (full - ours).abs().max().item()
     tol = (1e-4 if weight.dtype == torch.float32 else 2e-2) * (1 + full.abs().max().item())
     if not err <= tol:

@@ -101,7 +101,7 @@ def score_batch(ctx: ScoringContext, batch: Sequence[EncodedSample], measures: S
         tensors = {k: v.to(ctx.device) for k, v in collate(batch, ctx.pad_id).items()}
         rows, cols = response_positions(tensors["target_mask"])
         hidden = ctx.model.base_model(input_ids=tensors["input_ids"], attention_mask=tensors["attention_mask"],
-                                      use_cache=False).last_hidden_state[rows, cols]
+                                      use_cache=False, return_dict=True).last_hidden_state[rows, cols]
         targets = tensors["input_ids"][rows, cols + 1]
         width = ctx.model.get_output_embeddings().weight.shape[0]
         step = max(1, CHUNK_ELEMENTS // width)

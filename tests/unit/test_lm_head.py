@@ -7,7 +7,7 @@ import torch
 from transformers import (CohereConfig, CohereForCausalLM, Gemma2Config, Gemma2ForCausalLM, GraniteConfig,
                           GraniteForCausalLM, LlamaConfig, LlamaForCausalLM)
 
-from pocl_core.lm_head import check_head, head_logits
+from pocl_core.lm_head import check_head
 from pocl_core.models import load_causal_lm
 from pocl_core.train_step import ResponseLogitsLM
 
@@ -60,10 +60,27 @@ def test_unknown_post_processing_is_refused_with_the_models_name():
     assert lm.training  # the probe restores the module's mode
 
 
-def test_load_causal_lm_probes_the_head(tmp_path):
-    torch.manual_seed(0)
-    Gemma2ForCausalLM(Gemma2Config(**SMALL, head_dim=8, final_logit_softcapping=0.05)).save_pretrained(tmp_path / "g")
-    lm = load_causal_lm(str(tmp_path / "g"))
-    hidden = torch.randn(3, 32)
-    assert head_logits(lm, hidden).abs().max() <= 0.05  # capped
+def test_load_causal_lm_refuses_a_model_whose_head_it_cannot_reproduce(tmp_path, monkeypatch):
+    import transformers
 
+    class Doubled(LlamaForCausalLM):
+        def forward(self, *args, **kwargs):
+            out = super().forward(*args, **kwargs)
+            out.logits = out.logits * 2
+            return out
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(**SMALL)).save_pretrained(tmp_path / "m")
+    assert load_causal_lm(str(tmp_path / "m")) is not None  # the plain model loads
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained",
+                        lambda *a, **k: Doubled(LlamaConfig(**SMALL)))
+    with pytest.raises(ValueError, match=f"{tmp_path / 'm'}: the model's logits are not"):
+        load_causal_lm(str(tmp_path / "m"))
+
+
+def test_the_probe_names_a_model_without_a_separate_decoder():
+    class Flat(LlamaForCausalLM):
+        base_model_prefix = "nothing_here"
+
+    with pytest.raises(ValueError, match="flat: Flat has no separate decoder"):
+        check_head(Flat(LlamaConfig(**SMALL)), "flat")

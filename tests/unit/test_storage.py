@@ -103,17 +103,17 @@ def test_files_and_folders_renamed_into_place_get_the_usual_modes(tmp_path):
     import stat
 
     from pocl_core.contracts import write_text_atomic
-    from pocl_core.storage import UMASK, write_dir_atomic
+    from pocl_core.storage import UMASK
 
     plain = tmp_path / "plain.txt"
     plain.write_text("x")
     write_text_atomic(tmp_path / "atomic.txt", "x")
     assert stat.S_IMODE(os.stat(tmp_path / "atomic.txt").st_mode) == stat.S_IMODE(plain.stat().st_mode) == 0o666 & ~UMASK
 
-    def build(folder):
-        folder.mkdir()
-        (folder / "f").write_text("y")
+    # folders built in a tempfile.mkdtemp sibling and renamed in (converted models)
+    from pocl_core.model_prep import _build_atomically
 
-    write_dir_atomic(tmp_path / "out", build, last="f")
+    _build_atomically(tmp_path / "model", {"v": 1}, lambda folder: (folder / "w").write_text("z"))
     (tmp_path / "made").mkdir()
-    assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == stat.S_IMODE((tmp_path / "made").stat().st_mode)
+    assert stat.S_IMODE((tmp_path / "model").stat().st_mode) == stat.S_IMODE((tmp_path / "made").stat().st_mode)
+    assert stat.S_IMODE((tmp_path / "made").stat().st_mode) == 0o777 & ~UMASK
