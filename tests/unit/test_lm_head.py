@@ -15,6 +15,15 @@ SMALL = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_lay
              num_key_value_heads=2)
 
 
+class Doubled(LlamaForCausalLM):
+    """A causal LM that post-processes its logits in a way the project does not know."""
+
+    def forward(self, *args, **kwargs):
+        out = super().forward(*args, **kwargs)
+        out.logits = out.logits * 2
+        return out
+
+
 def _models() -> dict[str, torch.nn.Module]:
     torch.manual_seed(0)
     return {
@@ -47,12 +56,6 @@ def test_response_logits_equal_the_models_own_logits(name):
 
 
 def test_unknown_post_processing_is_refused_with_the_models_name():
-    class Doubled(LlamaForCausalLM):
-        def forward(self, *args, **kwargs):
-            out = super().forward(*args, **kwargs)
-            out.logits = out.logits * 2
-            return out
-
     torch.manual_seed(0)
     lm = Doubled(LlamaConfig(**SMALL)).train()
     with pytest.raises(ValueError, match="models/odd.*not its output embedding"):
@@ -62,12 +65,6 @@ def test_unknown_post_processing_is_refused_with_the_models_name():
 
 def test_load_causal_lm_refuses_a_model_whose_head_it_cannot_reproduce(tmp_path, monkeypatch):
     import transformers
-
-    class Doubled(LlamaForCausalLM):
-        def forward(self, *args, **kwargs):
-            out = super().forward(*args, **kwargs)
-            out.logits = out.logits * 2
-            return out
 
     torch.manual_seed(0)
     LlamaForCausalLM(LlamaConfig(**SMALL)).save_pretrained(tmp_path / "m")
