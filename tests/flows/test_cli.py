@@ -102,6 +102,7 @@ def test_plan_refuses_no_samples_and_notes_stages_smaller_than_a_batch(capsys):
     assert "note:" not in capsys.readouterr().out
 
 
-def test_compare_names_a_missing_model_folder_before_any_engine(capsys):
-    assert main(["compare", "--config", "configs/tiny.yaml", "models.student=./no/such/student"]) == 2
+def test_compare_names_a_missing_model_folder_before_any_engine(tmp_path, capsys):
+    args = ["compare", "--config", "configs/tiny.yaml", f"models.teacher={tmp_path}", "models.student=./no/such/student"]
+    assert main(args) == 2
     assert "models.student: folder ./no/such/student not found" in capsys.readouterr().err
