@@ -110,6 +110,6 @@ def test_changed_settings_name_the_dotted_keys_that_differ_from_config_yaml(tmp_
     paths.config.write_text(ran.to_yaml())
     now = resolve_config(TINY, [f"runs_root={tmp_path}", *models, "optim.lr=0.5", "eval.seeds=[1, 2]",
                                 "models.tokenizer=HuggingFaceTB/x"], "r")
-    assert changed_settings(paths, now) == [f"models.tokenizer: None → 'HuggingFaceTB/x'",
+    assert changed_settings(paths, now) == ["models.tokenizer: None → 'HuggingFaceTB/x'",
                                             f"optim.lr: {ran.optim.lr!r} → 0.5",
                                             f"eval.seeds: {ran.eval.seeds!r} → [1, 2]"]
