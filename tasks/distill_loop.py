@@ -18,13 +18,11 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 import shutil
 import signal
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +31,7 @@ import ray.train
 import ray.train.torch
 import torch
 
-from pocl_core.checkpoint import (MANIFEST, Position, load_checkpoint, read_optimizer_state, read_replay_buffers,
-                                  read_rng_states, rng_state, save_checkpoint, set_rng_state)
+from pocl_core.checkpoint import MANIFEST, Position, rng_state, save_checkpoint
 from pocl_core.config import PoclConfig
 from pocl_core.contracts import STUDENT_PROVENANCE, RunPaths, read_table
 from pocl_core.data import EncodedSample, collate, encode_sample, pad_id_of, table_to_samples
@@ -44,11 +41,11 @@ from pocl_core.parallel import (full_state, grad_sync, load_optimizer_state, sha
                                 unwrap)
 from pocl_core.partition import bucket_sizes, stage_members
 from pocl_core.schedule import plan_stages, stage_batches
-from pocl_core.storage import Location, ObjectPath, append_text, download_dir, location, write_dir_atomic
+from pocl_core.storage import Location, ObjectPath, append_text, location, write_dir_atomic
 from pocl_core.teacher_cache import TeacherCache
 from pocl_core.train_step import ResponseLogitsLM, build_lr_scheduler, build_optimizer, distillation_losses
 from pocl_core.vocab import check_vocab_compatible
-from tasks.run_checkpoints import list_checkpoints, newest_valid_checkpoint
+from tasks.distill_resume import restore_replay_buffer, restore_rng, resume_checkpoint
 
 AUTOCAST = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -82,12 +79,12 @@ def distill_loop(loop_config: dict[str, Any]) -> None:
         student_lm.get_input_embeddings().weight.requires_grad_(False)
 
     # --- resume: the newest checkpoint that passes its checksums
-    resumed = _resume_checkpoint(loop_config, student_lm, cfg)
+    resumed = resume_checkpoint(loop_config, student_lm, cfg)
     position = resumed.position if resumed is not None else Position(0, 0, 0, 0)
     student = _wrap_student(cfg, ResponseLogitsLM(student_lm.to(device)), device)
     mixer = _on_policy_mixer(cfg, student, rank, tokenizer, pad, columns)
     if mixer is not None and mixer.buffer is not None and resumed is not None:
-        _restore_replay_buffer(mixer, resumed, rank, world)
+        restore_replay_buffer(mixer, resumed, rank, world)
     if cfg.train.autocast_dtype != "none":
         warn_if_slow_dtype(cfg.train.autocast_dtype, device)
     autocast = torch.autocast(device.type, dtype=AUTOCAST[cfg.train.autocast_dtype]) \
@@ -110,7 +107,7 @@ def distill_loop(loop_config: dict[str, Any]) -> None:
             if resumed.optimizer_state is not None:
                 load_optimizer_state(student, optimizer, resumed.optimizer_state)
                 scheduler.load_state_dict(resumed.scheduler_state)
-            _restore_rng(resumed, rank, world, device)
+            restore_rng(resumed, rank, world, device)
             resumed = None
         window = _Window()
         for step, idx in stage_batches(members, plan.num_steps, cfg.optim.global_batch_size,
@@ -229,32 +226,6 @@ def _gather_replay_buffers(mixer: OnPolicyMixer | None, world: int) -> list[list
     return _gather(mixer.buffer.items(), world)
 
 
-def _restore_replay_buffer(mixer: OnPolicyMixer, resumed: "_Resumed", rank: int, world: int) -> None:
-    """Refill this rank's replay buffer from the checkpoint, so the resumed steps draw what an
-    uninterrupted run would. A checkpoint without buffers, or saved by another number of workers,
-    leaves it empty (with a warning): the run continues, no longer step-for-step identical."""
-    saved = resumed.replay_buffers
-    if saved is None or len(saved) != world:
-        why = "has no replay buffers" if saved is None else f"holds the buffers of {len(saved)} workers, not {world}"
-        logging.getLogger("pocl").warning("checkpoint %s %s: the GKD replay buffer starts empty", resumed.name, why)
-        return
-    mixer.buffer.add(saved[rank])
-
-
-def _restore_rng(resumed: "_Resumed", rank: int, world: int, device: torch.device) -> None:
-    """Continue this rank's RNG streams (dropout, shuffles) where the checkpoint left them. Saved by
-    another number of workers (or before states were kept per worker): rank 0's, with a warning."""
-    states = resumed.rng_states
-    if len(states) == world:
-        set_rng_state(states[rank], device)
-        return
-    if rank == 0:
-        logging.getLogger("pocl").warning(
-            "checkpoint %s holds the RNG states of %d worker(s), not %d: every worker continues rank 0's "
-            "(random ops such as dropout then differ from an uninterrupted run)", resumed.name, len(states), world)
-    set_rng_state(states[0], device)
-
-
 def _sum_over_ranks(value: int, world: int, device: torch.device) -> int:
     """``value`` summed over all workers (a collective: every rank must call it)."""
     if world == 1:
@@ -262,70 +233,6 @@ def _sum_over_ranks(value: int, world: int, device: torch.device) -> int:
     total = torch.tensor([value], dtype=torch.long, device=device)
     torch.distributed.all_reduce(total)
     return int(total.item())
-
-
-@dataclass
-class _Resumed:
-    """What a resumed run restores besides the weights, read once from the chosen checkpoint (whose
-    local copy is deleted right after). ``optimizer_state``/``scheduler_state``: only when the resumed
-    stage continues an optimizer (mid-stage, or one optimizer across stages)."""
-
-    name: str
-    position: Position
-    optimizer_state: dict[str, Any] | None
-    scheduler_state: dict[str, Any] | None
-    rng_states: list[dict[str, Any]]
-    replay_buffers: list[list[EncodedSample]] | None
-
-
-def _resume_checkpoint(loop_config: dict[str, Any], student_lm: torch.nn.Module, cfg: PoclConfig) -> _Resumed | None:
-    """Load the newest valid checkpoint's weights into ``student_lm``; None when there is none.
-
-    Candidates, newest first: every checkpoint folder in the run's storage (Ray Train registers a
-    reported checkpoint only at its next poll, so a run killed right after a report can leave a
-    complete, verified checkpoint that Ray does not know; using it avoids redoing finished work),
-    then Ray Train's latest checkpoint if it lives elsewhere (copied locally). Each must pass its
-    checksums, read through the run folder's filesystem; a remote one is then downloaded to a local
-    temporary folder (verified again there) and deleted once read.
-    """
-    candidates: list[Location] = list(reversed(list_checkpoints(loop_config["run_dir"])))
-    latest = ray.train.get_checkpoint()
-    local_copy = None
-    try:
-        if latest is not None and Path(latest.path).name not in {c.name for c in candidates}:
-            local_copy = tempfile.mkdtemp(prefix="pocl-resume-")
-            with latest.as_directory() as d:
-                shutil.copytree(d, local_copy, dirs_exist_ok=True)
-            candidates.insert(0, Path(local_copy))
-        if not candidates:
-            return None
-        chosen = newest_valid_checkpoint(candidates)
-        if chosen is None:
-            raise RuntimeError(f"no valid checkpoint to resume from in {loop_config['run_dir']} (all fail their checksums)")
-        found = json.loads((chosen / "position.json").read_text()).get("train_key")
-        if found != loop_config["train_key"]:
-            raise RuntimeError(
-                f"checkpoint {chosen} was written by a different training config (train_key {found}, now "
-                f"{loop_config['train_key']}); use a new run_name to train with the new settings")
-        remote = isinstance(chosen, ObjectPath)
-        if remote:
-            if local_copy is not None:
-                shutil.rmtree(local_copy, ignore_errors=True)
-            local_copy = tempfile.mkdtemp(prefix="pocl-resume-")
-            folder = download_dir(chosen, Path(local_copy))
-        else:
-            folder = Path(chosen)
-        position = load_checkpoint(folder, model=student_lm, verify=remote)  # local ones were just verified
-        continues_optimizer = position.step_in_stage > 0 or not cfg.curriculum.fresh_optimizer_per_stage
-        return _Resumed(
-            name=str(chosen), position=position,
-            optimizer_state=read_optimizer_state(folder, verify=False) if continues_optimizer else None,
-            scheduler_state=torch.load(folder / "scheduler.pt", weights_only=True) if continues_optimizer else None,
-            rng_states=read_rng_states(folder, verify=False),
-            replay_buffers=read_replay_buffers(folder, verify=False))
-    finally:
-        if local_copy is not None:
-            shutil.rmtree(local_copy, ignore_errors=True)
 
 
 class _Window:
