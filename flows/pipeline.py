@@ -6,10 +6,10 @@ same run name reuses every finished step and resumes training from its newest ch
 
 Parameters a person fills in the Prefect UI (see docs/operations.md): ``config_path``, ``overrides``
 (dotted ``key=value`` strings), ``run_name``, ``ray_address`` (the override ``ray.address``) and
-``resume`` (False refuses to start when the run folder already exists). A bad parameter (a
-ConfigError or DataError) is logged as one message and re-raised without the library traceback;
-so is a rerun refused as stale (StaleOutputError), with the settings that differ from the run's
-config.yaml named.
+``resume`` (False refuses to start when the run folder already exists, unless this flow run created
+it: a Retry re-runs the flow with the same parameters). A bad parameter (a ConfigError or DataError)
+is logged as one message and re-raised without the library traceback; so is a rerun refused as
+stale (StaleOutputError), with the settings that differ from the run's config.yaml named.
 
 The run folder may be an ``s3://bucket/prefix`` URI (``runs_root``, with the ``storage`` section or
 ``AWS_ENDPOINT_URL`` naming an S3-compatible endpoint): every task reads and writes it through its
@@ -30,6 +30,7 @@ import yaml
 
 from prefect import flow, get_run_logger
 from prefect.exceptions import MissingContextError
+from prefect.runtime import flow_run
 
 from pocl_core.config import ConfigError, PoclConfig, load_config
 from pocl_core.contracts import RunPaths, StaleOutputError, dotted_differences, write_text_atomic
@@ -56,7 +57,8 @@ def resolve_config(config_path: Optional[str], overrides: Optional[list[str]], r
     """The config file plus overrides; ``run_name`` and ``ray_address`` (when given) win over both.
 
     Both are quoted as YAML strings, so a name like ``007`` or an address like ``10.0.0.5:6379`` stays
-    text. With ``resume=False`` an existing run folder is a ConfigError naming it; for an ``s3://``
+    text. With ``resume=False`` an existing run folder is a ConfigError naming it, unless this flow run
+    created it (a Retry of the flow run re-runs it from the top with ``resume=False``); for an ``s3://``
     run folder, a missing bucket or an unreachable store is a ConfigError too; so is a model folder
     or data file that is not there (unless ``verify_inputs`` is False: the config alone is checked).
     """
@@ -69,12 +71,36 @@ def resolve_config(config_path: Optional[str], overrides: Optional[list[str]], r
     run_dir = location(cfg.run_dir, cfg.storage)
     if isinstance(run_dir, ObjectPath):
         _check_bucket(run_dir, cfg)
-    if not resume and run_dir.exists():
+    if not resume and run_dir.exists() and not started_by_this_flow_run(RunPaths(run_dir)):
         raise ConfigError(f"run folder {cfg.run_dir} already exists and resume is false: choose a new "
                           f"run_name (e.g. {cfg.run_name}-2), or set resume=true to continue that run")
     if verify_inputs:
         check_inputs(cfg)
     return cfg
+
+
+def current_flow_run_id() -> Optional[str]:
+    """The id of the Prefect flow run this code runs in; None outside one (a ``.fn`` call)."""
+    return flow_run.id
+
+
+def started_by_this_flow_run(paths: RunPaths) -> bool:
+    """True when the run folder records the current flow run as the one that created it."""
+    current = current_flow_run_id()
+    if current is None:
+        return False
+    try:
+        return paths.flow_run_id.read_text().strip() == current
+    except OSError:
+        return False
+
+
+def record_flow_run(paths: RunPaths) -> None:
+    """Record the current flow run's id in a run folder it is about to create (nothing outside a flow run),
+    so a Retry of that flow run with ``resume=False`` accepts the folder."""
+    current = current_flow_run_id()
+    if current is not None and not paths.root.exists():
+        write_text_atomic(paths.flow_run_id, current + "\n")
 
 
 def _looks_local(value: str) -> bool:
@@ -154,6 +180,7 @@ def pocl_distill(config_path: str = "configs/tiny.yaml", overrides: Optional[lis
     with parameter_errors_logged():
         cfg = resolve_config(config_path, overrides, run_name, ray_address, resume)
         paths = RunPaths.of(cfg.run_dir, cfg.storage)
+        record_flow_run(paths)
         try:
             data = load_dataset(cfg)
             # config.yaml says what ran: a new run folder gets it once its data loaded; a rerun with

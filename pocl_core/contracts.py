@@ -184,6 +184,11 @@ class RunPaths:
         return self.root / "config.yaml"
 
     @property
+    def flow_run_id(self) -> Location:
+        """The id of the Prefect flow run that created the folder (absent when made outside a flow run)."""
+        return self.root / "flow_run_id"
+
+    @property
     def train_data(self) -> Location:
         return self.root / "data" / "train.parquet"
 

@@ -113,3 +113,64 @@ def test_changed_settings_name_the_dotted_keys_that_differ_from_config_yaml(tmp_
     assert changed_settings(paths, now) == ["models.tokenizer: None → 'HuggingFaceTB/x'",
                                             f"optim.lr: {ran.optim.lr!r} → 0.5",
                                             f"eval.seeds: {ran.eval.seeds!r} → [1, 2]"]
+
+
+def test_resume_false_accepts_the_folder_its_own_flow_run_created(tmp_path, models, monkeypatch):
+    from flows.pipeline import record_flow_run
+    from pocl_core.contracts import RunPaths
+
+    args = (TINY, [f"runs_root={tmp_path}", *models], "retried")
+    paths = RunPaths.of(resolve_config(*args, resume=False).run_dir)
+    record_flow_run(paths)  # outside a flow run (a .fn call): nothing is recorded, no folder made
+    assert not paths.root.exists()
+    monkeypatch.setenv("PREFECT__RUNTIME__FLOW_RUN__ID", "run-a")  # prefect.runtime's documented mock
+    record_flow_run(paths)
+    assert paths.flow_run_id.read_text() == "run-a\n"
+    # a Retry re-runs the same flow run with the same parameters: its own folder is accepted
+    assert resolve_config(*args, resume=False).run_name == "retried"
+    # another flow run, or a call outside any, is refused as before
+    monkeypatch.setenv("PREFECT__RUNTIME__FLOW_RUN__ID", "run-b")
+    with pytest.raises(ConfigError, match="already exists and resume is false"):
+        resolve_config(*args, resume=False)
+    record_flow_run(paths)  # an existing folder keeps the flow run that created it
+    assert paths.flow_run_id.read_text() == "run-a\n"
+    monkeypatch.delenv("PREFECT__RUNTIME__FLOW_RUN__ID")
+    with pytest.raises(ConfigError, match="already exists and resume is false"):
+        resolve_config(*args, resume=False)
+
+
+def test_resume_false_folder_without_a_recorded_flow_run_is_refused_inside_a_flow_run(tmp_path, models,
+                                                                                       monkeypatch):
+    (tmp_path / "taken").mkdir()  # made by an earlier version, or by hand
+    monkeypatch.setenv("PREFECT__RUNTIME__FLOW_RUN__ID", "run-a")
+    with pytest.raises(ConfigError, match="already exists and resume is false"):
+        resolve_config(TINY, [f"runs_root={tmp_path}", *models], "taken", resume=False)
+
+
+@pytest.mark.slow
+def test_retry_of_a_resume_false_flow_run_reuses_its_run_folder(prefect_harness, tmp_path, models):
+    from prefect import get_client
+    from prefect.flow_engine import run_flow_sync
+    from prefect.states import AwaitingRetry
+
+    from pocl_core.contracts import RunPaths
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "p"}\n')  # no response: load_dataset fails after the folder was made
+    params = dict(config_path=TINY, overrides=[f"runs_root={tmp_path}", f"data.train_path={bad}", *models],
+                  run_name="retried", resume=False)
+    first = pocl_distill(**params, return_state=True)
+    assert first.is_failed() and "missing field 'response'" in str(first.data)
+    flow_run_id = str(first.state_details.flow_run_id)
+    paths = RunPaths.of(tmp_path / "retried")
+    assert paths.flow_run_id.read_text() == f"{flow_run_id}\n"
+
+    # the UI's Retry: the same flow run, forced to AwaitingRetry, runs the flow again with its parameters
+    with get_client(sync_client=True) as client:
+        client.set_flow_run_state(flow_run_id, AwaitingRetry(message="Retry from the UI"), force=True)
+        flow_run = client.read_flow_run(flow_run_id)
+    retried = run_flow_sync(pocl_distill, flow_run=flow_run, parameters=params, return_type="state")
+    assert retried.is_failed() and "missing field 'response'" in str(retried.data)  # past the folder check
+
+    other = pocl_distill(**params, return_state=True)  # a new flow run with the same run_name is refused
+    assert other.is_failed() and "already exists and resume is false" in str(other.data)
