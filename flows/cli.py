@@ -169,10 +169,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _overrides_first(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """``argv`` with every ``key=value`` override moved, in order, right after the sub-command.
+
+    So an option taking a list (``--seeds 10 20``) ends before the overrides written after it instead
+    of taking them as values. A token that is the value of a one-value option (``--config a=b.yaml``)
+    stays where it is.
+    """
+    commands = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+    at = next((i for i, token in enumerate(argv) if commands is not None and token in commands.choices), None)
+    if at is None:
+        return argv
+    options = commands.choices[argv[at]]._option_string_actions
+    rest, overrides, others = argv[at + 1:], [], []
+    for i, token in enumerate(rest):
+        before = options.get(rest[i - 1]) if i else None
+        value_of_option = before is not None and before.nargs is None
+        is_override = "=" in token and not token.startswith("-") and not value_of_option
+        (overrides if is_override else others).append(token)
+    return [*argv[:at + 1], *overrides, *others]
+
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    """Parse the command line; ``key=value`` overrides may stand anywhere among the options."""
+    """Parse the command line; ``key=value`` overrides may stand anywhere among the options, also
+    after an option that takes a list (``--seeds 10 20 curriculum.num_stages=3``)."""
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args, extra = parser.parse_known_args(_overrides_first(parser, argv))
     stray = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)}"

@@ -106,3 +106,17 @@ def test_compare_names_a_missing_model_folder_before_any_engine(tmp_path, capsys
     args = ["compare", "--config", "configs/tiny.yaml", f"models.teacher={tmp_path}", "models.student=./no/such/student"]
     assert main(args) == 2
     assert "models.student: folder ./no/such/student not found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [
+    ["--strategies", "curriculum", "anti", "a.b=1", "--losses", "fkl", "--seeds", "10", "20"],
+    ["--strategies", "curriculum", "anti", "--losses", "fkl", "a.b=1", "--seeds", "10", "20"],
+    ["--strategies", "curriculum", "anti", "--losses", "fkl", "--seeds", "10", "20", "a.b=1"],
+], ids=["after-strategies", "after-losses", "after-seeds"])
+def test_compare_overrides_after_a_list_option_are_overrides(argv):
+    from flows.cli import parse_args
+
+    args = parse_args(["compare", "--config", "c=1.yaml", *argv, "--name", "x", "c.d=2"])
+    assert args.overrides == ["a.b=1", "c.d=2"]
+    assert args.strategies == ["curriculum", "anti"] and args.losses == ["fkl"] and args.seeds == [10, 20]
+    assert args.config == "c=1.yaml" and args.name == "x"  # a one-value option's value stays its value
