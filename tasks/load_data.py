@@ -48,6 +48,24 @@ def _file_fingerprint(path: str) -> str:
         raise DataError(f"data file not found: {path}") from None
 
 
+def _empty_split(cfg: PoclConfig, split: str, path: str, read: int, in_split: int, long_dropped: int) -> DataError:
+    """The DataError for a split left without samples: the file, what was read and where it went."""
+    what = "training" if split == "train" else "held-out"
+    counts = [f"{read} samples read"]
+    if not cfg.data.eval_path:
+        counts.append(f"{in_split} of them in the {what} split (data.eval_fraction={cfg.data.eval_fraction})")
+    if cfg.data.long_prompts == "drop" and in_split:
+        counts.append(f"{long_dropped} of those dropped by data.long_prompts=drop (templated prompt longer than "
+                      f"data.max_prompt_length={cfg.data.max_prompt_length} tokens)")
+    if long_dropped:
+        fix = "raise data.max_prompt_length or set data.long_prompts=truncate"
+    elif split == "train":
+        fix = "lower data.eval_fraction, or give the held-out samples their own file in data.eval_path"
+    else:
+        fix = "raise data.eval_fraction, or give the held-out samples their own file in data.eval_path"
+    return DataError(f"{path}: no {what} samples left ({', '.join(counts)}); {fix}")
+
+
 @task(name="load-dataset")
 def load_dataset(cfg: PoclConfig) -> DatasetSplits:
     """Write ``data/train.parquet`` and ``data/eval.parquet``; reuse them when the data config, the data
@@ -66,20 +84,25 @@ def load_dataset(cfg: PoclConfig) -> DatasetSplits:
         train = samples
         held, dropped_eval = load_samples(cfg.data.eval_path, cfg.data.on_bad_rows)
         dropped += dropped_eval
+        read_held = len(held)
     else:
         train, held = split_holdout(samples, cfg.data.eval_fraction)
+        read_held = len(samples)
+    split_train, split_held = len(train), len(held)
+    long_train = long_held = 0
     if cfg.data.long_prompts == "drop":
         tokenizer = load_tokenizer(cfg.models.tokenizer_source, cfg.models.trust_remote_code)
         args = (tokenizer, cfg.data.prompt_template, cfg.data.max_prompt_length)
         (train, long_train), (held, long_held) = drop_long_prompts(train, *args), drop_long_prompts(held, *args)
         log.info("dropped %d train / %d held-out samples whose prompt exceeds data.max_prompt_length=%d tokens",
                  long_train, long_held, cfg.data.max_prompt_length)
+    # the caps (> 0) never empty a split: an empty one lost its samples to the split or the long prompts
     train = cap_samples(train, cfg.data.max_train_samples)
     held = cap_samples(held, cfg.data.max_eval_samples)
     if not train:
-        raise ValueError(f"{cfg.data.train_path}: no training samples left after the held-out split")
+        raise _empty_split(cfg, "train", cfg.data.train_path, len(samples), split_train, long_train)
     if not held:
-        raise ValueError("no held-out samples: set data.eval_path or a larger data.eval_fraction")
+        raise _empty_split(cfg, "eval", cfg.data.eval_path or cfg.data.train_path, read_held, split_held, long_held)
     out = []
     for split, rows, path in (("train", train, paths.train_data), ("eval", held, paths.eval_data)):
         fp = dataset_fingerprint(rows)
