@@ -6,7 +6,9 @@
 Layout under ``<runs_root>/<compare_name>/``: ``shared/`` holds the loaded data, the difficulty
 scores (and teacher cache) and the evaluation of the teacher and the initial student, computed
 once; each variant ``<strategy>-<loss>-s<seed>/`` holds its partition, training run, final student
-and evaluation. ``comparison.md`` (also a Prefect artifact) tabulates mean ± std over seeds.
+and evaluation. ``comparison.md`` (also a Prefect artifact) tabulates mean ± std over seeds. Each
+folder's ``config.yaml`` says what ran there: a rerun with other settings replaces it only once that
+folder finished (one refused as stale leaves it as it was).
 ``runs_root`` may be an ``s3://`` URI, as for a single run.
 """
 
@@ -106,6 +108,16 @@ def render_comparison(name: str, reference: list[dict], summary: list[dict], com
     return "\n".join(lines) + "\n"
 
 
+def record_config(cfg: PoclConfig, finished: bool = False) -> None:
+    """Keep a folder's config.yaml saying what ran, as the single-run flow does: a folder without one
+    gets it at once; a rerun with other settings replaces it only once that folder ``finished`` (so a
+    rerun refused as stale leaves the settings that did run)."""
+    path = RunPaths.of(cfg.run_dir, cfg.storage).config
+    text = cfg.to_yaml()
+    if not path.is_file() or (finished and path.read_text() != text):
+        write_text_atomic(path, text)
+
+
 @flow(name="pocl-compare", log_prints=True)
 def pocl_compare(config_path: str = "configs/quickstart.yaml", overrides: Optional[list[str]] = None,
                  strategies: Optional[list[str]] = None, losses: Optional[list[str]] = None,
@@ -116,17 +128,19 @@ def pocl_compare(config_path: str = "configs/quickstart.yaml", overrides: Option
     strategies, losses, seeds = ([*dict.fromkeys(getattr(v, f) for v in variants)] for f in ("strategy", "loss", "seed"))
     root = join(base.runs_root, compare_name)
     shared = PoclConfig.model_validate({**base.model_dump(), "runs_root": root, "run_name": "shared"})
-    write_text_atomic(RunPaths.of(shared.run_dir, shared.storage).config, shared.to_yaml())
+    record_config(shared)
     data = load_dataset(shared)
     scores = score_difficulty(shared, data)
     reference_path = evaluate(shared, data, None, models={"teacher": base.models.teacher,
                                                           "initial_student": base.models.student})
+    record_config(shared, finished=True)
     rows = []
     for v in variants:
         cfg = variant_config(base, root, v)
-        write_text_atomic(RunPaths.of(cfg.run_dir, cfg.storage).config, cfg.to_yaml())
+        record_config(cfg)
         student = distill(cfg, data, partition(cfg, scores), scores.teacher_cache_dir)
         metrics_path = evaluate(cfg, data, student, models={"final_student": student})
+        record_config(cfg, finished=True)
         metrics = read_table(location(metrics_path, cfg.storage)).to_pylist()[0]
         rows.append({"strategy": v.strategy, "loss": v.loss, "seed": v.seed, "rouge_l": metrics["rouge_l"],
                      "rouge_l_greedy": metrics["rouge_l_greedy"], "nll": metrics["nll"]})

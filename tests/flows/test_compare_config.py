@@ -1,0 +1,67 @@
+"""`pocl compare` keeps each folder's config.yaml describing what ran (the tasks are stand-ins: no engine)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pyarrow as pa
+import pytest
+import yaml
+
+import flows.compare as compare
+from pocl_core.contracts import EVAL_METRICS_SCHEMA, StaleOutputError, write_table_atomic
+from tests.conftest import TINY_CONFIG
+
+
+@pytest.fixture
+def stand_ins(monkeypatch, tmp_path):
+    """Replace the flow's tasks; ``stale`` names the variants whose training is refused as stale."""
+    state = SimpleNamespace(stale=set(), config_at_distill={})
+
+    def evaluate(cfg, data, student, models):
+        rows = [{"model": m, "rouge_l": 1.0, "rouge_l_std": 0.0, "rouge_l_greedy": None, "nll": 2.0, "stage": None,
+                 "num_samples": 1, "num_seeds": 1} for m in models]
+        out = tmp_path / "metrics" / f"{cfg.run_name}.parquet"
+        return str(write_table_atomic(pa.Table.from_pylist(rows), out, EVAL_METRICS_SCHEMA))
+
+    def distill(cfg, data, partition_path, cache_dir):
+        config = Path(cfg.run_dir) / "config.yaml"
+        state.config_at_distill[cfg.run_name] = config.is_file()
+        if cfg.run_name in state.stale:
+            raise StaleOutputError(f"{cfg.run_dir}/train: produced from different inputs")
+        return "student"
+
+    monkeypatch.setattr(compare, "load_dataset", lambda cfg: "data")
+    monkeypatch.setattr(compare, "score_difficulty", lambda cfg, data: SimpleNamespace(teacher_cache_dir=None))
+    monkeypatch.setattr(compare, "partition", lambda cfg, scores: "partition.parquet")
+    monkeypatch.setattr(compare, "distill", distill)
+    monkeypatch.setattr(compare, "evaluate", evaluate)
+    monkeypatch.setattr(compare, "publish_markdown", lambda *a, **k: None)
+    monkeypatch.setattr(compare, "publish_table", lambda *a, **k: None)
+    return state
+
+
+def lr_in(folder: Path) -> float:
+    return yaml.safe_load((folder / "config.yaml").read_text())["optim"]["lr"]
+
+
+def test_a_rerun_refused_as_stale_leaves_config_yaml_describing_what_ran(stand_ins, tmp_path):
+    def run(lr: float) -> str:
+        return compare.pocl_compare.fn(config_path=str(TINY_CONFIG), overrides=[f"runs_root={tmp_path}",
+                                       f"optim.lr={lr}"], strategies=["curriculum"], losses=["fkl"], seeds=[10],
+                                       compare_name="cmp")
+
+    variant = tmp_path / "cmp" / "curriculum-fkl-s10"
+    run(0.001)
+    assert stand_ins.config_at_distill == {"curriculum-fkl-s10": True}  # a new folder gets it before training
+    assert lr_in(variant) == 0.001 and lr_in(tmp_path / "cmp" / "shared") == 0.001
+
+    stand_ins.stale = {"curriculum-fkl-s10"}
+    with pytest.raises(StaleOutputError):
+        run(0.5)
+    assert lr_in(variant) == 0.001  # the settings that ran, not the refused ones
+
+    stand_ins.stale = set()
+    run(0.5)
+    assert lr_in(variant) == 0.5  # replaced once the variant finished
