@@ -13,9 +13,10 @@ import re
 from pathlib import Path
 from types import UnionType
 from typing import Any, Union, get_args, get_origin
+from urllib.parse import unquote, urlsplit
 
 import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from pocl_core import storage as run_storage
 from pocl_core.config_sections import (  # noqa: F401  (re-exported: the config's public names)
@@ -43,8 +44,9 @@ class ConfigError(ValueError):
 class PoclConfig(_Section):
     """A whole run. The run folder is ``<runs_root>/<run_name>``.
 
-    runs_root: a local folder, or ``s3://bucket/prefix`` for storage shared by every node (then the
-    ``storage`` section gives the endpoint and region; see docs/operations.md).
+    runs_root: a local folder (a ``file:///abs/path`` URI becomes its plain path), or
+    ``s3://bucket/prefix`` for storage shared by every node (then the ``storage`` section gives the
+    endpoint and region; see docs/operations.md).
     """
 
     run_name: str = Field("pocl-run", min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -83,6 +85,18 @@ class PoclConfig(_Section):
             raise ValueError("train.use_teacher_cache needs the scoring pass to write the cache: set "
                              "scoring.teacher_cache_topk > 0 (e.g. 50)")
         return self
+
+    @field_validator("runs_root")
+    @classmethod
+    def _local_file_uri(cls, value: str) -> str:
+        """A ``file://`` URI names a local folder: keep its path (``file:///abs/dir`` -> ``/abs/dir``)."""
+        if not value.startswith("file://"):
+            return value
+        uri = urlsplit(value)
+        if uri.netloc not in ("", "localhost") or not uri.path.startswith("/") or uri.query or uri.fragment:
+            raise ValueError(f"runs_root {value}: a file:// URI must name an absolute local folder "
+                             "(file:///abs/path); or give the plain path")
+        return unquote(uri.path)
 
     @model_validator(mode="after")
     def _check_runs_root(self) -> "PoclConfig":

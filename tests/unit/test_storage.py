@@ -39,6 +39,16 @@ def test_local_paths_stay_pathlib_and_uris_keep_their_scheme(tmp_path):
     assert not (tmp_path / "train").exists()
 
 
+def test_a_file_uri_runs_root_is_its_local_path(tmp_path):
+    cfg = load_config(TINY_CONFIG, [f"runs_root=file://{tmp_path}/my%20runs", "run_name=r1"])
+    assert cfg.runs_root == f"{tmp_path}/my runs" and cfg.run_dir == str(tmp_path / "my runs" / "r1")
+    assert isinstance(location(cfg.with_absolute_paths().run_dir), Path)
+    assert load_config(TINY_CONFIG, ["runs_root=file://localhost/srv/runs"]).runs_root == "/srv/runs"
+    for uri in ("file://otherhost/srv/runs", "file://runs"):
+        with pytest.raises(ConfigError, match=f"runs_root {uri}: a file:// URI must name an absolute local folder"):
+            load_config(TINY_CONFIG, [f"runs_root={uri}"])
+
+
 def test_s3_run_folder_reads_writes_lists_and_pickles(s3_server, s3_bucket):
     paths = RunPaths.of(f"s3://{s3_bucket}/runs/r1", StorageConfig(endpoint_url=s3_server))
     assert isinstance(paths.root, ObjectPath)
