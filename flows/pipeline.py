@@ -109,7 +109,8 @@ def _looks_local(value: str) -> bool:
 
 
 def check_inputs(cfg: PoclConfig) -> None:
-    """ConfigError for a model folder or data file that is not there (hub ids and URIs pass)."""
+    """ConfigError for a model folder or data file that is not there, or a data path that is a URI
+    (data files are read from the local disk; a model may be a hub id)."""
     for key in ("teacher", "student", "tokenizer"):
         value = getattr(cfg.models, key)
         if value is not None and _looks_local(value) and not Path(value).expanduser().exists():
@@ -117,7 +118,10 @@ def check_inputs(cfg: PoclConfig) -> None:
                               "`make tiny-models` / `make quickstart-models`; a Hugging Face hub id is org/name)")
     for key in ("train_path", "eval_path"):
         value = getattr(cfg.data, key)
-        if value is not None and "://" not in value and not Path(value).exists():
+        if value is not None and "://" in value:
+            raise ConfigError(f"data.{key}: {value} is a URI, but data.{key} must be a local file path (JSONL, "
+                              "Parquet or a saved dataset folder): copy the file to this machine and give its path")
+        if value is not None and not Path(value).exists():
             raise ConfigError(f"data.{key}: {value} not found")
 
 

@@ -50,6 +50,10 @@ def test_resume_false_refuses_an_existing_run_folder(tmp_path, models):
     ("models.tokenizer=./tok", "models.tokenizer: folder ./tok not found"),
     ("data.train_path=no-such.jsonl", "data.train_path: "),
     ("data.eval_path=/no/eval.jsonl", "data.eval_path: /no/eval.jsonl not found"),
+    ("data.train_path=s3://bucket/train.jsonl",
+     "data.train_path: s3://bucket/train.jsonl is a URI, but data.train_path must be a local file path"),
+    ("data.eval_path=file:///srv/eval.jsonl",
+     "data.eval_path: file:///srv/eval.jsonl is a URI, but data.eval_path must be a local file path"),
 ])
 def test_missing_model_folders_and_data_files_are_named_before_any_engine(tmp_path, models, override, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
