@@ -66,7 +66,7 @@ class Pieces:
         self.batch, self.cfg = batch, cfg
         with torch.no_grad():
             self.dense = self.teacher(batch["input_ids"], batch["attention_mask"], batch["target_mask"])
-        self.sparse = SparseTeacher.from_logits(self.dense, cfg.scoring.teacher_cache_topk)
+        self.sparse = SparseTeacher.from_logits(self.dense, cfg.scoring.teacher_cache_topk, temperatures=(1.5,))
 
     def teacher_forward(self) -> None:
         with torch.no_grad():

@@ -122,7 +122,10 @@ def teacher_cache_schema() -> pa.Schema:
     * ``topk_ids``: int32 ``[n_positions, k]`` vocabulary ids of the teacher's k largest logits;
     * ``topk_logits``: float32 ``[n_positions, k]`` those raw logits (T = 1), descending per row;
     * ``lse``: float32 ``[n_positions]`` log-sum-exp of the full logit row (first
-      ``vocab_columns`` columns, see metadata), so the tail mass ``1 - sum(exp(topk - lse))`` is exact.
+      ``vocab_columns`` columns, see metadata);
+    * ``tail_lse``: float32 ``[n_positions, len(temperatures)]`` log-sum-exp of ``logits / T`` over the
+      columns outside the top-k, one column per T of metadata ``temperatures`` (the curriculum's),
+      so the tempered teacher's tail mass is exact at each of them.
     """
     return pa.schema(
         [
@@ -131,6 +134,7 @@ def teacher_cache_schema() -> pa.Schema:
             pa.field("topk_ids", pa.list_(pa.int32()), nullable=False),
             pa.field("topk_logits", pa.list_(pa.float32()), nullable=False),
             pa.field("lse", pa.list_(pa.float32()), nullable=False),
+            pa.field("tail_lse", pa.list_(pa.float32()), nullable=False),
         ]
     )
 

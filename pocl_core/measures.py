@@ -43,6 +43,7 @@ class ScoringContext:
     model / tokenizer / pad_id / device: the scoring model and how to feed it. generation: decoding
     settings of generative measures. references: ``sample_id -> reference response text`` for
     text-level measures (when absent, the reference is decoded from the response tokens).
+    vocab_columns: logit columns the token measures read (the tokenizer's size; None: the LM head's).
     """
 
     model: torch.nn.Module
@@ -51,6 +52,7 @@ class ScoringContext:
     device: torch.device
     generation: ScoringGenerationConfig = field(default_factory=ScoringGenerationConfig)
     references: Mapping[str, str] | None = None
+    vocab_columns: int | None = None
 
 
 def response_token_nll(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,7 +81,8 @@ TOKEN_MEASURES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] 
 @dataclass
 class BatchScores:
     """score_batch's result, in batch order: ``values[measure][i]`` for sample i, and (when asked)
-    ``cache[i]`` = (ids int32 [n_i, k], logits float32 [n_i, k], lse float32 [n_i]) numpy arrays."""
+    ``cache[i]`` = (ids int32 [n_i, k], logits float32 [n_i, k], lse float32 [n_i], tail_lse float32
+    [n_i, n_T]) numpy arrays."""
 
     values: dict[str, list[float]]
     cache: list[CacheRows] | None = None
@@ -87,14 +90,17 @@ class BatchScores:
 
 @torch.no_grad()
 def score_batch(ctx: ScoringContext, batch: Sequence[EncodedSample], measures: Sequence[str],
-                cache_topk: int = 0, vocab_columns: int | None = None) -> BatchScores:
+                cache_topk: int = 0, vocab_columns: int | None = None,
+                cache_temperatures: Sequence[float] = ()) -> BatchScores:
     """All ``measures`` of one batch, plus the teacher-cache rows when ``cache_topk > 0``.
 
     Token measures and the cache come from one forward of the decoder whose LM head runs only at
-    response positions, ``CHUNK_ELEMENTS`` logits at a time. ``vocab_columns`` cuts the logits to the
-    tokenizer's width before the top-k / log-sum-exp of the cache (token measures use every column).
+    response positions, ``CHUNK_ELEMENTS`` logits at a time. ``vocab_columns`` (default
+    ``ctx.vocab_columns``) cuts the logits to the tokenizer's width (rows of a padded embedding are no
+    tokens) before the token measures and the cache's top-k / log-sum-exps; ``cache_temperatures``: the T's of the cache's tail log-sum-exps.
     """
     token_names = [m for m in measures if m in TOKEN_MEASURES]
+    vocab_columns = vocab_columns or ctx.vocab_columns
     values: dict[str, list[float]] = {}
     cache: list[CacheRows] | None = None
     if token_names or cache_topk > 0:
@@ -109,29 +115,32 @@ def score_batch(ctx: ScoringContext, batch: Sequence[EncodedSample], measures: S
         parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         for start in range(0, hidden.shape[0], step):
             logits = head_logits(ctx.model, hidden[start:start + step])
+            if vocab_columns:
+                logits = logits[:, :vocab_columns]
             owner = rows[start:start + step]
             for m in token_names:
                 sums[m].index_add_(0, owner, TOKEN_MEASURES[m](logits, targets[start:start + step]).double())
             if cache_topk > 0:
-                parts.append(topk_rows(logits[:, :vocab_columns] if vocab_columns else logits, cache_topk))
+                parts.append(topk_rows(logits, cache_topk, cache_temperatures))
         counts = tensors["target_mask"][:, 1:].sum(dim=1)
         for m in token_names:
             values[m] = (sums[m] / counts.clamp_min(1)).cpu().tolist()
         if cache_topk > 0:
-            cache = _split_cache(parts, counts.cpu().tolist(), cache_topk)
+            cache = _split_cache(parts, counts.cpu().tolist(), cache_topk, len(cache_temperatures))
     for m in measures:
         if m not in TOKEN_MEASURES:
             values[m] = [float(v) for v in get_measure(m)(ctx, batch)]
     return BatchScores({m: values[m] for m in measures}, cache)
 
 
-def _split_cache(parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], counts: list[int], k: int) -> list[CacheRows]:
+def _split_cache(parts: list[tuple[torch.Tensor, ...]], counts: list[int], k: int, n_temps: int) -> list[CacheRows]:
     if parts:
-        ids, logits, lse = (torch.cat([p[i] for p in parts]).cpu().numpy() for i in range(3))
+        ids, logits, lse, tail = (torch.cat([p[i] for p in parts]).cpu().numpy() for i in range(4))
     else:
-        ids, logits, lse = np.zeros((0, k), np.int32), np.zeros((0, k), np.float32), np.zeros(0, np.float32)
+        ids, logits = np.zeros((0, k), np.int32), np.zeros((0, k), np.float32)
+        lse, tail = np.zeros(0, np.float32), np.zeros((0, n_temps), np.float32)
     bounds = np.cumsum([0] + counts)
-    return [(ids[a:b], logits[a:b], lse[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+    return [(ids[a:b], logits[a:b], lse[a:b], tail[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
 def measure_nll(ctx: ScoringContext, batch: Sequence[EncodedSample]) -> list[float]:

@@ -58,6 +58,12 @@ def build_schedule(cfg: CurriculumConfig) -> list[StagePlan]:
     ]
 
 
+def schedule_temperatures(cfg: CurriculumConfig) -> tuple[float, ...]:
+    """Every KD temperature this curriculum can train at, whatever its strategy: each stage's and the
+    plain-KD baseline's, ascending, each once (the temperatures a teacher cache stores tails for)."""
+    return tuple(sorted({plan.temperature for plan in build_schedule(cfg)} | {float(cfg.baseline_temperature)}))
+
+
 def plan_stages(cfg: CurriculumConfig, bucket_sizes: Sequence[int], global_batch: int) -> list[StagePlan]:
     """The stages actually trained, with sample and step counts, for buckets of the given sizes."""
     if len(bucket_sizes) != cfg.num_stages:

@@ -71,6 +71,8 @@ def distill_loop(loop_config: dict[str, Any]) -> None:
 
     student_lm = load_causal_lm(cfg.models.student, "float32", cfg.models.trust_remote_code)
     teacher, cache = _load_teacher(cfg, loop_config, device)
+    if cache is not None:
+        cache.check_temperatures([p.temperature for p in plans])
     teacher_width = cache.metadata["vocab_columns"] if cache is not None else \
         teacher.lm.get_output_embeddings().weight.shape[0]
     columns = check_vocab_compatible(load_tokenizer(cfg.models.teacher, cfg.models.trust_remote_code), tokenizer,

@@ -37,6 +37,7 @@ from pocl_core.difficulty import fuse_difficulty
 from pocl_core.measures import GENERATIVE_MEASURES, ScoringContext, get_measure, length_sorted_batches, score_batch
 from pocl_core.models import (decode_only_as_configured, load_causal_lm, load_tokenizer, model_fingerprint,
                               resolve_device, tokenizer_fingerprint)
+from pocl_core.schedule import schedule_temperatures
 from pocl_core.storage import Location, for_workers
 from pocl_core.teacher_cache import cache_table
 from tasks.common import Progress, task_logger
@@ -88,15 +89,18 @@ def _tokenization(cfg: PoclConfig) -> dict[str, Any]:
 
 def scoring_provenance(cfg: PoclConfig, data: DatasetSplits) -> dict[str, Any]:
     """What the raw measures depend on: scorer weights and dtype, dataset, measures, tokenization."""
-    measurer: dict[str, Any] = {"measures": cfg.scoring.measures, **_tokenization(cfg)}
+    # token measures read the logits of the tokenizer's columns only (not a padded embedding's extra rows)
+    measurer: dict[str, Any] = {"measures": cfg.scoring.measures, "logit_columns": "tokenizer", **_tokenization(cfg)}
     if GENERATIVE_MEASURES.intersection(cfg.scoring.measures):
         measurer["generation"] = cfg.scoring.generation.model_dump(mode="json")
     return {**_pass_provenance(cfg, data), "measurer": measurer}
 
 
 def cache_provenance(cfg: PoclConfig, data: DatasetSplits) -> dict[str, Any]:
-    """What the teacher cache depends on: teacher weights and dtype, dataset, tokenization, top-k."""
-    return {**_pass_provenance(cfg, data), "tokenization": _tokenization(cfg), "topk": cfg.scoring.teacher_cache_topk}
+    """What the teacher cache depends on: teacher weights and dtype, dataset, tokenization, top-k, and the
+    temperatures whose tail log-sum-exps it stores (every temperature of the curriculum)."""
+    return {**_pass_provenance(cfg, data), "tokenization": _tokenization(cfg), "topk": cfg.scoring.teacher_cache_topk,
+            "temperatures": list(schedule_temperatures(cfg.curriculum))}
 
 
 @task(name="score-difficulty")
@@ -165,7 +169,8 @@ def load_scorer(cfg: PoclConfig) -> tuple[ScoringContext, int]:
     for name in cfg.scoring.measures:
         get_measure(name)  # unknown names fail before any compute
     width = min(len(tokenizer), model.get_output_embeddings().weight.shape[0])
-    return ScoringContext(model, tokenizer, pad_id_of(tokenizer), device, cfg.scoring.generation), width
+    return ScoringContext(model, tokenizer, pad_id_of(tokenizer), device, cfg.scoring.generation,
+                          vocab_columns=width), width
 
 
 def score_shard(cfg: PoclConfig, ctx: ScoringContext, vocab_columns: int, job: ShardJob, provenance: dict,
@@ -181,11 +186,12 @@ def score_shard(cfg: PoclConfig, ctx: ScoringContext, vocab_columns: int, job: S
     ctx = replace(ctx, references={s.sample_id: s.response for s in job.samples})
     measures = cfg.scoring.measures if job.measures else []
     topk = cfg.scoring.teacher_cache_topk if job.cache else 0
+    temperatures = schedule_temperatures(cfg.curriculum)
     values: dict[str, dict[str, float]] = {m: {} for m in measures}
     cache: dict[str, Any] = {}
     with torch.inference_mode():
         for batch in length_sorted_batches(encoded, cfg.scoring.batch_size):
-            result = score_batch(ctx, batch, measures, topk, vocab_columns)
+            result = score_batch(ctx, batch, measures, topk, vocab_columns, temperatures)
             for name in measures:
                 values[name].update(zip((e.sample_id for e in batch), result.values[name]))
             if topk:
@@ -198,7 +204,7 @@ def score_shard(cfg: PoclConfig, ctx: ScoringContext, vocab_columns: int, job: S
             columns[name] = [values[name][i] for i in ids]
         write_table_atomic(pa.table(columns), paths.measures_shard(job.index), measures_schema(measures), provenance)
     if topk:
-        table = cache_table(ids, [cache[i] for i in ids], topk)
+        table = cache_table(ids, [cache[i] for i in ids], topk, len(temperatures))
         write_table_atomic(table, paths.teacher_cache_shard(job.index), teacher_cache_schema(),
                            {**cache_prov, "vocab_columns": vocab_columns, "shard": job.index})
     return {"tokens": float(sum(len(e.input_ids) for e in encoded)), "seconds": time.perf_counter() - t0}

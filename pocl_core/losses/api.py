@@ -51,9 +51,12 @@ def _check_temperature(temperature: float) -> float:
 
 
 def _prepare(
-    student_logits: Tensor, teacher: Tensor | SparseTeacher, mask: Tensor
+    student_logits: Tensor, teacher: Tensor | SparseTeacher, mask: Tensor, temperature: float
 ) -> tuple[Tensor, tuple[Tensor, ...], Tensor, bool]:
-    """Flatten to rows and validate shapes. Returns (student [N, V], teacher aux, rows [M], sparse)."""
+    """Flatten to rows and validate shapes. Returns (student [N, V], teacher aux, rows [M], sparse).
+
+    A sparse teacher's aux is (ids [N, k], top-k logits [N, k], log top-k mass at T [N]).
+    """
     if student_logits.dim() not in (2, 3) or not student_logits.dtype.is_floating_point:
         raise ValueError(
             "student_logits must be a float tensor [B, S, V] or [N, V], got "
@@ -78,7 +81,9 @@ def _prepare(
         ids = flat.topk_ids.to(torch.int64)
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
             raise ValueError(f"SparseTeacher.topk_ids must lie in [0, {vocab}) (the student vocabulary)")
-        return student_flat, (ids, flat.topk_logits, flat.lse), rows, True
+        # with k == V there is no tail bucket and the top-k mass is unused
+        log_top = flat.log_top_mass(temperature) if flat.k < vocab else torch.zeros_like(flat.lse)
+        return student_flat, (ids, flat.topk_logits, log_top), rows, True
     if not isinstance(teacher, Tensor) or tuple(teacher.shape) != tuple(student_logits.shape):
         got = tuple(teacher.shape) if isinstance(teacher, Tensor) else type(teacher).__name__
         raise ValueError(
@@ -97,10 +102,10 @@ def _divergence_fn(
             return apply_divergence(spec, params, common_support_log_probs(student, teacher, temperature))
         return dense
 
-    def bucketed(student: Tensor, ids: Tensor, topk_logits: Tensor, lse: Tensor) -> Tensor:
+    def bucketed(student: Tensor, ids: Tensor, topk_logits: Tensor, log_top: Tensor) -> Tensor:
         has_tail = ids.shape[-1] < vocab
         s_buckets = student_bucket_logits(student, ids, temperature, has_tail)
-        t_buckets = teacher_bucket_log_probs(topk_logits, lse, temperature, has_tail)
+        t_buckets = teacher_bucket_log_probs(topk_logits, log_top, temperature, has_tail)
         return apply_divergence(spec, params, common_support_log_probs(s_buckets, t_buckets, 1.0))
     return bucketed
 
@@ -146,7 +151,7 @@ def kd_divergence(
     spec, resolved = resolve_loss(name, params)
     temperature = _check_temperature(temperature)
     factor = temperature_factor(temperature, temperature_scaling)
-    student_flat, aux, rows, sparse = _prepare(student_logits, teacher_logits, mask)
+    student_flat, aux, rows, sparse = _prepare(student_logits, teacher_logits, mask, temperature)
     base = _divergence_fn(spec, resolved, temperature, sparse, student_flat.shape[-1])
     count = max(rows.numel(), 1)
     total, _ = _evaluate(
@@ -184,7 +189,7 @@ def kd_objective(
     factor = temperature_factor(temperature, temperature_scaling)
     if isinstance(kd_weight, bool) or not isinstance(kd_weight, (int, float)) or not 0.0 <= kd_weight <= 1.0:
         raise ValueError(f"kd_weight must be a number in [0, 1], got {kd_weight!r}")
-    student_flat, aux, rows, sparse = _prepare(student_logits, teacher_logits, mask)
+    student_flat, aux, rows, sparse = _prepare(student_logits, teacher_logits, mask, temperature)
     if tuple(targets.shape) != tuple(mask.shape) or targets.dtype.is_floating_point:
         raise ValueError(f"targets must be integer ids of shape {tuple(mask.shape)}, got "
                          f"{tuple(targets.shape)} {targets.dtype}")

@@ -1,22 +1,25 @@
 """A cached top-k teacher, and the k+1 bucket distributions the divergences compare against it.
 
 A :class:`SparseTeacher` stores, per token, the teacher's ``k`` largest raw logits (T = 1), their
-vocabulary ids, and ``lse``, the logsumexp of the teacher's *full* row at T = 1. From these the
-teacher's distribution is known exactly on the top-k columns and as one lumped *tail bucket*
-(everything else). The student's full row is collapsed onto the same k columns plus its own tail
-bucket, and every divergence is evaluated on the two ``k + 1``-bucket distributions.
+vocabulary ids, ``lse``, the logsumexp of the teacher's *full* row at T = 1, and optionally
+``tail_lse``, the logsumexp of ``l_j / T`` over the columns *not* in the top-k at each temperature
+of ``temperatures``. From these the teacher's tempered distribution is known exactly on the top-k
+columns and as one lumped *tail bucket* (everything else). The student's full row is collapsed onto the
+same k columns plus its own tail bucket, and every divergence is evaluated on the two ``k + 1``-bucket
+distributions.
 
-Teacher buckets at temperature T (``P1 = Σ_topk exp(l_i − lse)`` is the top-k mass at T = 1):
+Teacher buckets at temperature T, with ``top_T = logsumexp(l_topk / T)`` and the top-k mass
+``P_T = 1 / (1 + exp(tail_lse_T − top_T))``:
 
-* top-k bucket i: ``(1 − tail) · softmax_i(l_topk / T)``;  tail bucket: ``tail = 1 − P1``.
+* top-k bucket i: ``P_T · softmax_i(l_topk / T)``;  tail bucket: ``1 − P_T``.
 
-At T = 1 this is exactly ``exp(l_i − lse)`` and ``1 − P1``. At T ≠ 1 the true tail mass,
-``Σ_tail exp(l_j/T) / Σ_all exp(l_j/T)``, needs the tail logits, which were not stored, so it is
-*approximated by the T = 1 tail mass*; the top-k shape is still exactly re-tempered. (For T > 1 the
-true tail mass is larger, so this under-weights the tail; the error vanishes as k grows.)
+This is the exact tempered teacher lumped onto k + 1 buckets at every stored temperature. At T = 1 a
+teacher without ``tail_lse`` uses ``P_1 = Σ_topk exp(l_i − lse)``, also exact; any other temperature
+needs its ``tail_lse`` column (the tail's share grows with T and cannot be recovered from T = 1
+numbers), and asking for one that is not stored is a ValueError.
 
 The tail mass is floored at ``TAIL_FLOOR`` (2^-24, the float32 resolution of a probability near 1):
-below it ``1 − P1`` is rounding noise of the stored ``lse``, and a zero teacher tail would make the
+below it the tail is float32 rounding noise next to the top-k, and a zero teacher tail would make the
 reverse-type divergences infinite wherever the student has tail mass.
 
 When the top-k covers the whole vocabulary (``k == V``) there is no tail bucket on either side, and
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 from torch import Tensor
@@ -37,6 +41,7 @@ from torch import Tensor
 from pocl_core.losses.support import NEG_INF, compute_dtype, excluded_logsumexp, safe_logsumexp
 
 TAIL_FLOOR = 2.0**-24
+TEMPERATURE_RTOL = 1e-6  # a requested temperature matches a stored one within this relative tolerance
 
 
 @dataclass(frozen=True)
@@ -47,11 +52,16 @@ class SparseTeacher:
         topk_ids: ``[..., k]`` integer vocabulary ids of the teacher's top-k logits (distinct per row).
         topk_logits: ``[..., k]`` float raw teacher logits at those ids (T = 1 units).
         lse: ``[...]`` float logsumexp of the teacher's full logit row at T = 1.
+        tail_lse: ``[..., len(temperatures)]`` float logsumexp of ``l_j / T`` over the non-top-k
+            columns, one column per entry of ``temperatures`` (``-inf`` where nothing is left), or None.
+        temperatures: the temperatures of ``tail_lse``'s columns (T > 0), empty without it.
     """
 
     topk_ids: Tensor
     topk_logits: Tensor
     lse: Tensor
+    tail_lse: Tensor | None = None
+    temperatures: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         if self.topk_ids.dtype.is_floating_point or self.topk_ids.dtype == torch.bool:
@@ -68,6 +78,20 @@ class SparseTeacher:
                 f"SparseTeacher.lse must have shape {tuple(self.topk_ids.shape[:-1])} (the leading "
                 f"dims of topk_ids), got {tuple(self.lse.shape)}"
             )
+        temps = tuple(float(t) for t in self.temperatures)
+        if any(not math.isfinite(t) or t <= 0 for t in temps):
+            raise ValueError(f"SparseTeacher.temperatures must all be finite and > 0, got {temps}")
+        object.__setattr__(self, "temperatures", temps)
+        if self.tail_lse is None:
+            if temps:
+                raise ValueError("SparseTeacher.temperatures given without tail_lse")
+            return
+        expected = (*self.lse.shape, len(temps))
+        if not self.tail_lse.dtype.is_floating_point or tuple(self.tail_lse.shape) != expected or not temps:
+            raise ValueError(
+                f"SparseTeacher.tail_lse must be a float tensor of shape {expected} (token dims, one column "
+                f"per temperature in {temps}), got {tuple(self.tail_lse.shape)} {self.tail_lse.dtype}"
+            )
 
     @property
     def k(self) -> int:
@@ -79,25 +103,81 @@ class SparseTeacher:
         """The leading (token) dimensions, e.g. ``[B, S]``."""
         return self.lse.shape
 
+    def covers(self, temperature: float) -> bool:
+        """Whether the teacher's top-k mass at ``temperature`` is known exactly (T = 1 always is)."""
+        return temperature == 1.0 or temperature_column(self.temperatures, temperature) is not None
+
+    def log_top_mass(self, temperature: float) -> Tensor:
+        """``[...]`` log of the teacher's probability mass on its top-k columns at temperature T.
+
+        From ``tail_lse`` where T is stored, else from ``lse`` at T = 1; ValueError for any other T.
+        Rows whose logits are all ``-inf`` give NaN (callers treat them as empty).
+        """
+        column = temperature_column(self.temperatures, temperature)
+        if column is not None:
+            tl = self.topk_logits.detach().to(compute_dtype(self.topk_logits.dtype))
+            top = torch.logsumexp(tl / temperature, dim=-1)
+            tail = self.tail_lse[..., column].detach().to(top.dtype)
+            # log(e^top / (e^top + e^tail)) = -softplus(tail - top); tail = -inf gives 0
+            return -torch.nn.functional.softplus(tail - top)
+        if temperature == 1.0:
+            tl = self.topk_logits.detach().to(compute_dtype(self.topk_logits.dtype))
+            return torch.logsumexp(tl, dim=-1) - self.lse.detach().to(tl.dtype)
+        stored = ", ".join(f"{t:g}" for t in self.temperatures) or "none"
+        raise ValueError(
+            f"SparseTeacher: the teacher's tail mass at temperature {temperature:g} is not stored (tail_lse "
+            f"temperatures: {stored}); build the cache with this temperature (the scoring pass stores every "
+            "temperature of the configured schedule) or use the live teacher"
+        )
+
     @classmethod
-    def from_logits(cls, teacher_logits: Tensor, k: int) -> "SparseTeacher":
+    def from_logits(cls, teacher_logits: Tensor, k: int, temperatures: Sequence[float] = ()) -> "SparseTeacher":
         """Build the cache entry from full teacher logits ``[..., V]`` (raw, T = 1).
 
-        ``lse`` is computed in float32 (float64 for float64 logits); ids are int64.
+        ``lse`` and ``tail_lse`` (at each of ``temperatures``, when given) are computed in float32
+        (float64 for float64 logits); ids are int64.
         """
         vocab = teacher_logits.shape[-1]
         if not 1 <= k <= vocab:
             raise ValueError(f"SparseTeacher.from_logits: k must be in [1, {vocab}], got {k}")
         logits = teacher_logits.detach()
         values, ids = torch.topk(logits, k, dim=-1)
-        lse = safe_logsumexp(logits.to(compute_dtype(logits.dtype)), dim=-1)
-        return cls(topk_ids=ids, topk_logits=values, lse=lse)
+        wide = logits.to(compute_dtype(logits.dtype))
+        lse = safe_logsumexp(wide, dim=-1)
+        if not temperatures:
+            return cls(topk_ids=ids, topk_logits=values, lse=lse)
+        tail = tail_logsumexp(wide.reshape(-1, vocab), ids.reshape(-1, k), temperatures)
+        return cls(topk_ids=ids, topk_logits=values, lse=lse, tail_lse=tail.reshape(*lse.shape, len(temperatures)),
+                   temperatures=tuple(temperatures))
 
     def flatten(self) -> "SparseTeacher":
-        """The same cache with token dims flattened: ``[N, k]``, ``[N, k]``, ``[N]``."""
+        """The same cache with token dims flattened: ``[N, k]``, ``[N, k]``, ``[N]``, ``[N, n_T]``."""
+        tail = None if self.tail_lse is None else self.tail_lse.reshape(-1, len(self.temperatures))
         return SparseTeacher(
-            self.topk_ids.reshape(-1, self.k), self.topk_logits.reshape(-1, self.k), self.lse.reshape(-1)
+            self.topk_ids.reshape(-1, self.k), self.topk_logits.reshape(-1, self.k), self.lse.reshape(-1),
+            tail, self.temperatures,
         )
+
+
+def temperature_column(temperatures: Sequence[float], temperature: float) -> int | None:
+    """Index of ``temperature`` in ``temperatures`` (within ``TEMPERATURE_RTOL``), or None."""
+    for i, t in enumerate(temperatures):
+        if math.isclose(t, temperature, rel_tol=TEMPERATURE_RTOL):
+            return i
+    return None
+
+
+def tail_logsumexp(logits: Tensor, ids: Tensor, temperatures: Sequence[float]) -> Tensor:
+    """``[N, len(temperatures)]``: logsumexp of ``logits / T`` over the columns not in ``ids``, per T.
+
+    Args:
+        logits: ``[N, V]`` raw logits (treated as constants). ids: ``[N, k]`` distinct column ids per row.
+    Exact (no ``log(Σ_all − Σ_top)`` cancellation); ``-inf`` for a row with nothing left.
+    """
+    with torch.no_grad():
+        x = logits.detach().to(compute_dtype(logits.dtype))
+        columns = [excluded_logsumexp(x, ids, float(t)) for t in temperatures]
+    return torch.stack(columns, dim=-1) if columns else x.new_zeros((x.shape[0], 0))
 
 
 def _log1mexp(x: Tensor) -> Tensor:
@@ -106,28 +186,30 @@ def _log1mexp(x: Tensor) -> Tensor:
 
 
 def teacher_bucket_log_probs(
-    topk_logits: Tensor, lse: Tensor, temperature: float, has_tail: bool
+    topk_logits: Tensor, log_top: Tensor, temperature: float, has_tail: bool
 ) -> Tensor:
     """Teacher bucket log-probabilities ``[n, k + 1]`` at temperature T (last column = tail).
 
     Args:
-        topk_logits: ``[n, k]`` raw teacher logits. lse: ``[n]`` full-row logsumexp at T = 1.
-        has_tail: False when the top-k covers the vocabulary; the tail bucket is then ``-inf``.
+        topk_logits: ``[n, k]`` raw teacher logits. log_top: ``[n]`` log of the teacher's top-k mass at
+            T (:meth:`SparseTeacher.log_top_mass`). has_tail: False when the top-k covers the
+            vocabulary; the tail bucket is then ``-inf``.
+    Rows whose top-k logits are all ``-inf`` come out all ``-inf`` (no teacher distribution).
     """
     dtype = compute_dtype(topk_logits.dtype)
     tl = topk_logits.detach().to(dtype)
-    lse = lse.detach().to(dtype).unsqueeze(-1)
-    empty = (tl == NEG_INF).all(-1, keepdim=True) | (lse == NEG_INF)
-    tl = torch.where(empty, torch.zeros((), dtype=dtype, device=tl.device), tl)
-    lse = torch.where(empty, torch.zeros((), dtype=dtype, device=tl.device), lse)
+    log_top = log_top.detach().to(dtype).unsqueeze(-1)
+    empty = (tl == NEG_INF).all(-1, keepdim=True) | torch.isnan(log_top)
+    zero = torch.zeros((), dtype=dtype, device=tl.device)
+    tl = torch.where(empty, zero, tl)
+    log_top = torch.where(empty, zero, log_top)
     shape = torch.log_softmax(tl / temperature, dim=-1)
-    neg_inf = torch.full_like(lse, NEG_INF)
     if has_tail:
-        # log of the top-k mass at T = 1, capped so that the tail keeps at least TAIL_FLOOR.
-        log_top = (torch.logsumexp(tl, dim=-1, keepdim=True) - lse).clamp(max=math.log1p(-TAIL_FLOOR))
+        # capped so that the tail keeps at least TAIL_FLOOR
+        log_top = log_top.clamp(max=math.log1p(-TAIL_FLOOR))
         top, tail = shape + log_top, _log1mexp(log_top)
     else:
-        top, tail = shape, neg_inf
+        top, tail = shape, torch.full_like(log_top, NEG_INF)
     out = torch.cat([top, tail], dim=-1)
     return torch.where(empty, torch.full((), NEG_INF, dtype=dtype, device=tl.device), out)
 

@@ -17,6 +17,7 @@ from pocl_core.config import ConfigError, load_config
 from pocl_core.contracts import RunPaths, StaleOutputError
 from pocl_core.data import encode_sample
 from pocl_core.models import TOKENIZER_FILES, load_causal_lm, load_tokenizer
+from pocl_core.schedule import schedule_temperatures
 from pocl_core.teacher_cache import TeacherCache
 from tasks.distill import training_key
 from tasks.load_data import load_dataset
@@ -208,8 +209,20 @@ def test_teacher_cache_reproduces_a_direct_teacher_forward(baseline):
         assert torch.equal(got.topk_ids, ids), sid
         torch.testing.assert_close(got.topk_logits, values, rtol=0, atol=1e-5)
         torch.testing.assert_close(got.lse, logits[:, :len(tokenizer)].logsumexp(-1), rtol=0, atol=1e-5)
+        # the tail at every temperature of the schedule: logsumexp of logits / T outside the top-4
+        rest = logits[:, :len(tokenizer)].scatter(-1, ids, float("-inf"))
+        for j, t in enumerate(cache.temperatures):
+            torch.testing.assert_close(got.tail_lse[:, j], (rest / t).logsumexp(-1), rtol=0, atol=1e-5)
     meta = json.loads(json.dumps(cache.metadata))
     assert meta["vocab_columns"] == len(tokenizer) and meta["scorer_dtype"] == "float32"
+    assert cache.temperatures == schedule_temperatures(cfg.curriculum) and len(cache.temperatures) > 1
+
+
+def test_changed_temperatures_are_refused_naming_the_cache_shard(baseline):
+    cfg, data, _ = baseline
+    other = cfg.model_copy(update={"curriculum": cfg.curriculum.model_copy(update={"temperature_end": 3.0})})
+    with pytest.raises(StaleOutputError, match=r"teacher_cache/part-00000\.parquet .*temperatures"):
+        score_difficulty.fn(other, data)
 
 
 def test_cache_with_a_student_scorer_is_a_config_error(tiny_models, tiny_data_path, tmp_path):

@@ -37,7 +37,7 @@ def test_chunked_equals_unchunked(name, chunk_size):
 @pytest.mark.parametrize("name", ["fkl", "akl", "tvd"])
 def test_chunked_sparse_equals_unchunked_sparse(name):
     s, t, mask = rand(4, 6, 20, seed=3), rand(4, 6, 20, seed=4), torch.ones(4, 6)
-    sparse = SparseTeacher.from_logits(t, 5)
+    sparse = SparseTeacher.from_logits(t, 5, temperatures=(1.7,))
     ref_value, ref_grad = value_and_grad(name, s, sparse, mask, 0)
     value, grad = value_and_grad(name, s, sparse, mask, 5)
     torch.testing.assert_close(value, ref_value, rtol=1e-6, atol=1e-7)
@@ -88,7 +88,7 @@ def test_kd_objective_chunked_equals_unchunked(kd_weight):
 @pytest.mark.parametrize("name", ["fkl", "rkl", "jsd", "tvd", "skl", "srkl", "gjsd"])
 def test_gradcheck_chunked_sparse(name):
     s = rand(5, 7, seed=11, dtype=torch.float64).requires_grad_(True)
-    sparse = SparseTeacher.from_logits(rand(5, 7, seed=12, dtype=torch.float64), 3)
+    sparse = SparseTeacher.from_logits(rand(5, 7, seed=12, dtype=torch.float64), 3, temperatures=(1.8,))
 
     def f(x):
         return kd_divergence(name, x, sparse, torch.tensor([1, 1, 0, 1, 1]), 1.8, chunk_size=2)

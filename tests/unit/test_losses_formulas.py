@@ -146,11 +146,10 @@ def test_no_temperature_factor_matches_reference(name, params):
 
 
 def np_sparse_bucket_probs(s_row, t_row, k, temperature):
-    """Reference k+1 bucket distributions for a top-k teacher (tail mass kept at its T=1 value)."""
+    """Reference k+1 bucket distributions for a top-k teacher: the tempered teacher, lumped."""
     ids = np.argsort(-t_row, kind="stable")[:k]
-    p1 = np_softmax(t_row)
-    tail = 1.0 - p1[ids].sum()
-    p = np.append((1.0 - tail) * np_softmax(t_row[ids] / temperature), tail)
+    p_full = np_softmax(t_row / temperature)
+    p = np.append(p_full[ids], 1.0 - p_full[ids].sum())
     q_full = np_softmax(s_row / temperature)
     q = np.append(q_full[ids], 1.0 - q_full[ids].sum())
     return p, q
@@ -165,7 +164,7 @@ def test_sparse_topk_matches_bucketed_reference(name, params, temperature, chunk
     t = torch.randn(5, 12, generator=g, dtype=torch.float64) * 2
     mask = torch.tensor([1, 1, 0, 1, 1])
     k = 4
-    sparse = SparseTeacher.from_logits(t, k)
+    sparse = SparseTeacher.from_logits(t, k, temperatures=(temperature,))
     values = [
         np_divergence(name, *np_sparse_bucket_probs(_np(s)[r], _np(t)[r], k, temperature), **params)
         for r in np.flatnonzero(mask.numpy())

@@ -4,7 +4,8 @@ import pytest
 from pocl_core.config import CurriculumConfig
 from pocl_core.difficulty import fuse_difficulty
 from pocl_core.partition import bucket_sizes, partition_by_rank, stage_members
-from pocl_core.schedule import build_schedule, linear_values, plan_stages, stage_batches, stage_num_steps
+from pocl_core.schedule import (build_schedule, linear_values, plan_stages, schedule_temperatures, stage_batches,
+                                stage_num_steps)
 
 
 @pytest.mark.parametrize("n, k", [(100, 4), (101, 4), (3, 4), (0, 3), (7, 1)])
@@ -63,6 +64,17 @@ def test_reference_schedule_table():
     explicit = build_schedule(CurriculumConfig(num_stages=2, temperatures=[1.0, 1.5], kd_weights=[0.5, 0.6]))
     assert [(p.temperature, p.kd_weight) for p in explicit] == [(1.0, 0.5), (1.5, 0.6)]
     assert linear_values(3.0, 9.0, 1) == [3.0]
+
+
+def test_schedule_temperatures_cover_every_strategy_once():
+    paper = CurriculumConfig(num_stages=4, epochs_per_stage=8)
+    assert np.allclose(schedule_temperatures(paper), [1.0, 4 / 3, 5 / 3, 2.0])
+    baseline = CurriculumConfig(num_stages=2, temperatures=[2.0, 1.5], baseline_temperature=3.0, strategy="none")
+    assert schedule_temperatures(baseline) == (1.5, 2.0, 3.0)  # ascending; the stages' too under strategy=none
+    for strategy in ("curriculum", "none", "anti", "random"):
+        cfg = CurriculumConfig(num_stages=3, strategy=strategy, temperature_start=1.2, temperature_end=1.8)
+        plans = plan_stages(cfg, [4, 4, 4], 4)
+        assert {p.temperature for p in plans} <= set(schedule_temperatures(cfg))
 
 
 def test_stage_batches_cover_members_every_epoch_and_resume_midway():
