@@ -87,7 +87,8 @@ def mean_response_nll(model: torch.nn.Module, tokenizer: Any, samples: Sequence[
                       max_prompt_length: int, max_length: int, batch_size: int, device: torch.device) -> float:
     """Token-weighted mean NLL (nats/token) of the reference responses."""
     encoded = [encode_sample(tokenizer, s, template, max_prompt_length, max_length) for s in samples]
-    ctx = ScoringContext(model, tokenizer, pad_id_of(tokenizer), device)
+    width = min(len(tokenizer), model.get_output_embeddings().weight.shape[0])
+    ctx = ScoringContext(model, tokenizer, pad_id_of(tokenizer), device, vocab_columns=width)
     total = tokens = 0.0
     for batch in length_sorted_batches(encoded, batch_size):
         for e, nll in zip(batch, measure_nll(ctx, batch)):

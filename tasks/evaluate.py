@@ -75,8 +75,9 @@ def evaluate(cfg: PoclConfig, data: DatasetSplits, student_path: str | None,
         models = models_to_evaluate(cfg, student_path)
     models = {name: local_model(cfg, p) for name, p in models.items()}
     provenance = {"eval": cfg.eval.model_dump(mode="json"), "eval_data": data.eval_fingerprint,
-                  "models": {name: model_fingerprint(p) for name, p in models.items()}}
-    if "teacher" in models and cfg.models.teacher_dtype != "float32":  # the teacher row's numerics
+                  "models": {name: model_fingerprint(p) for name, p in models.items()},
+                  "nll_columns": "tokenizer"}  # the NLL's softmax spans the tokenizer's columns only
+    if "teacher" in models:  # the teacher row's numerics
         provenance["teacher_dtype"] = cfg.models.teacher_dtype
     if check_provenance(paths.eval_metrics, provenance) and paths.generations.exists():
         log.info("reusing evaluation in %s", paths.eval_dir)

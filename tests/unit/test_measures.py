@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -71,8 +73,15 @@ def test_cache_rows_are_the_teachers_topk_in_response_logits_order(scoring, monk
     np.testing.assert_allclose(np.concatenate([c[1] for c in result.cache]), reference.topk_logits.numpy(), atol=1e-5)
     np.testing.assert_allclose(np.concatenate([c[2] for c in result.cache]), reference.lse.numpy(), atol=1e-5)
     assert ids.max() < 500
-    # the nll computed in the same chunked pass is still right
-    np.testing.assert_allclose(result.values["nll"], measure_nll(ctx, encoded), rtol=1e-6)
+    # the nll of the same chunked pass reads the same 500 columns: per sample, the mean cross-entropy
+    # of the response tokens under softmax(logits[:, :500])
+    targets = batch["input_ids"][:, 1:][batch["target_mask"][:, 1:].bool()]
+    ce = torch.nn.functional.cross_entropy(dense[:, :500].double(), targets, reduction="none").numpy()
+    bounds = np.cumsum([0] + [e.n_response for e in encoded])
+    np.testing.assert_allclose(result.values["nll"], [ce[a:b].mean() for a, b in zip(bounds[:-1], bounds[1:])],
+                               rtol=1e-5)
+    np.testing.assert_allclose(result.values["nll"], measure_nll(replace(ctx, vocab_columns=500), encoded), rtol=1e-6)
+    assert not np.allclose(result.values["nll"], measure_nll(ctx, encoded), rtol=1e-6)  # the head is wider
 
 
 def test_rouge_l_is_one_for_an_exact_copy_and_zero_for_nothing(scoring, monkeypatch):
