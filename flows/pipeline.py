@@ -12,8 +12,8 @@ is logged as one message and re-raised without the library traceback; so is a re
 stale (StaleOutputError), with the settings that differ from the run's config.yaml named.
 
 The run folder may be an ``s3://bucket/prefix`` URI (``runs_root``, with the ``storage`` section or
-``AWS_ENDPOINT_URL`` naming an S3-compatible endpoint): every task reads and writes it through its
-pyarrow filesystem, and Ray Train keeps its checkpoints there.
+``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL`` naming an S3-compatible endpoint): every task reads and
+writes it through its pyarrow filesystem, and Ray Train keeps its checkpoints there.
 """
 
 from __future__ import annotations
@@ -137,12 +137,13 @@ def changed_settings(paths: RunPaths, cfg: PoclConfig) -> list[str]:
 def _check_bucket(run_dir: ObjectPath, cfg: PoclConfig) -> None:
     """ConfigError unless the run folder's bucket exists and answers."""
     bucket = run_dir.key.split("/")[0]
-    where = cfg.storage.endpoint_url or "the endpoint of AWS_ENDPOINT_URL (or AWS)"
+    where = cfg.storage.endpoint_url or "the endpoint of AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL (or AWS)"
     try:
         found = ObjectPath(run_dir.fs, bucket, run_dir.scheme).exists()
     except OSError as exc:
         raise ConfigError(f"runs_root {cfg.runs_root}: cannot reach the object store at {where} ({exc}); check "
-                          f"storage.endpoint_url / AWS_ENDPOINT_URL and the AWS credentials") from None
+                          f"storage.endpoint_url / AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL and the AWS "
+                          "credentials") from None
     if not found:
         raise ConfigError(f"runs_root {cfg.runs_root}: bucket '{bucket}' not found at {where}; create it or "
                           f"fix runs_root / storage.endpoint_url")

@@ -44,9 +44,12 @@ class ConfigError(ValueError):
 class PoclConfig(_Section):
     """A whole run. The run folder is ``<runs_root>/<run_name>``.
 
-    runs_root: a local folder (a ``file:///abs/path`` URI becomes its plain path), or
-    ``s3://bucket/prefix`` for storage shared by every node (then the ``storage`` section gives the
-    endpoint and region; see docs/operations.md).
+    run_name: the run folder's name. runs_root: a local folder (a ``file:///abs/path`` URI becomes
+    its plain path), or ``s3://bucket/prefix`` for storage shared by every node (then the ``storage``
+    section gives the endpoint and region; see docs/operations.md). seed: the training seed: torch's
+    RNG on every worker when training starts (dropout) and the GKD on-policy draws (which steps are
+    on-policy, the student's sampled generations); ``pocl compare --seeds`` sets it per variant, with
+    ``curriculum.shuffle_seed``.
     """
 
     run_name: str = Field("pocl-run", min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")

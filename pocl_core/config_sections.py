@@ -255,10 +255,13 @@ class LossConfig(_Section):
 
 
 class OptimConfig(_Section):
-    """AdamW with cosine decay from ``lr`` to ``min_lr`` within each stage (no warm-up by default).
+    """AdamW with cosine decay from ``lr`` to ``min_lr`` over each stage (over the whole run when
+    ``curriculum.fresh_optimizer_per_stage`` is false).
 
-    global_batch_size: samples per optimizer step over all workers; micro_batch_size: samples per
-    forward pass on one worker (gradient accumulation fills the rest). grad_clip: max grad norm.
+    warmup_steps: optimizer steps of linear warm-up to ``lr`` before the cosine decay starts (0, the
+    default: none); with a fresh optimizer per stage each stage warms up again. global_batch_size:
+    samples per optimizer step over all workers; micro_batch_size: samples per forward pass on one
+    worker (gradient accumulation fills the rest). grad_clip: max grad norm.
     """
 
     lr: float = Field(1e-4, gt=0.0)
@@ -282,7 +285,9 @@ class TrainConfig(_Section):
 
     checkpoint_every_steps: also checkpoint every N optimizer steps inside a stage (0 = only at
     stage boundaries, which always checkpoint). keep_checkpoints: newest checkpoints kept by Ray
-    Train (None keeps all). log_every_steps: metrics window reported to Ray Train and the log.
+    Train (None keeps all). log_every_steps: optimizer steps per metrics window; rank 0 appends each
+    window's means to ``train/metrics.jsonl``, which the distill task turns into log lines and its
+    progress artifact (Ray Train itself gets a report only at checkpoints).
     freeze_embeddings: keep the student's input embedding (and a tied LM head) fixed: no gradient
     and no optimizer state for the largest matrix of a small student. autocast_dtype: run the
     student's forward under torch.autocast in that dtype (weights and optimizer stay float32).
@@ -353,9 +358,10 @@ class StorageConfig(_Section):
     """Object-store settings for a ``runs_root`` URI (``s3://bucket/prefix``); unused for local folders.
 
     endpoint_url: an S3-compatible server (MinIO, Ceph, moto), e.g. ``http://10.0.0.5:9000``; None
-    uses the ``AWS_ENDPOINT_URL`` environment variable, else AWS S3. region: None uses ``AWS_REGION``
-    / ``AWS_DEFAULT_REGION``, else ``us-east-1``. Credentials are never configured here: they come
-    from the standard AWS environment variables or default chain (see ``pocl_core/storage.py``).
+    uses the ``AWS_ENDPOINT_URL_S3`` environment variable, else ``AWS_ENDPOINT_URL``, else AWS S3.
+    region: None uses ``AWS_REGION`` / ``AWS_DEFAULT_REGION``, else ``us-east-1``. Credentials are
+    never configured here: they come from the standard AWS environment variables or default chain
+    (see ``pocl_core/storage.py``).
     model_cache_dir: local folder where models kept in a remote run folder (the final student) are
     downloaded before evaluation loads them (``<model_cache_dir>/s3/<bucket>/<key>``).
     """

@@ -13,12 +13,12 @@ So every read and write of a run folder is the same code for both; the few opera
 
 S3 settings: config section ``storage`` (``config_sections.StorageConfig``). The endpoint of an
 S3-compatible server (MinIO, Ceph, moto) is ``storage.endpoint_url``, else the standard
-``AWS_ENDPOINT_URL`` variable, else AWS itself; the region is ``storage.region``, else
-``AWS_REGION`` / ``AWS_DEFAULT_REGION``, else ``us-east-1``. Credentials never go in the config: they
-are the standard ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` (/ ``AWS_SESSION_TOKEN``) of the
-process that opens the filesystem (the flow run), else the AWS default chain (profile, instance role)
-of each process. An ObjectPath pickles with its filesystem, endpoint and those credentials included,
-so the Ray workers it is sent to use the driver's settings.
+``AWS_ENDPOINT_URL_S3`` variable, else ``AWS_ENDPOINT_URL``, else AWS itself; the region is
+``storage.region``, else ``AWS_REGION`` / ``AWS_DEFAULT_REGION``, else ``us-east-1``. Credentials
+never go in the config: they are the standard ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY``
+(/ ``AWS_SESSION_TOKEN``) of the process that opens the filesystem (the flow run), else the AWS
+default chain (profile, instance role) of each process. An ObjectPath pickles with its filesystem,
+endpoint and those credentials included, so the Ray workers it is sent to use the driver's settings.
 
 Atomic writes: a local file is written under a temp name in the same folder and renamed; an object is
 written once, from the finished bytes (S3 shows a new object whole or not at all, never half of it).
