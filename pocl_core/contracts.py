@@ -3,6 +3,7 @@
 Run folder layout (``<runs_root>/<run_name>/``)::
 
     config.yaml                 the resolved config
+    flow_run_id                 the Prefect flow run that created the folder (lets a Retry pass resume=false)
     data/train.parquet          SAMPLES_SCHEMA, the training split after loading
     data/eval.parquet           SAMPLES_SCHEMA, the held-out split
     scores/measures/part-*.parquet  measures_schema: raw per-sample measures (the resume unit)
