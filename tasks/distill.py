@@ -128,16 +128,15 @@ def ensure_ray(address: str | None) -> None:
              runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
 
 
-def _check_gpus(cfg: PoclConfig) -> None:
-    """With ray.use_gpu, a Ray that cannot hold one GPU per worker: a ConfigError on a local Ray (the
-    job would wait for GPUs forever), a warning on a cluster (its autoscaler may still add them)."""
+def check_gpus(cfg: PoclConfig, needed: int, job: str) -> None:
+    """With ray.use_gpu, a Ray that cannot hold ``needed`` GPUs for ``job``: a ConfigError on a local
+    Ray (the job would wait for GPUs forever), a warning on a cluster (its autoscaler may still add them)."""
     if not cfg.ray.use_gpu:
         return
     gpus = int(ray.cluster_resources().get("GPU", 0))
-    if gpus >= cfg.ray.num_workers:
+    if gpus >= needed:
         return
-    message = (f"ray.use_gpu is true and ray.num_workers is {cfg.ray.num_workers}, but the Ray cluster has {gpus} "
-               "GPU(s)")
+    message = f"ray.use_gpu is true and {job} needs {needed} GPU(s), but the Ray cluster has {gpus}"
     if (cfg.ray.address or os.environ.get("RAY_ADDRESS") or "local") == "local":
         raise ConfigError(f"{message}: set ray.use_gpu=false, fewer workers, or ray.address of a GPU cluster")
     task_logger().warning("%s now: the job waits until the cluster has them (autoscaling)", message)
@@ -177,7 +176,7 @@ def distill(cfg: PoclConfig, data: DatasetSplits, partition_path: str, teacher_c
     local_mode = cfg.ray.num_workers == 0
     if not local_mode:
         ensure_ray(cfg.ray.address)
-        _check_gpus(cfg)
+        check_gpus(cfg, cfg.ray.num_workers, f"training with ray.num_workers={cfg.ray.num_workers}")
         for name, value in RAY_TRAIN_ENV_DEFAULTS.items():  # read by TorchTrainer.fit() in this process
             os.environ.setdefault(name, value)
     storage_path, storage_fs = ray_storage(paths.train_storage)

@@ -238,9 +238,10 @@ def _run_on_ray(cfg: PoclConfig, jobs: Sequence[ShardJob], provenance: dict, cac
     After a failure no new shard starts; the running ones finish (their files are kept for the
     resume) and the first error is raised, naming the shard.
     """
-    from tasks.distill import ensure_ray, worker_runtime_env  # pulls in Ray Train: import only when needed
+    from tasks.distill import check_gpus, ensure_ray, worker_runtime_env  # pulls in Ray Train: import when needed
 
     ensure_ray(cfg.ray.address)
+    check_gpus(cfg, 1, "scoring (one GPU per shard task)")
     options = {"num_cpus": 1, "num_gpus": 1 if cfg.ray.use_gpu else 0, "runtime_env": worker_runtime_env(cfg.ray)}
     cfg_json = cfg.model_dump(mode="json")
     queue = list(jobs)

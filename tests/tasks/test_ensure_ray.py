@@ -46,11 +46,27 @@ def test_use_gpu_without_gpus_fails_on_a_local_ray_and_warns_on_a_cluster(monkey
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setattr(distill_mod, "task_logger", lambda: logging.getLogger("pocl"))
     two = load_config(TINY_CONFIG, ["ray.use_gpu=true", "ray.num_workers=2"])
-    with pytest.raises(ConfigError, match="ray.num_workers is 2, but the Ray cluster has 1 GPU"):
-        distill_mod._check_gpus(two)
-    distill_mod._check_gpus(load_config(TINY_CONFIG, ["ray.use_gpu=true", "ray.num_workers=1"]))  # enough
-    distill_mod._check_gpus(load_config(TINY_CONFIG, ["ray.num_workers=2"]))  # CPU run: not asked
+    with pytest.raises(ConfigError, match="training needs 2 GPU.*, but the Ray cluster has 1: set ray.use_gpu=false"):
+        distill_mod.check_gpus(two, 2, "training")
+    distill_mod.check_gpus(two, 1, "scoring")  # enough
+    distill_mod.check_gpus(load_config(TINY_CONFIG, ["ray.num_workers=2"]), 2, "training")  # CPU run: not asked
     with caplog.at_level(logging.WARNING, logger="pocl"):
-        distill_mod._check_gpus(load_config(TINY_CONFIG, ["ray.use_gpu=true", "ray.num_workers=2",
-                                                          "ray.address=10.0.0.5:6379"]))
+        distill_mod.check_gpus(load_config(TINY_CONFIG, ["ray.use_gpu=true", "ray.num_workers=2",
+                                                         "ray.address=10.0.0.5:6379"]), 2, "training")
     assert "waits until the cluster has them" in caplog.text
+
+
+def test_scoring_on_ray_checks_for_gpus_before_any_task(monkeypatch):
+    from pocl_core.config import ConfigError, load_config
+    from tasks import score as score_mod
+    from tests.conftest import TINY_CONFIG
+
+    monkeypatch.setattr(distill_mod, "ensure_ray", lambda address: None)
+    monkeypatch.setattr(distill_mod.ray, "cluster_resources", lambda: {"CPU": 2.0})
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    submitted = []
+    monkeypatch.setattr(score_mod, "_remote_score_shard", type("R", (), {"options": lambda **kw: submitted.append(kw)}))
+    cfg = load_config(TINY_CONFIG, ["ray.use_gpu=true", "scoring.num_workers=2"])
+    with pytest.raises(ConfigError, match=r"scoring \(one GPU per shard task\) needs 1 GPU\(s\), but the Ray cluster has 0"):
+        score_mod._run_on_ray(cfg, [object()], {}, {}, "/nonexistent")
+    assert submitted == []
