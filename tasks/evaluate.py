@@ -15,12 +15,12 @@ from prefect import task
 
 from pocl_core.config import PoclConfig
 from pocl_core.contracts import (EVAL_METRICS_SCHEMA, GENERATIONS_SCHEMA, STUDENT_PROVENANCE, RunPaths,
-                                 check_provenance, read_table, write_table_atomic)
+                                 StaleOutputError, check_provenance, read_table, write_table_atomic)
 from pocl_core.data import table_to_samples
 from pocl_core.evaluate import evaluate_generations, mean_response_nll, summarize_rouge
 from pocl_core.models import decode_only_as_configured, load_causal_lm, load_tokenizer, model_fingerprint, resolve_device
 from pocl_core.schedule import num_trained_stages
-from pocl_core.storage import ObjectPath, fetch_dir, is_remote, location
+from pocl_core.storage import Location, ObjectPath, fetch_dir, is_remote, location
 from tasks.common import Progress, task_logger
 from tasks.load_data import DatasetSplits
 
@@ -66,6 +66,17 @@ def _model_provenance(provenance: dict, name: str) -> dict:
     if name == "teacher":
         own["teacher_dtype"] = provenance["teacher_dtype"]
     return own
+
+
+def _finished(own: dict, gen_file: Location, metrics_file: Location) -> bool:
+    """Whether one model's files hold its evaluation under ``own`` settings. Files from other settings
+    are redone, not refused: they are partial results, and the combined files' check above already
+    refuses a finished evaluation made with other settings."""
+    try:
+        return check_provenance(metrics_file, own) and check_provenance(gen_file, own)
+    except StaleOutputError:
+        task_logger().info("re-evaluating: %s was made with other settings", metrics_file.parent)
+        return False
 
 
 def _evaluate_model(cfg: PoclConfig, name: str, path: str, tokenizer, samples: list, device) -> tuple[list[dict], dict]:
@@ -118,7 +129,7 @@ def evaluate(cfg: PoclConfig, data: DatasetSplits, student_path: str | None,
         # each model's rows are kept as soon as it is done: a run killed mid-evaluation redoes only the rest
         own = _model_provenance(provenance, name)
         gen_file, metrics_file = paths.eval_model_generations(name), paths.eval_model_metrics(name)
-        if check_provenance(metrics_file, own) and gen_file.exists():
+        if _finished(own, gen_file, metrics_file):
             log.info("%s: reusing its evaluation in %s", name, metrics_file.parent)
         else:
             gens, row = _evaluate_model(cfg, name, path, tokenizer, samples, device)

@@ -62,10 +62,15 @@ def test_a_killed_evaluation_redoes_only_the_unfinished_models(make_config, tiny
         assert got.to_pylist() == want.to_pylist(), file
 
 
-def test_a_finished_model_from_other_weights_is_refused(make_config, tiny_models):
+def test_a_model_evaluated_with_other_settings_is_redone(make_config, tiny_models):
     cfg = make_config("run_name=other", "eval.max_new_tokens=4", "data.max_eval_samples=4")
     data = load_dataset.fn(cfg)
     evaluate.fn(cfg, data, None, {"final_student": str(tiny_models.student)})
-    RunPaths.of(cfg.run_dir).eval_metrics.unlink()  # as if killed before the combined files
-    with pytest.raises(StaleOutputError, match=r"eval/models/final_student/metrics.parquet .*model.fingerprint"):
-        evaluate.fn(cfg, data, None, {"final_student": str(tiny_models.teacher)})
+    paths = RunPaths.of(cfg.run_dir)
+    with pytest.raises(StaleOutputError, match=r"eval/metrics.parquet .*models.final_student"):
+        evaluate.fn(cfg, data, None, {"final_student": str(tiny_models.teacher)})  # a finished evaluation
+    paths.eval_metrics.unlink()  # as the message says; the per-model files are partial results: redone
+    evaluate.fn(cfg, data, None, {"final_student": str(tiny_models.teacher)})
+    own = read_metadata(paths.eval_model_metrics("final_student"))["model"]
+    assert own["fingerprint"] == read_metadata(paths.eval_metrics)["models"]["final_student"]
+    assert read_metadata(paths.eval_model_generations("final_student"))["model"] == own
