@@ -132,8 +132,9 @@ class ScoringConfig(_Section):
     num_workers: 1 scores in-process; more runs one Ray task per shard, at most this many at once
     (each loads the scoring model, so keep shards large enough to amortise that; one GPU per task
     when ``ray.use_gpu``). teacher_cache_topk: when > 0, the same teacher pass also stores the
-    teacher's top-k logits and the full-row log-sum-exp at every response position in
-    ``teacher_cache/`` (needs ``model: teacher``); 0 turns the cache off.
+    teacher's top-k logits, the full-row log-sum-exp and the tail's log-sum-exp at every curriculum
+    temperature, at every response position, in ``teacher_cache/`` (needs ``model: teacher``); 0 turns
+    the cache off.
     """
 
     model: Literal["teacher", "student"] = "teacher"
@@ -293,7 +294,8 @@ class TrainConfig(_Section):
     student's forward under torch.autocast in that dtype (weights and optimizer stay float32).
     use_teacher_cache: distil from the top-k teacher logits stored by the scoring pass
     (``scoring.teacher_cache_topk`` > 0) instead of running the teacher at every step; the teacher
-    is then never loaded by the workers. Exact at T = 1; see docs/losses.md for T ≠ 1.
+    is then never loaded by the workers. The cached teacher is the tempered teacher lumped onto its
+    top-k columns plus one tail bucket, exact at every stage temperature (docs/losses.md).
     parallel_strategy: ``ddp`` (every worker holds the whole student; Ray Train's prepare_model) or
     ``fsdp`` (FSDP2: weights, gradients and optimizer state sharded across workers, one shard unit
     per transformer block; for students that do not fit one device; CUDA or CPU).

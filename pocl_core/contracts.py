@@ -16,6 +16,7 @@ Run folder layout (``<runs_root>/<run_name>/``)::
     student/                    final student (save_pretrained, safetensors) + tokenizer
     eval/generations.parquet    GENERATIONS_SCHEMA
     eval/metrics.parquet        EVAL_METRICS_SCHEMA
+    eval/models/<name>/{generations,metrics}.parquet  the same schemas, one evaluated model each (the resume unit)
     report.md, plots/*.png
 
 The run folder is a local folder or an ``s3://bucket/prefix`` URI: ``RunPaths`` gives its files as
@@ -256,6 +257,14 @@ class RunPaths:
     @property
     def eval_metrics(self) -> Location:
         return self.eval_dir / "metrics.parquet"
+
+    def eval_model_generations(self, name: str) -> Location:
+        """One evaluated model's generations (written as soon as that model is done)."""
+        return self.eval_dir / "models" / name / "generations.parquet"
+
+    def eval_model_metrics(self, name: str) -> Location:
+        """One evaluated model's metrics row (written last for that model: its presence marks it done)."""
+        return self.eval_dir / "models" / name / "metrics.parquet"
 
     @property
     def report(self) -> Location:

@@ -15,12 +15,12 @@ from prefect import task
 
 from pocl_core.config import PoclConfig
 from pocl_core.contracts import (EVAL_METRICS_SCHEMA, GENERATIONS_SCHEMA, STUDENT_PROVENANCE, RunPaths,
-                                 check_provenance, read_table, write_table_atomic)
+                                 StaleOutputError, check_provenance, read_table, write_table_atomic)
 from pocl_core.data import table_to_samples
 from pocl_core.evaluate import evaluate_generations, mean_response_nll, summarize_rouge
 from pocl_core.models import decode_only_as_configured, load_causal_lm, load_tokenizer, model_fingerprint, resolve_device
 from pocl_core.schedule import num_trained_stages
-from pocl_core.storage import ObjectPath, fetch_dir, is_remote, location
+from pocl_core.storage import Location, ObjectPath, fetch_dir, is_remote, location
 from tasks.common import Progress, task_logger
 from tasks.load_data import DatasetSplits
 
@@ -59,6 +59,43 @@ def local_model(cfg: PoclConfig, path: str) -> str:
     return str(fetch_dir(src, cfg.storage.model_cache_dir, STUDENT_PROVENANCE))
 
 
+def _model_provenance(provenance: dict, name: str) -> dict:
+    """What one model's evaluation depends on: the shared settings and that model's weights (and dtype)."""
+    own = {k: v for k, v in provenance.items() if k not in ("models", "teacher_dtype")}
+    own["model"] = {"name": name, "fingerprint": provenance["models"][name]}
+    if name == "teacher":
+        own["teacher_dtype"] = provenance["teacher_dtype"]
+    return own
+
+
+def _finished(own: dict, gen_file: Location, metrics_file: Location) -> bool:
+    """Whether one model's files hold its evaluation under ``own`` settings. Files from other settings
+    are redone, not refused: they are partial results, and the combined files' check above already
+    refuses a finished evaluation made with other settings."""
+    try:
+        return check_provenance(metrics_file, own) and check_provenance(gen_file, own)
+    except StaleOutputError:
+        task_logger().info("re-evaluating: %s was made with other settings", metrics_file.parent)
+        return False
+
+
+def _evaluate_model(cfg: PoclConfig, name: str, path: str, tokenizer, samples: list, device) -> tuple[list[dict], dict]:
+    """One model's generation rows and metrics row (GENERATIONS_SCHEMA / EVAL_METRICS_SCHEMA)."""
+    dtype = cfg.models.teacher_dtype if name == "teacher" else "float32"
+    model = decode_only_as_configured(load_causal_lm(path, dtype, cfg.models.trust_remote_code, device).eval())
+    common = dict(template=cfg.data.prompt_template, max_prompt_length=cfg.data.max_prompt_length, device=device)
+    gens = evaluate_generations(model, tokenizer, samples, cfg=cfg.eval, **common)
+    nll = mean_response_nll(model, tokenizer, samples, max_length=cfg.data.max_length,
+                            batch_size=cfg.eval.batch_size, **common)
+    rouge, rouge_std = summarize_rouge(gens, "sampled" if cfg.eval.do_sample else "greedy")
+    greedy, _ = summarize_rouge(gens, "greedy")
+    task_logger().info("%s: ROUGE-L %.2f ± %.2f (greedy %.2f), NLL %.3f", name, rouge, rouge_std, greedy, nll)
+    row = {"model": name, "rouge_l": rouge, "rouge_l_std": rouge_std,
+           "rouge_l_greedy": None if math.isnan(greedy) else greedy, "nll": nll,
+           "stage": _stage_of(name), "num_samples": len(samples), "num_seeds": len(cfg.eval.seeds)}
+    return [{"model": name, **asdict(g)} for g in gens], row
+
+
 @task(name="evaluate")
 def evaluate(cfg: PoclConfig, data: DatasetSplits, student_path: str | None,
              models: dict[str, str] | None = None) -> str:
@@ -86,24 +123,21 @@ def evaluate(cfg: PoclConfig, data: DatasetSplits, student_path: str | None,
     samples = table_to_samples(read_table(paths.locate(data.eval_path)))
     device = resolve_device(cfg.ray.use_gpu)
     tokenizer = load_tokenizer(cfg.models.tokenizer_source, cfg.models.trust_remote_code)
-    gen_rows, metric_rows = [], []
+    gen_tables, metric_tables = [], []
     progress = Progress("evaluate", len(models), "evaluating models")
     for done, (name, path) in enumerate(models.items(), start=1):
-        dtype = cfg.models.teacher_dtype if name == "teacher" else "float32"
-        model = decode_only_as_configured(load_causal_lm(path, dtype, cfg.models.trust_remote_code, device).eval())
-        common = dict(template=cfg.data.prompt_template, max_prompt_length=cfg.data.max_prompt_length, device=device)
-        gens = evaluate_generations(model, tokenizer, samples, cfg=cfg.eval, **common)
-        nll = mean_response_nll(model, tokenizer, samples, max_length=cfg.data.max_length,
-                                batch_size=cfg.eval.batch_size, **common)
-        rouge, rouge_std = summarize_rouge(gens, "sampled" if cfg.eval.do_sample else "greedy")
-        greedy, _ = summarize_rouge(gens, "greedy")
-        gen_rows += [{"model": name, **asdict(g)} for g in gens]
-        metric_rows.append({"model": name, "rouge_l": rouge, "rouge_l_std": rouge_std,
-                            "rouge_l_greedy": None if math.isnan(greedy) else greedy, "nll": nll,
-                            "stage": _stage_of(name), "num_samples": len(samples), "num_seeds": len(cfg.eval.seeds)})
-        log.info("%s: ROUGE-L %.2f ± %.2f (greedy %.2f), NLL %.3f", name, rouge, rouge_std, greedy, nll)
+        # each model's rows are kept as soon as it is done: a run killed mid-evaluation redoes only the rest
+        own = _model_provenance(provenance, name)
+        gen_file, metrics_file = paths.eval_model_generations(name), paths.eval_model_metrics(name)
+        if _finished(own, gen_file, metrics_file):
+            log.info("%s: reusing its evaluation in %s", name, metrics_file.parent)
+        else:
+            gens, row = _evaluate_model(cfg, name, path, tokenizer, samples, device)
+            write_table_atomic(pa.Table.from_pylist(gens), gen_file, GENERATIONS_SCHEMA, own)
+            write_table_atomic(pa.Table.from_pylist([row]), metrics_file, EVAL_METRICS_SCHEMA, own)
+        gen_tables.append(read_table(gen_file))
+        metric_tables.append(read_table(metrics_file))
         progress.update(done)
-        del model
-    write_table_atomic(pa.Table.from_pylist(gen_rows), paths.generations, GENERATIONS_SCHEMA, provenance)
-    write_table_atomic(pa.Table.from_pylist(metric_rows), paths.eval_metrics, EVAL_METRICS_SCHEMA, provenance)
+    write_table_atomic(pa.concat_tables(gen_tables), paths.generations, GENERATIONS_SCHEMA, provenance)
+    write_table_atomic(pa.concat_tables(metric_tables), paths.eval_metrics, EVAL_METRICS_SCHEMA, provenance)
     return str(paths.eval_metrics)

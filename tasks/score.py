@@ -24,15 +24,17 @@ import time
 from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
+import numpy as np
 import pyarrow as pa
 import ray
 import torch
 from prefect import task
 
 from pocl_core.config import PoclConfig
-from pocl_core.contracts import (RunPaths, check_provenance, measures_schema, read_table, read_table_checked,
-                                 scores_schema, teacher_cache_schema, write_table_atomic)
+from pocl_core.contracts import (RunPaths, check_provenance, measures_schema, read_metadata, read_table,
+                                 read_table_checked, scores_schema, teacher_cache_schema, write_table_atomic)
 from pocl_core.data import Sample, encode_sample, pad_id_of, table_to_samples
+from pocl_core.losses.sparse import temperature_column
 from pocl_core.difficulty import fuse_difficulty
 from pocl_core.measures import GENERATIVE_MEASURES, ScoringContext, get_measure, length_sorted_batches, score_batch
 from pocl_core.models import (decode_only_as_configured, load_causal_lm, load_tokenizer, model_fingerprint,
@@ -96,11 +98,27 @@ def scoring_provenance(cfg: PoclConfig, data: DatasetSplits) -> dict[str, Any]:
     return {**_pass_provenance(cfg, data), "measurer": measurer}
 
 
-def cache_provenance(cfg: PoclConfig, data: DatasetSplits) -> dict[str, Any]:
+def cache_provenance(cfg: PoclConfig, data: DatasetSplits, temperatures: Sequence[float] | None = None
+                     ) -> dict[str, Any]:
     """What the teacher cache depends on: teacher weights and dtype, dataset, tokenization, top-k, and the
-    temperatures whose tail log-sum-exps it stores (every temperature of the curriculum)."""
+    temperatures whose tail log-sum-exps it stores (default: every temperature of the curriculum)."""
+    temps = schedule_temperatures(cfg.curriculum) if temperatures is None else temperatures
     return {**_pass_provenance(cfg, data), "tokenization": _tokenization(cfg), "topk": cfg.scoring.teacher_cache_topk,
-            "temperatures": list(schedule_temperatures(cfg.curriculum))}
+            "temperatures": [float(t) for t in temps]}
+
+
+def cache_temperatures(cfg: PoclConfig, paths: RunPaths, num_shards: int) -> list[float]:
+    """The temperatures the run's cache shards store: those of the shards already written when they
+    cover every temperature of the curriculum (a rerun with fewer or other-but-stored temperatures
+    reuses them, and new shards match them), else the curriculum's own (older shards are then stale)."""
+    needed = schedule_temperatures(cfg.curriculum)
+    for i in range(num_shards):
+        shard = paths.teacher_cache_shard(i)
+        if shard.exists():
+            stored = [float(t) for t in read_metadata(shard).get("temperatures", [])]
+            covered = all(t == 1.0 or temperature_column(stored, t) is not None for t in needed)
+            return stored if covered and stored else list(needed)
+    return list(needed)
 
 
 @task(name="score-difficulty")
@@ -113,12 +131,12 @@ def score_difficulty(cfg: PoclConfig, data: DatasetSplits) -> ScoresResult:
     key = hashlib.sha256(json.dumps(fused_provenance, sort_keys=True).encode()).hexdigest()[:16]
     fused_provenance["scores_key"] = key
     topk = cfg.scoring.teacher_cache_topk
-    cache_prov = cache_provenance(cfg, data) if topk else {}
     cache_dir = str(paths.teacher_cache_dir) if topk else None
 
     samples = sorted(table_to_samples(read_table(paths.locate(data.train_path))), key=lambda s: s.sample_id)
     size = cfg.scoring.shard_size
     shards = [samples[i:i + size] for i in range(0, len(samples), size)]
+    cache_prov = cache_provenance(cfg, data, cache_temperatures(cfg, paths, len(shards))) if topk else {}
     scores_fresh = all(check_provenance(paths.score_shard(i), fused_provenance) for i in range(len(shards)))
     jobs = []
     for i, shard in enumerate(shards):
@@ -186,7 +204,7 @@ def score_shard(cfg: PoclConfig, ctx: ScoringContext, vocab_columns: int, job: S
     ctx = replace(ctx, references={s.sample_id: s.response for s in job.samples})
     measures = cfg.scoring.measures if job.measures else []
     topk = cfg.scoring.teacher_cache_topk if job.cache else 0
-    temperatures = schedule_temperatures(cfg.curriculum)
+    temperatures = cache_prov.get("temperatures", [])
     values: dict[str, dict[str, float]] = {m: {} for m in measures}
     cache: dict[str, Any] = {}
     with torch.inference_mode():
@@ -195,6 +213,10 @@ def score_shard(cfg: PoclConfig, ctx: ScoringContext, vocab_columns: int, job: S
             for name in measures:
                 values[name].update(zip((e.sample_id for e in batch), result.values[name]))
             if topk:
+                for e, rows in zip(batch, result.cache):
+                    if np.isnan(rows[1]).any() or np.isnan(rows[2]).any():  # the loss would drop such rows silently
+                        raise ValueError(f"the teacher's logits are NaN for sample '{e.sample_id}' (shard {job.index}); "
+                                         f"check models.teacher_dtype ({cfg.models.teacher_dtype}) and the weights")
                 cache.update(zip((e.sample_id for e in batch), result.cache))
     ids = [e.sample_id for e in encoded]
     if job.measures:

@@ -218,6 +218,39 @@ def test_teacher_cache_reproduces_a_direct_teacher_forward(baseline):
     assert cache.temperatures == schedule_temperatures(cfg.curriculum) and len(cache.temperatures) > 1
 
 
+def test_temperatures_the_cache_already_stores_reuse_it_and_new_shards_match(tiny_models, tiny_data_path, tmp_path):
+    cfg = config(tiny_models, tmp_path, tiny_data_path, "run_name=temps", "scoring.teacher_cache_topk=4")
+    data, result = run_scoring(cfg)
+    stored = TeacherCache.load(result.teacher_cache_dir).temperatures
+    assert len(stored) == 4
+    paths = RunPaths.of(cfg.run_dir)
+    paths.teacher_cache_shard(1).unlink()  # as if killed before this shard
+    written = paths.teacher_cache_shard(0).stat().st_mtime_ns
+    fewer = cfg.model_copy(update={"curriculum": cfg.curriculum.model_copy(update={"num_stages": 2})})
+    score_difficulty.fn(fewer, data)  # temperatures 1 and 2: stored, so reused, not refused
+    assert paths.teacher_cache_shard(0).stat().st_mtime_ns == written
+    cache = TeacherCache.load(result.teacher_cache_dir)  # the rebuilt shard stores the same four
+    assert cache.temperatures == stored and len(cache) == data.num_train
+    cache.check_temperatures([1.0, 2.0])
+
+
+def test_nan_teacher_logits_are_refused_naming_the_sample(tiny_models, tiny_data_path, tmp_path, monkeypatch):
+    import tasks.score as score_mod
+
+    real = score_mod.score_batch
+
+    def nan_logits(*args, **kwargs):
+        result = real(*args, **kwargs)
+        result.cache[0][2][0] = float("nan")
+        return result
+
+    monkeypatch.setattr(score_mod, "score_batch", nan_logits)
+    cfg = config(tiny_models, tmp_path, tiny_data_path, "run_name=nan", "scoring.teacher_cache_topk=4")
+    with pytest.raises(ValueError, match=r"the teacher's logits are NaN for sample '.+' \(shard 0\)"):
+        run_scoring(cfg)
+    assert not RunPaths.of(cfg.run_dir).teacher_cache_shard(0).exists()
+
+
 def test_changed_temperatures_are_refused_naming_the_cache_shard(baseline):
     cfg, data, _ = baseline
     other = cfg.model_copy(update={"curriculum": cfg.curriculum.model_copy(update={"temperature_end": 3.0})})
