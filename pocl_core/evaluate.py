@@ -17,7 +17,7 @@ import torch
 
 from pocl_core.config import EvalConfig
 from pocl_core.data import Sample, encode_prompt, encode_sample, left_pad, pad_id_of
-from pocl_core.measures import ScoringContext, length_sorted_batches, measure_nll
+from pocl_core.measures import ScoringContext, length_sorted_batches, logit_columns, measure_nll
 
 
 @functools.lru_cache(maxsize=1)
@@ -87,8 +87,7 @@ def mean_response_nll(model: torch.nn.Module, tokenizer: Any, samples: Sequence[
                       max_prompt_length: int, max_length: int, batch_size: int, device: torch.device) -> float:
     """Token-weighted mean NLL (nats/token) of the reference responses."""
     encoded = [encode_sample(tokenizer, s, template, max_prompt_length, max_length) for s in samples]
-    width = min(len(tokenizer), model.get_output_embeddings().weight.shape[0])
-    ctx = ScoringContext(model, tokenizer, pad_id_of(tokenizer), device, vocab_columns=width)
+    ctx = ScoringContext(model, tokenizer, pad_id_of(tokenizer), device, vocab_columns=logit_columns(model, tokenizer))
     total = tokens = 0.0
     for batch in length_sorted_batches(encoded, batch_size):
         for e, nll in zip(batch, measure_nll(ctx, batch)):

@@ -55,6 +55,11 @@ class ScoringContext:
     vocab_columns: int | None = None
 
 
+def logit_columns(model: torch.nn.Module, tokenizer: Any) -> int:
+    """The logit columns that are tokens: the tokenizer's size, capped by the LM head's rows."""
+    return min(len(tokenizer), model.get_output_embeddings().weight.shape[0])
+
+
 def response_token_nll(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token NLL of response tokens from a full forward (LM head on every position).
 
@@ -97,7 +102,8 @@ def score_batch(ctx: ScoringContext, batch: Sequence[EncodedSample], measures: S
     Token measures and the cache come from one forward of the decoder whose LM head runs only at
     response positions, ``CHUNK_ELEMENTS`` logits at a time. ``vocab_columns`` (default
     ``ctx.vocab_columns``) cuts the logits to the tokenizer's width (rows of a padded embedding are no
-    tokens) before the token measures and the cache's top-k / log-sum-exps; ``cache_temperatures``: the T's of the cache's tail log-sum-exps.
+    tokens) before the token measures and the cache's top-k / log-sum-exps; ``cache_temperatures``:
+    the T's of the cache's tail log-sum-exps.
     """
     token_names = [m for m in measures if m in TOKEN_MEASURES]
     vocab_columns = vocab_columns or ctx.vocab_columns
@@ -112,7 +118,7 @@ def score_batch(ctx: ScoringContext, batch: Sequence[EncodedSample], measures: S
         width = ctx.model.get_output_embeddings().weight.shape[0]
         step = max(1, CHUNK_ELEMENTS // width)
         sums = {m: torch.zeros(len(batch), dtype=torch.float64, device=ctx.device) for m in token_names}
-        parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        parts: list[tuple[torch.Tensor, ...]] = []  # topk_rows per LM-head chunk
         for start in range(0, hidden.shape[0], step):
             logits = head_logits(ctx.model, hidden[start:start + step])
             if vocab_columns:

@@ -29,7 +29,7 @@ import torch
 
 from pocl_core.contracts import check_provenance, read_metadata, read_table_checked, teacher_cache_schema
 from pocl_core.losses import SparseTeacher
-from pocl_core.losses.sparse import tail_logsumexp, temperature_column
+from pocl_core.losses.sparse import tail_logsumexp, temperature_covered
 from pocl_core.storage import Location, ObjectPath, location
 
 # ids int32 [n, k], logits float32 [n, k], lse float32 [n], tail_lse float32 [n, len(temperatures)]
@@ -165,8 +165,7 @@ class TeacherCache:
         (T = 1 and a top-k covering the vocabulary need none)."""
         if self.k >= int(self.metadata.get("vocab_columns", self.k + 1)):
             return
-        missing = sorted({float(t) for t in temperatures
-                          if t != 1.0 and temperature_column(self.temperatures, float(t)) is None})
+        missing = sorted({float(t) for t in temperatures if not temperature_covered(self.temperatures, float(t))})
         if missing:
             stored = ", ".join(f"{t:g}" for t in self.temperatures) or "none"
             raise ValueError(

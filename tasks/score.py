@@ -34,9 +34,10 @@ from pocl_core.config import PoclConfig
 from pocl_core.contracts import (RunPaths, check_provenance, measures_schema, read_metadata, read_table,
                                  read_table_checked, scores_schema, teacher_cache_schema, write_table_atomic)
 from pocl_core.data import Sample, encode_sample, pad_id_of, table_to_samples
-from pocl_core.losses.sparse import temperature_column
 from pocl_core.difficulty import fuse_difficulty
-from pocl_core.measures import GENERATIVE_MEASURES, ScoringContext, get_measure, length_sorted_batches, score_batch
+from pocl_core.losses.sparse import temperature_covered
+from pocl_core.measures import (GENERATIVE_MEASURES, ScoringContext, get_measure, length_sorted_batches,
+                                logit_columns, score_batch)
 from pocl_core.models import (decode_only_as_configured, load_causal_lm, load_tokenizer, model_fingerprint,
                               resolve_device, tokenizer_fingerprint)
 from pocl_core.schedule import schedule_temperatures
@@ -116,7 +117,7 @@ def cache_temperatures(cfg: PoclConfig, paths: RunPaths, num_shards: int) -> lis
         shard = paths.teacher_cache_shard(i)
         if shard.exists():
             stored = [float(t) for t in read_metadata(shard).get("temperatures", [])]
-            covered = all(t == 1.0 or temperature_column(stored, t) is not None for t in needed)
+            covered = all(temperature_covered(stored, t) for t in needed)
             return stored if covered and stored else list(needed)
     return list(needed)
 
@@ -186,7 +187,7 @@ def load_scorer(cfg: PoclConfig) -> tuple[ScoringContext, int]:
     tokenizer = load_tokenizer(cfg.models.tokenizer_source, cfg.models.trust_remote_code)
     for name in cfg.scoring.measures:
         get_measure(name)  # unknown names fail before any compute
-    width = min(len(tokenizer), model.get_output_embeddings().weight.shape[0])
+    width = logit_columns(model, tokenizer)
     return ScoringContext(model, tokenizer, pad_id_of(tokenizer), device, cfg.scoring.generation,
                           vocab_columns=width), width
 

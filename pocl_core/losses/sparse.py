@@ -105,7 +105,7 @@ class SparseTeacher:
 
     def covers(self, temperature: float) -> bool:
         """Whether the teacher's top-k mass at ``temperature`` is known exactly (T = 1 always is)."""
-        return temperature == 1.0 or temperature_column(self.temperatures, temperature) is not None
+        return temperature_covered(self.temperatures, temperature)
 
     def log_top_mass(self, temperature: float) -> Tensor:
         """``[...]`` log of the teacher's probability mass on its top-k columns at temperature T.
@@ -114,14 +114,13 @@ class SparseTeacher:
         Rows whose logits are all ``-inf`` give NaN (callers treat them as empty).
         """
         column = temperature_column(self.temperatures, temperature)
+        tl = self.topk_logits.detach().to(compute_dtype(self.topk_logits.dtype))
         if column is not None:
-            tl = self.topk_logits.detach().to(compute_dtype(self.topk_logits.dtype))
             top = torch.logsumexp(tl / temperature, dim=-1)
             tail = self.tail_lse[..., column].detach().to(top.dtype)
             # log(e^top / (e^top + e^tail)) = -softplus(tail - top); tail = -inf gives 0
             return -torch.nn.functional.softplus(tail - top)
         if temperature == 1.0:
-            tl = self.topk_logits.detach().to(compute_dtype(self.topk_logits.dtype))
             return torch.logsumexp(tl, dim=-1) - self.lse.detach().to(tl.dtype)
         stored = ", ".join(f"{t:g}" for t in self.temperatures) or "none"
         raise ValueError(
@@ -165,6 +164,11 @@ def temperature_column(temperatures: Sequence[float], temperature: float) -> int
         if math.isclose(t, temperature, rel_tol=TEMPERATURE_RTOL):
             return i
     return None
+
+
+def temperature_covered(temperatures: Sequence[float], temperature: float) -> bool:
+    """Whether a teacher with tails at ``temperatures`` is exact at ``temperature`` (T = 1 needs none)."""
+    return temperature == 1.0 or temperature_column(temperatures, temperature) is not None
 
 
 def tail_logsumexp(logits: Tensor, ids: Tensor, temperatures: Sequence[float]) -> Tensor:
