@@ -35,7 +35,7 @@ from prefect.runtime import flow_run
 from pocl_core.config import ConfigError, PoclConfig, load_config
 from pocl_core.contracts import RunPaths, StaleOutputError, dotted_differences, write_text_atomic
 from pocl_core.data import DataError
-from pocl_core.storage import ObjectPath, location
+from pocl_core.storage import ObjectPath, location, remove_tree
 from tasks.distill import distill
 from tasks.evaluate import evaluate
 from tasks.load_data import load_dataset
@@ -95,12 +95,14 @@ def started_by_this_flow_run(paths: RunPaths) -> bool:
         return False
 
 
-def record_flow_run(paths: RunPaths) -> None:
+def record_flow_run(paths: RunPaths) -> bool:
     """Record the current flow run's id in a run folder it is about to create (nothing outside a flow run),
-    so a Retry of that flow run with ``resume=False`` accepts the folder."""
+    so a Retry of that flow run with ``resume=False`` accepts the folder; True when it created the folder."""
     current = current_flow_run_id()
-    if current is not None and not paths.root.exists():
-        write_text_atomic(paths.flow_run_id, current + "\n")
+    if current is None or paths.root.exists():
+        return False
+    write_text_atomic(paths.flow_run_id, current + "\n")
+    return True
 
 
 def _looks_local(value: str) -> bool:
@@ -185,9 +187,14 @@ def pocl_distill(config_path: str = "configs/tiny.yaml", overrides: Optional[lis
     with parameter_errors_logged():
         cfg = resolve_config(config_path, overrides, run_name, ray_address, resume)
         paths = RunPaths.of(cfg.run_dir, cfg.storage)
-        record_flow_run(paths)
+        created = record_flow_run(paths)
         try:
-            data = load_dataset(cfg)
+            try:
+                data = load_dataset(cfg)
+            except BaseException:
+                if created:  # nothing of the run exists yet: leave no folder that blocks a new run of that name
+                    remove_tree(paths.root)
+                raise
             # config.yaml says what ran: a new run folder gets it once its data loaded; a rerun with
             # changed settings replaces it only after it passed every stale-output check and finished.
             if not paths.config.is_file():

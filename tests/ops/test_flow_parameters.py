@@ -159,12 +159,10 @@ def test_retry_of_a_resume_false_flow_run_reuses_its_run_folder(prefect_harness,
 
     from pocl_core.contracts import RunPaths
 
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"prompt": "p"}\n')  # no response: load_dataset fails after the folder was made
-    params = dict(config_path=TINY, overrides=[f"runs_root={tmp_path}", f"data.train_path={bad}", *models],
-                  run_name="retried", resume=False)
+    # the model folders are empty: the data load succeeds, then scoring fails loading the teacher
+    params = dict(config_path=TINY, overrides=[f"runs_root={tmp_path}", *models], run_name="retried", resume=False)
     first = pocl_distill(**params, return_state=True)
-    assert first.is_failed() and "missing field 'response'" in str(first.data)
+    assert first.is_failed() and "no tokenizer files to fingerprint" in str(first.data)
     flow_run_id = str(first.state_details.flow_run_id)
     paths = RunPaths.of(tmp_path / "retried")
     assert paths.flow_run_id.read_text() == f"{flow_run_id}\n"
@@ -174,7 +172,30 @@ def test_retry_of_a_resume_false_flow_run_reuses_its_run_folder(prefect_harness,
         client.set_flow_run_state(flow_run_id, AwaitingRetry(message="Retry from the UI"), force=True)
         flow_run = client.read_flow_run(flow_run_id)
     retried = run_flow_sync(pocl_distill, flow_run=flow_run, parameters=params, return_type="state")
-    assert retried.is_failed() and "missing field 'response'" in str(retried.data)  # past the folder check
+    assert retried.is_failed() and "no tokenizer files to fingerprint" in str(retried.data)  # past the folder check
 
     other = pocl_distill(**params, return_state=True)  # a new flow run with the same run_name is refused
     assert other.is_failed() and "already exists and resume is false" in str(other.data)
+
+
+def test_a_run_that_fails_loading_its_data_leaves_no_folder_behind(tmp_path, models, monkeypatch):
+    """The flow records its flow run id before loading; a load that fails removes the folder it made,
+    so a new flow run with the same name and resume=false is not refused."""
+    def failing_load(cfg):
+        (tmp_path / "fresh" / "data").mkdir(parents=True)  # whatever the load had written goes too
+        raise DataError("data/x.jsonl row 3: missing field 'response'")
+
+    monkeypatch.setattr("flows.pipeline.load_dataset", failing_load)
+    monkeypatch.setenv("PREFECT__RUNTIME__FLOW_RUN__ID", "run-a")
+    args = dict(config_path=TINY, overrides=[f"runs_root={tmp_path}", *models], run_name="fresh", resume=False)
+    with pytest.raises(DataError, match="row 3"):
+        pocl_distill.fn(**args)
+    assert not (tmp_path / "fresh").exists()
+    monkeypatch.setenv("PREFECT__RUNTIME__FLOW_RUN__ID", "run-b")
+    assert resolve_config(TINY, args["overrides"], "fresh", resume=False).run_name == "fresh"
+    # a folder the flow run did not create (a resumed run) is left as it is
+    (tmp_path / "fresh").mkdir()
+    (tmp_path / "fresh" / "config.yaml").write_text("kept\n")
+    with pytest.raises(DataError, match="row 3"):
+        pocl_distill.fn(**{**args, "resume": True})
+    assert (tmp_path / "fresh" / "config.yaml").read_text() == "kept\n"
