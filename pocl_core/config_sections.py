@@ -22,8 +22,8 @@ class ModelsConfig(_Section):
     """Which models distil into which.
 
     teacher / student: a local save_pretrained folder or a hub name. tokenizer: defaults to the
-    student's. dtype: weights dtype of the teacher for scoring and distillation (the student trains in
-    float32 with optional autocast). trust_remote_code stays False unless you vouch for the model code.
+    student's. teacher_dtype: weights dtype of the teacher for scoring and distillation (the student
+    trains in float32 with optional autocast). trust_remote_code stays False unless you vouch for the model code.
     """
 
     teacher: str = Field(min_length=1)
@@ -174,7 +174,7 @@ class CurriculumConfig(_Section):
     ``baseline_kd_weight``).
     num_stages: K; stage s trains on buckets 0..s (cumulative). epochs_per_stage: passes over the
     stage's subset. temperatures / kd_weights: explicit per-stage lists; when absent, linear from
-    ``*_start`` to ``*_end`` over the stages. fresh_optimizer_per_stage: new AdamW and LR schedule at
+    temperature_start to temperature_end (kd_weight_start to kd_weight_end) over the stages. fresh_optimizer_per_stage: new AdamW and LR schedule at
     each stage (the reference recipe). shuffle_seed: seeds the within-stage shuffles and random buckets.
     """
 
@@ -262,7 +262,8 @@ class OptimConfig(_Section):
     warmup_steps: optimizer steps of linear warm-up to ``lr`` before the cosine decay starts (0, the
     default: none); with a fresh optimizer per stage each stage warms up again. global_batch_size:
     samples per optimizer step over all workers; micro_batch_size: samples per forward pass on one
-    worker (gradient accumulation fills the rest). grad_clip: max grad norm.
+    worker (gradient accumulation fills the rest). grad_clip: max grad norm. weight_decay: AdamW's
+    decoupled weight decay, on trainable matrices only (biases and norm weights get none).
     """
 
     lr: float = Field(1e-4, gt=0.0)

@@ -30,6 +30,7 @@ import fnmatch
 import functools
 import os
 import shutil
+import stat
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -61,9 +62,14 @@ def _process_umask() -> int:
 UMASK = _process_umask()
 
 
-def with_default_mode(path: str | os.PathLike) -> None:
-    """Give a temporary file or folder the mode a plain open()/mkdir() would have given it."""
-    os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~UMASK)
+def with_default_mode(path: str | os.PathLike, like: str | os.PathLike | None = None) -> None:
+    """Give a temporary file or folder the mode a plain open()/mkdir() would have given it, or the mode
+    of ``like`` when that exists (a file being replaced keeps its permissions, as an in-place write would)."""
+    try:
+        mode = stat.S_IMODE(os.stat(like).st_mode) if like is not None else None
+    except OSError:
+        mode = None
+    os.chmod(path, mode if mode is not None else (0o777 if os.path.isdir(path) else 0o666) & ~UMASK)
 
 
 def is_remote(path: object) -> bool:
@@ -261,7 +267,7 @@ def replacing(path: Path) -> Iterator[str]:
     os.close(fd)
     try:
         yield tmp
-        with_default_mode(tmp)
+        with_default_mode(tmp, like=path)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

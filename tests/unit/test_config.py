@@ -157,3 +157,26 @@ def test_training_key_depends_on_the_data_and_the_train_settings(monkeypatch):
 def test_temperature_scaling_accepts_only_the_two_rules():
     with pytest.raises(ConfigError, match="loss.temperature_scaling"):
         load_config(TINY_CONFIG, ["loss.temperature_scaling=t2"])
+
+
+def test_every_setting_is_documented_in_its_sections_docstring():
+    """Each knob of each config section is named in that section's docstring (the config reference)."""
+    import inspect
+    import re
+
+    import pydantic
+
+    import pocl_core.config as config
+    import pocl_core.config_sections as sections
+
+    models = [cls for mod in (config, sections) for cls in vars(mod).values()
+              if inspect.isclass(cls) and issubclass(cls, pydantic.BaseModel) and cls.__module__ == mod.__name__]
+    assert len(models) >= 10
+    undocumented = []
+    for cls in models:
+        words = set(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", inspect.getdoc(cls) or ""))
+        for name, field in cls.model_fields.items():
+            is_section = inspect.isclass(field.annotation) and issubclass(field.annotation, pydantic.BaseModel)
+            if not is_section and name not in words:
+                undocumented.append(f"{cls.__name__}.{name}")
+    assert undocumented == []

@@ -119,6 +119,11 @@ def test_files_and_folders_renamed_into_place_get_the_usual_modes(tmp_path):
     plain.write_text("x")
     write_text_atomic(tmp_path / "atomic.txt", "x")
     assert stat.S_IMODE(os.stat(tmp_path / "atomic.txt").st_mode) == stat.S_IMODE(plain.stat().st_mode) == 0o666 & ~UMASK
+    # a file being replaced keeps its own mode, as writing it in place would
+    os.chmod(tmp_path / "atomic.txt", 0o640)
+    write_text_atomic(tmp_path / "atomic.txt", "y")
+    assert stat.S_IMODE(os.stat(tmp_path / "atomic.txt").st_mode) == 0o640
+    assert (tmp_path / "atomic.txt").read_text() == "y"
 
     # folders built in a tempfile.mkdtemp sibling and renamed in (converted models)
     from pocl_core.model_prep import _build_atomically
