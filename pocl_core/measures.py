@@ -66,7 +66,7 @@ def response_token_nll(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -
     Returns (nll [B, L-1] float32 nats, mask [B, L-1] float32), position t scoring token t+1;
     masked positions are zeroed. ``score_batch`` is the faster path used for scoring.
     """
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits[:, :-1]
     targets = batch["input_ids"][:, 1:]
     mask = batch["target_mask"][:, 1:].to(torch.float32)
     nll = F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")

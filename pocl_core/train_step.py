@@ -39,7 +39,7 @@ class ResponseLogitsLM(torch.nn.Module):
         self.lm = lm
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:
-        out = self.lm.base_model(input_ids=input_ids, attention_mask=attention_mask, return_dict=True)
+        out = self.lm.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, return_dict=True)
         hidden = out.last_hidden_state
         rows, cols = response_positions(target_mask)
         return head_logits(self.lm, hidden[rows, cols])
