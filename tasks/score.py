@@ -18,6 +18,7 @@ shards whose files are complete and match, computes only the missing ones, and r
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import time
@@ -26,7 +27,6 @@ from typing import Any, Sequence
 
 import numpy as np
 import pyarrow as pa
-import ray
 import torch
 from prefect import task
 
@@ -251,7 +251,12 @@ def _score_shard_on_worker(cfg_json: dict, job: ShardJob, provenance: dict, cach
     return score_shard(cfg, ctx, width, job, provenance, cache_prov, run_dir)
 
 
-_remote_score_shard = ray.remote(_score_shard_on_worker)
+@functools.cache
+def _remote_score_shard() -> Any:
+    """The shard scorer as a Ray remote function (Ray is imported only when scoring runs on it)."""
+    import ray
+
+    return ray.remote(_score_shard_on_worker)
 
 
 def _run_on_ray(cfg: PoclConfig, jobs: Sequence[ShardJob], provenance: dict, cache_prov: dict,
@@ -261,6 +266,8 @@ def _run_on_ray(cfg: PoclConfig, jobs: Sequence[ShardJob], provenance: dict, cac
     After a failure no new shard starts; the running ones finish (their files are kept for the
     resume) and the first error is raised, naming the shard.
     """
+    import ray
+
     from tasks.distill import check_gpus, ensure_ray, worker_runtime_env  # pulls in Ray Train: import when needed
 
     ensure_ray(cfg.ray.address)
@@ -275,7 +282,7 @@ def _run_on_ray(cfg: PoclConfig, jobs: Sequence[ShardJob], provenance: dict, cac
     while queue or pending:
         while queue and not failures and len(pending) < cfg.scoring.num_workers:
             job = queue.pop(0)
-            ref = _remote_score_shard.options(**options).remote(cfg_json, job, provenance, cache_prov, run_dir)
+            ref = _remote_score_shard().options(**options).remote(cfg_json, job, provenance, cache_prov, run_dir)
             pending[ref] = job
         if not pending:
             break

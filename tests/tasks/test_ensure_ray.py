@@ -65,7 +65,8 @@ def test_scoring_on_ray_checks_for_gpus_before_any_task(monkeypatch):
     monkeypatch.setattr(distill_mod.ray, "cluster_resources", lambda: {"CPU": 2.0})
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     submitted = []
-    monkeypatch.setattr(score_mod, "_remote_score_shard", type("R", (), {"options": lambda **kw: submitted.append(kw)}))
+    monkeypatch.setattr(score_mod, "_remote_score_shard",
+                        lambda: type("R", (), {"options": lambda **kw: submitted.append(kw)}))
     cfg = load_config(TINY_CONFIG, ["ray.use_gpu=true", "scoring.num_workers=2"])
     with pytest.raises(ConfigError, match=r"scoring \(one GPU per shard task\) needs 1 GPU\(s\), but the Ray cluster has 0"):
         score_mod._run_on_ray(cfg, [object()], {}, {}, "/nonexistent")
