@@ -323,6 +323,11 @@ class RayConfig(_Section):
     default is 15, below every other process on the node, Ray's included; with as many busy workers
     as cores, Ray's background work then preempts them, and a synchronous DDP step waits for the
     slowest. 0 (the default) runs them like any process; None leaves Ray's default.
+    cpu_affinity: for CPU training workers (use_gpu false, num_workers ≥ 1): ``spread`` pins each
+    worker to its own share of its node's cores (``pocl_core/cpu_affinity.py``); ``none`` leaves
+    placement to the OS; ``auto`` (the default) is ``spread`` when no cluster address is given
+    (neither ``address`` nor RAY_ADDRESS: the run's Ray is a local one on this machine) and ``none``
+    on a cluster, whose cores other jobs may share.
     """
 
     address: Optional[str] = None
@@ -330,6 +335,7 @@ class RayConfig(_Section):
     use_gpu: bool = False
     max_failures: int = Field(0, ge=-1)
     worker_niceness: Optional[int] = Field(0, ge=0, le=19)
+    cpu_affinity: Literal["auto", "spread", "none"] = "auto"
 
 
 class EvalConfig(SamplingConfig):

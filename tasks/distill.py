@@ -149,6 +149,15 @@ def worker_runtime_env(cfg: RayConfig) -> dict:
     return {"env_vars": {"RAY_worker_niceness": str(cfg.worker_niceness)}}  # read by the raylet at spawn
 
 
+def pin_cpus(cfg: PoclConfig) -> bool:
+    """Whether this run's CPU training workers pin themselves to their share of the cores
+    (``ray.cpu_affinity``; ``auto``: only when no cluster address is given). Never in local mode,
+    where the loop runs in this process."""
+    if cfg.ray.use_gpu or cfg.ray.num_workers == 0 or cfg.ray.cpu_affinity == "none":
+        return False
+    return cfg.ray.cpu_affinity == "spread" or not (cfg.ray.address or os.environ.get("RAY_ADDRESS"))
+
+
 @task(name="distill")
 def distill(cfg: PoclConfig, data: DatasetSplits, partition_path: str, teacher_cache_dir: str | None = None) -> str:
     """Train (or resume) the curriculum and return the final student's folder.
@@ -192,6 +201,7 @@ def distill(cfg: PoclConfig, data: DatasetSplits, partition_path: str, teacher_c
             "fault": fault_injection(),
             "teacher_cache_dir": for_workers(paths.locate(teacher_cache_dir)) if teacher_cache_dir else None,
             "checkpoints_in_place": for_workers(paths.train_storage / EXPERIMENT_NAME) if local_mode else None,
+            "pin_cpus": pin_cpus(cfg),
         },
         scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu),
         run_config=RunConfig(

@@ -33,6 +33,7 @@ import torch
 
 from pocl_core.checkpoint import MANIFEST, Position, rng_state, save_checkpoint
 from pocl_core.config import PoclConfig
+from pocl_core.cpu_affinity import pin_to_share
 from pocl_core.contracts import STUDENT_PROVENANCE, RunPaths, read_table
 from pocl_core.data import EncodedSample, collate, encode_sample, pad_id_of, table_to_samples
 from pocl_core.models import load_causal_lm, load_tokenizer, warn_if_slow_dtype, weights_digest
@@ -56,6 +57,10 @@ def distill_loop(loop_config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device() if cfg.ray.use_gpu else torch.device("cpu")
+    if loop_config.get("pin_cpus"):  # ray.cpu_affinity, resolved by the driver (never in local mode)
+        cores = pin_to_share(ctx.get_local_rank(), ctx.get_local_world_size())
+        print(f"rank {rank}: pinned to CPU core(s) {cores}" if cores is not None else
+              f"rank {rank}: CPU pinning is not available on this platform", flush=True)
     torch.manual_seed(cfg.seed)
 
     # --- setup: data in partition order, models, vocabulary check

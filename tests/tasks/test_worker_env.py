@@ -30,3 +30,31 @@ def test_niceness_outside_the_unix_range_is_refused():
         RayConfig(worker_niceness=20)
     with pytest.raises(ValueError, match="worker_niceness"):
         RayConfig(worker_niceness=-1)
+
+
+@pytest.mark.parametrize("settings,env,expected", [
+    ({}, None, True),                                         # auto, a local Ray of this run's
+    ({}, "10.0.0.5:6379", False),                             # auto, RAY_ADDRESS: a cluster
+    ({"address": "auto"}, None, False),                       # auto, ray.address: a cluster
+    ({"cpu_affinity": "spread", "address": "auto"}, None, True),
+    ({"cpu_affinity": "none"}, None, False),
+    ({"use_gpu": True}, None, False),                         # GPU workers are placed by their GPU
+    ({"num_workers": 0, "cpu_affinity": "spread"}, None, False),  # local mode: the driver itself
+])
+def test_cpu_affinity_is_resolved_on_the_driver(monkeypatch, settings, env, expected):
+    from pocl_core.config import load_config
+    from tasks.distill import pin_cpus
+    from tests.conftest import TINY_CONFIG
+
+    if env is None:
+        monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    else:
+        monkeypatch.setenv("RAY_ADDRESS", env)
+    cfg = load_config(TINY_CONFIG, [f"ray.{k}={str(v).lower() if isinstance(v, bool) else v}"
+                                    for k, v in {"num_workers": 2, **settings}.items()])
+    assert pin_cpus(cfg) is expected
+
+
+def test_cpu_affinity_accepts_only_its_three_settings():
+    with pytest.raises(ValueError, match="cpu_affinity"):
+        RayConfig(cpu_affinity="pin")
