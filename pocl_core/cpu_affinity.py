@@ -4,7 +4,8 @@ With as many single-threaded DDP workers as cores, the kernel still moves them b
 runs the node's other processes (Ray's own) on whichever core is free, and a synchronous step waits
 for the slowest worker. Pinning each worker to a disjoint share of the cores the process may use
 (``os.sched_getaffinity``) keeps its caches warm and leaves the preemptions to land elsewhere; on the
-2-core test machine two workers ran 17% more samples/s that way (BENCHMARKS.md).
+2-core test machine two workers ran 5–17% more samples/s that way, within that machine's noise
+(BENCHMARKS.md, "CPU affinity").
 
 ``cpu_share`` is the pure rule; ``pin_to_share`` applies it to the calling process (Linux only).
 """
@@ -37,9 +38,13 @@ def cpu_share(cores: Sequence[int], local_rank: int, local_world_size: int) -> l
 
 def pin_to_share(local_rank: int, local_world_size: int) -> list[int] | None:
     """Restrict the calling process to its ``cpu_share`` of the cores it may use now; returns them,
-    or None where the platform has no ``sched_setaffinity`` (nothing is changed there)."""
+    or None where the platform has no ``sched_setaffinity`` or refuses it (nothing is changed then:
+    pinning is a speed hint, never a reason to fail training)."""
     if not hasattr(os, "sched_setaffinity"):
         return None
-    share = cpu_share(sorted(os.sched_getaffinity(0)), local_rank, local_world_size)
-    os.sched_setaffinity(0, share)
+    try:
+        share = cpu_share(sorted(os.sched_getaffinity(0)), local_rank, local_world_size)
+        os.sched_setaffinity(0, share)
+    except OSError:
+        return None
     return share

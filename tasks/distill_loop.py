@@ -60,7 +60,7 @@ def distill_loop(loop_config: dict[str, Any]) -> None:
     if loop_config.get("pin_cpus"):  # ray.cpu_affinity, resolved by the driver (never in local mode)
         cores = pin_to_share(ctx.get_local_rank(), ctx.get_local_world_size())
         print(f"rank {rank}: pinned to CPU core(s) {cores}" if cores is not None else
-              f"rank {rank}: CPU pinning is not available on this platform", flush=True)
+              f"rank {rank}: CPU pinning is not available here; workers stay where the OS puts them", flush=True)
     torch.manual_seed(cfg.seed)
 
     # --- setup: data in partition order, models, vocabulary check

@@ -47,3 +47,16 @@ def test_pin_to_share_restricts_the_calling_process_only():
     share, now = json.loads(out.stdout)
     assert share == now == cpu_share(usable, 1, 2)
     assert sorted(os.sched_getaffinity(0)) == usable  # this process is untouched
+
+
+def test_a_refused_pin_changes_nothing_and_does_not_raise(monkeypatch):
+    from pocl_core import cpu_affinity
+
+    def refuse(pid, cores):
+        raise OSError(22, "Invalid argument")
+
+    monkeypatch.setattr(cpu_affinity.os, "sched_setaffinity", refuse, raising=False)
+    monkeypatch.setattr(cpu_affinity.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert cpu_affinity.pin_to_share(0, 2) is None
+    monkeypatch.delattr(cpu_affinity.os, "sched_setaffinity")
+    assert cpu_affinity.pin_to_share(0, 2) is None
