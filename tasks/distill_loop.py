@@ -33,8 +33,8 @@ import torch
 
 from pocl_core.checkpoint import MANIFEST, Position, rng_state, save_checkpoint
 from pocl_core.config import PoclConfig
-from pocl_core.cpu_affinity import pin_to_share
 from pocl_core.contracts import STUDENT_PROVENANCE, RunPaths, read_table
+from pocl_core.cpu_affinity import pin_to_share
 from pocl_core.data import EncodedSample, collate, encode_sample, pad_id_of, table_to_samples
 from pocl_core.models import load_causal_lm, load_tokenizer, warn_if_slow_dtype, weights_digest
 from pocl_core.on_policy import OnPolicyMixer
