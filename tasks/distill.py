@@ -115,6 +115,12 @@ def fault_injection() -> dict | None:
 RAY_TRAIN_ENV_DEFAULTS = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1"}
 
 
+def ray_address(address: str | None) -> str:
+    """The Ray this run uses: ``address`` (``ray.address``), else RAY_ADDRESS, else ``local`` (a fresh
+    local Ray started by ``ensure_ray``)."""
+    return address or os.environ.get("RAY_ADDRESS") or "local"
+
+
 def ensure_ray(address: str | None) -> None:
     """Connect to ``address`` (or RAY_ADDRESS), or start a fresh local Ray when neither is set.
 
@@ -123,8 +129,7 @@ def ensure_ray(address: str | None) -> None:
     """
     if ray.is_initialized():
         return
-    address = address or os.environ.get("RAY_ADDRESS") or "local"
-    ray.init(address=address, include_dashboard=False, log_to_driver=True,
+    ray.init(address=ray_address(address), include_dashboard=False, log_to_driver=True,
              runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
 
 
@@ -137,7 +142,7 @@ def check_gpus(cfg: PoclConfig, needed: int, job: str) -> None:
     if gpus >= needed:
         return
     message = f"ray.use_gpu is true and {job} needs {needed} GPU(s), but the Ray cluster has {gpus}"
-    if (cfg.ray.address or os.environ.get("RAY_ADDRESS") or "local") == "local":
+    if ray_address(cfg.ray.address) == "local":
         raise ConfigError(f"{message}: set ray.use_gpu=false, fewer workers, or ray.address of a GPU cluster")
     task_logger().warning("%s now: the job waits until the cluster has them (autoscaling)", message)
 
@@ -151,11 +156,11 @@ def worker_runtime_env(cfg: RayConfig) -> dict:
 
 def pin_cpus(cfg: PoclConfig) -> bool:
     """Whether this run's CPU training workers pin themselves to their share of the cores
-    (``ray.cpu_affinity``; ``auto``: only when no cluster address is given). Never in local mode,
+    (``ray.cpu_affinity``; ``auto``: only on a fresh local Ray, see ``ray_address``). Never in local mode,
     where the loop runs in this process."""
     if cfg.ray.use_gpu or cfg.ray.num_workers == 0 or cfg.ray.cpu_affinity == "none":
         return False
-    return cfg.ray.cpu_affinity == "spread" or not (cfg.ray.address or os.environ.get("RAY_ADDRESS"))
+    return cfg.ray.cpu_affinity == "spread" or ray_address(cfg.ray.address) == "local"
 
 
 @task(name="distill")

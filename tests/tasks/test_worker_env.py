@@ -36,6 +36,7 @@ def test_niceness_outside_the_unix_range_is_refused():
     ({}, None, True),                                         # auto, a local Ray of this run's
     ({}, "10.0.0.5:6379", False),                             # auto, RAY_ADDRESS: a cluster
     ({"address": "auto"}, None, False),                       # auto, ray.address: a cluster
+    ({"address": "local"}, None, True),                       # auto, ray.address=local: a fresh local Ray
     ({"cpu_affinity": "spread", "address": "auto"}, None, True),
     ({"cpu_affinity": "none"}, None, False),
     ({"use_gpu": True}, None, False),                         # GPU workers are placed by their GPU
