@@ -23,7 +23,8 @@ class ModelsConfig(_Section):
 
     teacher / student: a local save_pretrained folder or a hub name. tokenizer: defaults to the
     student's. teacher_dtype: weights dtype of the teacher for scoring and distillation (the student
-    trains in float32 with optional autocast). trust_remote_code stays False unless you vouch for the model code.
+    trains in float32 with optional autocast). trust_remote_code stays False unless you vouch for the
+    model code.
     """
 
     teacher: str = Field(min_length=1)
@@ -174,8 +175,9 @@ class CurriculumConfig(_Section):
     ``baseline_kd_weight``).
     num_stages: K; stage s trains on buckets 0..s (cumulative). epochs_per_stage: passes over the
     stage's subset. temperatures / kd_weights: explicit per-stage lists; when absent, linear from
-    temperature_start to temperature_end (kd_weight_start to kd_weight_end) over the stages. fresh_optimizer_per_stage: new AdamW and LR schedule at
-    each stage (the reference recipe). shuffle_seed: seeds the within-stage shuffles and random buckets.
+    temperature_start to temperature_end (kd_weight_start to kd_weight_end) over the stages.
+    fresh_optimizer_per_stage: new AdamW and LR schedule at each stage (the reference recipe).
+    shuffle_seed: seeds the within-stage shuffles and random buckets.
     """
 
     strategy: Literal["curriculum", "anti", "random", "none"] = "curriculum"
@@ -325,9 +327,9 @@ class RayConfig(_Section):
     slowest. 0 (the default) runs them like any process; None leaves Ray's default.
     cpu_affinity: for CPU training workers (use_gpu false, num_workers ≥ 1): ``spread`` pins each
     worker to its own share of its node's cores (``pocl_core/cpu_affinity.py``); ``none`` leaves
-    placement to the OS; ``auto`` (the default) is ``spread`` when no cluster address is given
-    (neither ``address`` nor RAY_ADDRESS: the run's Ray is a local one on this machine) and ``none``
-    on a cluster, whose cores other jobs may share.
+    placement to the OS; ``auto`` (the default) is ``spread`` when the run starts its own local Ray
+    (``address`` and RAY_ADDRESS unset, or ``local``) and ``none`` on a cluster, whose cores other
+    jobs may share.
     """
 
     address: Optional[str] = None
