@@ -34,7 +34,8 @@ from pocl_core.storage import (Location, ObjectPath, download_dir, for_workers, 
 from tasks.common import task_logger
 from tasks.distill_loop import distill_loop
 from tasks.load_data import DatasetSplits
-from tasks.run_checkpoints import EXPERIMENT_NAME, foreign_checkpoints, list_checkpoints, newest_valid_checkpoint
+from tasks.run_checkpoints import (EXPERIMENT_NAME, foreign_checkpoints, list_checkpoints, newest_valid_checkpoint,
+                                   prune_checkpoints)
 from tasks.train_progress import MetricsFollower
 
 PROVENANCE_FILE = STUDENT_PROVENANCE
@@ -234,6 +235,11 @@ def distill(cfg: PoclConfig, data: DatasetSplits, partition_path: str, teacher_c
     else:
         save_student(cfg, str(newest), paths.student, key, verified=True)
     log.info("final student saved to %s", paths.student)
+    removed = prune_checkpoints(paths.root, newest, cfg.train.keep_checkpoints)
+    if removed:
+        log.info("removed %d checkpoint folder(s) beyond train.keep_checkpoints=%s or left by interrupted writes: %s",
+                 len(removed), cfg.train.keep_checkpoints,
+                 ", ".join(p.name for p in removed[:5]) + (", ..." if len(removed) > 5 else ""))
     return str(paths.student)
 
 

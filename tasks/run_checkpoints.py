@@ -2,7 +2,8 @@
 
 Ray Train hands the newest reported checkpoint to a restarted run. If that one fails its checksums
 (a crash mid-upload, a damaged disk), the older checkpoints of the same storage folder are tried,
-newest first, with a warning for each one skipped. The storage is read through the run folder's
+newest first, with a warning for each one skipped. When training has finished, ``prune_checkpoints``
+removes what Ray Train's own pruning never sees. The storage is read through the run folder's
 filesystem (local folder or object store; see ``pocl_core/storage.py``).
 """
 
@@ -13,7 +14,7 @@ import logging
 from pathlib import Path
 
 from pocl_core.checkpoint import CheckpointError, verify_checkpoint
-from pocl_core.storage import Location, ObjectPath, location
+from pocl_core.storage import Location, ObjectPath, location, remove_tree
 
 EXPERIMENT_NAME = "distill"
 log = logging.getLogger("pocl")
@@ -61,3 +62,27 @@ def newest_valid_checkpoint(candidates: list[Location]) -> Location | None:
         except CheckpointError as exc:
             log.warning("skipping checkpoint %s: %s; trying the previous one", folder, exc)
     return None
+
+
+def prune_checkpoints(run_dir: str | Path | ObjectPath, used: Location, keep: int | None) -> list[Location]:
+    """Remove the checkpoint folders a finished training no longer needs; returns those removed.
+
+    Always: leftovers of interrupted writes (``*.tmp`` folders, checkpoint folders without a readable
+    position.json), which are never resumed. With ``keep`` (``train.keep_checkpoints``): also every
+    complete checkpoint but the ``keep`` newest up to ``used`` (the one the student was saved from,
+    always kept) and those after ``used``, which failed verification. Ray Train prunes only the
+    checkpoints it registered; this catches the rest: those of a killed attempt after its last
+    registered report, and all of local mode's (``ray.num_workers=0``), which the loop writes itself.
+    Call it only when no attempt is writing (after ``fit()`` has returned).
+    """
+    complete = list_checkpoints(run_dir)
+    if used not in complete:
+        raise ValueError(f"{used} is not a complete checkpoint of {experiment_dir(run_dir)}")
+    retained = set(complete)
+    if keep is not None:
+        end = complete.index(used) + 1
+        retained = set(complete[max(0, end - keep):end])
+    removed = [p for p in experiment_dir(run_dir).glob("checkpoint_*") if p.is_dir() and p not in retained]
+    for folder in sorted(removed, key=str):
+        remove_tree(folder)
+    return removed

@@ -10,13 +10,13 @@ import ray
 import torch
 from safetensors.torch import load_file
 
-from pocl_core.checkpoint import verify_checkpoint
+from pocl_core.checkpoint import read_position, verify_checkpoint
 from pocl_core.contracts import STUDENT_PROVENANCE, TRAIN_METRICS_FIELDS, RunPaths
 from pocl_core.models import weights_digest
 from tasks.distill import distill
 from tasks.load_data import load_dataset
 from tasks.partition import partition
-from tasks.run_checkpoints import list_checkpoints
+from tasks.run_checkpoints import experiment_dir, list_checkpoints
 from tasks.score import score_difficulty
 
 pytestmark = pytest.mark.slow
@@ -82,3 +82,28 @@ def test_a_run_failing_at_a_stage_boundary_resumes_its_rng_streams(make_config, 
     assert resumed.keys() == reference.keys()
     assert all(torch.equal(resumed[k], reference[k]) for k in reference), \
         max((resumed[k] - reference[k]).abs().max().item() for k in reference)
+
+
+def test_keep_checkpoints_also_prunes_what_ray_train_never_registered(make_config, tmp_path, monkeypatch):
+    """Local mode's checkpoints (the loop writes them itself) and those of a failed attempt are pruned
+    to train.keep_checkpoints when training ends, with the leftovers of an interrupted write."""
+    cfg = make_config("ray.num_workers=0", "curriculum.num_stages=2", "data.max_train_samples=48",
+                      "optim.global_batch_size=8", "optim.micro_batch_size=8", "train.checkpoint_every_steps=1",
+                      "train.keep_checkpoints=2", "run_name=pruned").with_absolute_paths()
+    data = load_dataset.fn(cfg)
+    part = partition.fn(cfg, score_difficulty.fn(cfg, data))
+    monkeypatch.setenv("POCL_FAULT_INJECT", json.dumps({"at_global_step": 4, "marker": str(tmp_path / "fired"),
+                                                       "kind": "raise"}))
+    with pytest.raises(Exception, match="injected fault"):
+        distill.fn(cfg, data, part)
+    assert [read_position(c).global_step for c in list_checkpoints(cfg.run_dir)] == [1, 2, 3, 4]
+    leftover = experiment_dir(cfg.run_dir) / "checkpoint_999.tmp"
+    leftover.mkdir()
+
+    distill.fn(cfg, data, part)
+    kept = [read_position(c) for c in list_checkpoints(cfg.run_dir)]
+    assert len(kept) == 2 and kept[-1].stage == 2 and kept[-1].step_in_stage == 0  # the end of the last stage
+    assert kept[0].global_step == kept[-1].global_step - 1
+    assert not leftover.exists()
+    assert sorted(p.name for p in experiment_dir(cfg.run_dir).glob("checkpoint_*")) == \
+        sorted(c.name for c in list_checkpoints(cfg.run_dir))

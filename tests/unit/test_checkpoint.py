@@ -9,7 +9,10 @@ import torch
 from pocl_core.checkpoint import (CheckpointError, Position, load_checkpoint, read_replay_buffers, read_rng_states,
                                   rng_state, save_checkpoint, set_rng_state, verify_checkpoint)
 from pocl_core.data import EncodedSample
-from tasks.run_checkpoints import foreign_checkpoints, list_checkpoints, newest_valid_checkpoint
+from pocl_core.config import StorageConfig
+from pocl_core.storage import location
+from tasks.run_checkpoints import (experiment_dir, foreign_checkpoints, list_checkpoints, newest_valid_checkpoint,
+                                   prune_checkpoints)
 
 
 def _state(seed):
@@ -137,3 +140,55 @@ def test_resume_candidates_skip_damaged_and_half_built_folders(tmp_path, caplog)
     assert newest_valid_checkpoint([found[1], found[0]]).name == "checkpoint_004"
     assert "checkpoint_008" in caplog.text and "unreadable manifest.json" in caplog.text
     assert [p.name for p in foreign_checkpoints(tmp_path, "k")] == ["checkpoint_012"]
+
+
+def _plant_checkpoint_folders(run_dir) -> None:
+    """Complete checkpoints at global steps 10..50 (positions only), a half-built ``.tmp`` folder, a
+    folder without a position (an interrupted upload) and Ray Train's own snapshot file."""
+    root = experiment_dir(run_dir)
+    for name in ("checkpoint_010", "checkpoint_020", "checkpoint_030", "checkpoint_040", "checkpoint_050",
+                 "checkpoint_060.tmp", "checkpoint_070"):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        (root / name / "model.safetensors").write_bytes(b"w")
+        if name != "checkpoint_070":
+            (root / name / "position.json").write_text(json.dumps({"global_step": int(name[11:14])}))
+    (root / "checkpoint_manager_snapshot.json").write_text("{}")
+
+
+def _names(run_dir) -> list[str]:
+    return sorted(p.name for p in experiment_dir(run_dir).iterdir())
+
+
+@pytest.mark.parametrize("keep, used, left", [
+    # keep_checkpoints unset: every complete checkpoint stays, the leftovers of interrupted writes go
+    (None, 50, [10, 20, 30, 40, 50]),
+    # the keep newest up to the one the student came from; 50 (after it) failed verification
+    (2, 40, [30, 40]),
+    (1, 50, [50]),
+    (9, 30, [10, 20, 30]),
+])
+def test_pruning_keeps_the_newest_complete_checkpoints_up_to_the_one_used(tmp_path, keep, used, left):
+    _plant_checkpoint_folders(tmp_path)
+    used_dir = tmp_path / "train" / "distill" / f"checkpoint_{used:03d}"
+    removed = prune_checkpoints(tmp_path, used_dir, keep)
+    kept = [f"checkpoint_{s:03d}" for s in left]
+    assert _names(tmp_path) == sorted(kept + ["checkpoint_manager_snapshot.json"])
+    assert sorted(p.name for p in removed) == sorted(
+        {f"checkpoint_{s:03d}" for s in (10, 20, 30, 40, 50, 70)} - set(kept) | {"checkpoint_060.tmp"})
+
+
+def test_pruning_refuses_a_used_checkpoint_that_is_not_complete(tmp_path):
+    _plant_checkpoint_folders(tmp_path)
+    with pytest.raises(ValueError, match="checkpoint_070 is not a complete checkpoint"):
+        prune_checkpoints(tmp_path, tmp_path / "train" / "distill" / "checkpoint_070", 1)
+    assert "checkpoint_010" in _names(tmp_path)  # nothing removed
+
+
+@pytest.mark.slow
+def test_pruning_works_in_an_object_store(s3_server, s3_bucket):
+    run_dir = location(f"s3://{s3_bucket}/runs/r0", StorageConfig(endpoint_url=s3_server))
+    _plant_checkpoint_folders(run_dir)
+    removed = prune_checkpoints(run_dir, experiment_dir(run_dir) / "checkpoint_040", 2)
+    assert _names(run_dir) == ["checkpoint_030", "checkpoint_040", "checkpoint_manager_snapshot.json"]
+    assert sorted(p.name for p in removed) == ["checkpoint_010", "checkpoint_020", "checkpoint_050",
+                                               "checkpoint_060.tmp", "checkpoint_070"]
