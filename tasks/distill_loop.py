@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import signal
@@ -59,8 +60,10 @@ def distill_loop(loop_config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device() if cfg.ray.use_gpu else torch.device("cpu")
     if loop_config.get("pin_cpus"):  # ray.cpu_affinity, resolved by the driver (never in local mode)
         cores = pin_to_share(ctx.get_local_rank(), ctx.get_local_world_size())
-        print(f"rank {rank}: pinned to CPU core(s) {cores}" if cores is not None else
-              f"rank {rank}: CPU pinning is not available here; workers stay where the OS puts them", flush=True)
+        # a log record, not print(): Ray Train forwards a worker's print() to the driver twice
+        logging.getLogger("pocl").info(f"rank {rank}: pinned to CPU core(s) {cores}" if cores is not None else
+                                       f"rank {rank}: CPU pinning is not available here; workers stay where the OS "
+                                       "puts them")
     torch.manual_seed(cfg.seed)
 
     # --- setup: data in partition order, models, vocabulary check
