@@ -16,7 +16,9 @@ import hashlib
 import json
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import ray
 from prefect import task
@@ -114,12 +116,28 @@ def fault_injection() -> dict | None:
 # after its loop returns. 0.1 s makes both ~0.1 s for a few more small calls per second (measured in
 # BENCHMARKS.md). A value set in the environment wins (raise it for clusters with many workers).
 RAY_TRAIN_ENV_DEFAULTS = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1"}
+# On a fresh local Ray no node is ever drained, so Ray Train's preemption watcher (an extra actor per
+# fit, which also logs a core_worker error line at creation) has nothing to watch.
+LOCAL_RAY_TRAIN_ENV_DEFAULTS = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+WORKER_SETUP_HOOK = "tasks.ray_worker_setup.quiet_ray_train_helpers"
 
 
 def ray_address(address: str | None) -> str:
     """The Ray this run uses: ``address`` (``ray.address``), else RAY_ADDRESS, else ``local`` (a fresh
     local Ray started by ``ensure_ray``)."""
     return address or os.environ.get("RAY_ADDRESS") or "local"
+
+
+@contextmanager
+def environment_defaults(values: dict[str, str]) -> Iterator[None]:
+    """Set the variables of ``values`` that this process's environment lacks, for the block only."""
+    added = [name for name in values if name not in os.environ]
+    os.environ.update({name: values[name] for name in added})
+    try:
+        yield
+    finally:
+        for name in added:
+            os.environ.pop(name, None)
 
 
 def ensure_ray(address: str | None) -> None:
@@ -131,7 +149,8 @@ def ensure_ray(address: str | None) -> None:
     if ray.is_initialized():
         return
     ray.init(address=ray_address(address), include_dashboard=False, log_to_driver=True,
-             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"},
+                          "worker_process_setup_hook": WORKER_SETUP_HOOK})
 
 
 def check_gpus(cfg: PoclConfig, needed: int, job: str) -> None:
@@ -220,7 +239,8 @@ def distill(cfg: PoclConfig, data: DatasetSplits, partition_path: str, teacher_c
         ),
     )
     log.info("distilling with %d Ray Train worker(s), storage %s", cfg.ray.num_workers, paths.train_storage)
-    with MetricsFollower(paths.train_metrics, planned_steps(cfg, partition_path)):
+    local_env = LOCAL_RAY_TRAIN_ENV_DEFAULTS if not local_mode and ray_address(cfg.ray.address) == "local" else {}
+    with environment_defaults(local_env), MetricsFollower(paths.train_metrics, planned_steps(cfg, partition_path)):
         trainer.fit()
     # The newest valid checkpoint in storage, not only those Ray Train registered (result.checkpoint):
     # a run killed right after its final report leaves a complete checkpoint that Ray registers only

@@ -1,4 +1,5 @@
-"""ray.worker_niceness reaches the Ray workers of a job (Ray Train's workers are actors)."""
+"""What a run's Ray workers start with: ray.worker_niceness (Ray Train's workers are actors), the job's
+set-up hook, CPU pinning as resolved on the driver, and the Ray Train settings of a local Ray."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import os
 import pytest
 
 from pocl_core.config import RayConfig
-from tasks.distill import worker_runtime_env
+from tasks.distill import WORKER_SETUP_HOOK, environment_defaults, worker_runtime_env
 
 
 def _niceness() -> int:
@@ -59,3 +60,26 @@ def test_cpu_affinity_is_resolved_on_the_driver(monkeypatch, settings, env, expe
 def test_cpu_affinity_accepts_only_its_three_settings():
     with pytest.raises(ValueError, match="cpu_affinity"):
         RayConfig(cpu_affinity="pin")
+
+
+def test_ensure_ray_gives_the_job_the_setup_hook(monkeypatch):
+    import tasks.distill as distill_mod
+
+    calls = []
+    monkeypatch.setattr(distill_mod.ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(distill_mod.ray, "init", lambda **kw: calls.append(kw))
+    distill_mod.ensure_ray(None)
+    # a job-level setting only (Ray ignores it in an actor's runtime_env); its effect on a real job is
+    # checked in tests/ops/test_ray_cluster.py
+    assert calls[0]["runtime_env"]["worker_process_setup_hook"] == WORKER_SETUP_HOOK
+
+
+def test_environment_defaults_fill_only_unset_variables_and_only_for_the_block(monkeypatch):
+    monkeypatch.delenv("POCL_TEST_UNSET", raising=False)
+    monkeypatch.setenv("POCL_TEST_SET", "mine")
+    with environment_defaults({"POCL_TEST_UNSET": "0", "POCL_TEST_SET": "0"}):
+        assert os.environ["POCL_TEST_UNSET"] == "0" and os.environ["POCL_TEST_SET"] == "mine"
+    assert "POCL_TEST_UNSET" not in os.environ and os.environ["POCL_TEST_SET"] == "mine"
+    with pytest.raises(RuntimeError), environment_defaults({"POCL_TEST_UNSET": "0"}):
+        raise RuntimeError("the block failed")
+    assert "POCL_TEST_UNSET" not in os.environ
