@@ -255,7 +255,11 @@ def distill(cfg: PoclConfig, data: DatasetSplits, partition_path: str, teacher_c
     else:
         save_student(cfg, str(newest), paths.student, key, verified=True)
     log.info("final student saved to %s", paths.student)
-    removed = prune_checkpoints(paths.root, newest, cfg.train.keep_checkpoints)
+    try:
+        removed = prune_checkpoints(paths.root, newest, cfg.train.keep_checkpoints)
+    except (OSError, ValueError) as exc:  # housekeeping: the student is saved, the run succeeded
+        log.warning("could not prune the checkpoints in %s: %s", paths.train_storage, exc)
+        removed = []
     if removed:
         log.info("removed %d checkpoint folder(s) beyond train.keep_checkpoints=%s or left by interrupted writes: %s",
                  len(removed), cfg.train.keep_checkpoints,

@@ -17,6 +17,8 @@ from pocl_core.checkpoint import CheckpointError, verify_checkpoint
 from pocl_core.storage import Location, ObjectPath, location, remove_tree
 
 EXPERIMENT_NAME = "distill"
+# Ray Train's record of the checkpoints it registered, in the experiment folder (Ray 2.60)
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
 log = logging.getLogger("pocl")
 
 
@@ -64,6 +66,21 @@ def newest_valid_checkpoint(candidates: list[Location]) -> Location | None:
     return None
 
 
+def ray_registered_checkpoints(run_dir: str | Path | ObjectPath) -> set[str] | None:
+    """Names of the checkpoint folders in Ray Train's run snapshot (empty when there is none: local
+    mode, or no report yet); None, with a warning, when the snapshot cannot be read."""
+    snapshot = experiment_dir(run_dir) / RAY_SNAPSHOT
+    try:
+        if not snapshot.is_file():
+            return set()
+        state = json.loads(snapshot.read_text())
+        results = [*state.get("checkpoint_results", []), state.get("latest_checkpoint_result") or {}]
+        return {str(r["checkpoint_dir_name"]) for r in results if r}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        log.warning("could not read Ray Train's run snapshot %s (%s): no checkpoint is pruned", snapshot, exc)
+        return None
+
+
 def prune_checkpoints(run_dir: str | Path | ObjectPath, used: Location, keep: int | None) -> list[Location]:
     """Remove the checkpoint folders a finished training no longer needs; returns those removed.
 
@@ -73,16 +90,22 @@ def prune_checkpoints(run_dir: str | Path | ObjectPath, used: Location, keep: in
     always kept) and those after ``used``, which failed verification. Ray Train prunes only the
     checkpoints it registered; this catches the rest: those of a killed attempt after its last
     registered report, and all of local mode's (``ray.num_workers=0``), which the loop writes itself.
-    Call it only when no attempt is writing (after ``fit()`` has returned).
+    Call it only when no attempt is writing (after ``fit()`` has returned). The checkpoints Ray Train's
+    run snapshot names are never removed: a later fit() in this folder refuses to start when one of
+    them is missing; with an unreadable snapshot nothing is removed.
     """
     complete = list_checkpoints(run_dir)
     if used not in complete:
         raise ValueError(f"{used} is not a complete checkpoint of {experiment_dir(run_dir)}")
+    registered = ray_registered_checkpoints(run_dir)
+    if registered is None:
+        return []
     retained = set(complete)
     if keep is not None:
         end = complete.index(used) + 1
         retained = set(complete[max(0, end - keep):end])
-    removed = [p for p in experiment_dir(run_dir).glob("checkpoint_*") if p.is_dir() and p not in retained]
+    removed = [p for p in experiment_dir(run_dir).glob("checkpoint_*")
+               if p.is_dir() and p not in retained and p.name not in registered]
     for folder in sorted(removed, key=str):
         remove_tree(folder)
     return removed

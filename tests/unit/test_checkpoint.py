@@ -184,6 +184,24 @@ def test_pruning_refuses_a_used_checkpoint_that_is_not_complete(tmp_path):
     assert "checkpoint_010" in _names(tmp_path)  # nothing removed
 
 
+def test_pruning_never_removes_a_checkpoint_ray_trains_snapshot_names(tmp_path, caplog):
+    """A later fit() in the folder refuses to start when a checkpoint of the snapshot is missing."""
+    _plant_checkpoint_folders(tmp_path)
+    snapshot = experiment_dir(tmp_path) / "checkpoint_manager_snapshot.json"
+    snapshot.write_text(json.dumps({
+        "checkpoint_results": [{"checkpoint_dir_name": "checkpoint_020", "metrics": {}}],
+        "latest_checkpoint_result": {"checkpoint_dir_name": "checkpoint_050", "metrics": {}}}))
+    used = experiment_dir(tmp_path) / "checkpoint_040"
+    removed = prune_checkpoints(tmp_path, used, 1)
+    assert _names(tmp_path) == ["checkpoint_020", "checkpoint_040", "checkpoint_050", snapshot.name]
+    assert sorted(p.name for p in removed) == ["checkpoint_010", "checkpoint_030", "checkpoint_060.tmp",
+                                               "checkpoint_070"]
+    snapshot.write_text('{"checkpoint_results": [{"checkpoint_dir')  # torn: nothing can be ruled out
+    assert prune_checkpoints(tmp_path, used, 1) == []
+    assert "no checkpoint is pruned" in caplog.text
+    assert _names(tmp_path) == ["checkpoint_020", "checkpoint_040", "checkpoint_050", snapshot.name]
+
+
 @pytest.mark.slow
 def test_pruning_works_in_an_object_store(s3_server, s3_bucket):
     run_dir = location(f"s3://{s3_bucket}/runs/r0", StorageConfig(endpoint_url=s3_server))
