@@ -37,15 +37,31 @@ def test_bad_ranks_and_empty_core_lists_are_refused():
         cpu_share([], 0, 1)
 
 
+# Pins from a second thread, as in a Ray Train worker (its training loop runs in a thread of its own),
+# while a third thread waits; prints the share and the cores of all three threads.
+PIN_FROM_A_THREAD = """
+import json, os, threading
+from pocl_core.cpu_affinity import pin_to_share
+done = threading.Event()
+idle = threading.Thread(target=done.wait)
+idle.start()
+result = {}
+loop = threading.Thread(target=lambda: result.update(share=pin_to_share(1, 2), loop=sorted(os.sched_getaffinity(0))))
+loop.start(); loop.join()
+result.update(main=sorted(os.sched_getaffinity(0)), idle=sorted(os.sched_getaffinity(idle.native_id)))
+done.set(); idle.join()
+print(json.dumps(result))
+"""
+
+
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no sched_setaffinity on this platform")
-def test_pin_to_share_restricts_the_calling_process_only():
+def test_pin_to_share_restricts_every_thread_of_the_calling_process_only():
     usable = sorted(os.sched_getaffinity(0))
-    code = ("import json, os; from pocl_core.cpu_affinity import pin_to_share; "
-            "share = pin_to_share(1, 2); print(json.dumps([share, sorted(os.sched_getaffinity(0))]))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+    out = subprocess.run([sys.executable, "-c", PIN_FROM_A_THREAD], capture_output=True, text=True, check=True,
                          cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-    share, now = json.loads(out.stdout)
-    assert share == now == cpu_share(usable, 1, 2)
+    result = json.loads(out.stdout)
+    assert result["share"] == cpu_share(usable, 1, 2)
+    assert result["loop"] == result["main"] == result["idle"] == result["share"]
     assert sorted(os.sched_getaffinity(0)) == usable  # this process is untouched
 
 
