@@ -328,9 +328,10 @@ class RayConfig(_Section):
     slowest. 0 (the default) runs them like any process; None leaves Ray's default.
     cpu_affinity: for CPU training workers (use_gpu false, num_workers ≥ 1): ``spread`` pins each
     worker to its own share of its node's cores (``pocl_core/cpu_affinity.py``); ``none`` leaves
-    placement to the OS; ``auto`` (the default) is ``spread`` when the run starts its own local Ray
-    (``address`` and RAY_ADDRESS unset, or ``local``) and ``none`` on a cluster, whose cores other
-    jobs may share.
+    placement to the OS; ``auto`` (the default) is ``spread`` when the run uses a local Ray of its
+    own (``address`` and RAY_ADDRESS unset, or ``local``; once Ray is up in the process, one it
+    started) and ``none`` on a cluster, whose cores other jobs may share. Runs sharing one machine,
+    each with its own local Ray, pin to the same shares: give them ``none``.
     """
 
     address: Optional[str] = None

@@ -128,6 +128,21 @@ def ray_address(address: str | None) -> str:
     return address or os.environ.get("RAY_ADDRESS") or "local"
 
 
+def ray_is_local(address: str | None) -> bool:
+    """Whether the run's Ray is a fresh local one of this process's own (no other job on its cores).
+
+    Once Ray is up in this process, the Ray in use decides, whatever ``address`` says (``ensure_ray``
+    keeps a connection made earlier, e.g. from a notebook): local when this process started its head
+    node. Before that, or where Ray does not tell, ``ray_address(address) == "local"``.
+    """
+    if ray.is_initialized():
+        # Ray's own record of the node this process runs on; not a public API, hence the fallback
+        head = getattr(getattr(ray._private.worker, "_global_node", None), "head", None)
+        if isinstance(head, bool):
+            return head
+    return ray_address(address) == "local"
+
+
 @contextmanager
 def environment_defaults(values: dict[str, str]) -> Iterator[None]:
     """Set the variables of ``values`` that this process's environment lacks, for the block only."""
@@ -162,7 +177,7 @@ def check_gpus(cfg: PoclConfig, needed: int, job: str) -> None:
     if gpus >= needed:
         return
     message = f"ray.use_gpu is true and {job} needs {needed} GPU(s), but the Ray cluster has {gpus}"
-    if ray_address(cfg.ray.address) == "local":
+    if ray_is_local(cfg.ray.address):
         raise ConfigError(f"{message}: set ray.use_gpu=false, fewer workers, or ray.address of a GPU cluster")
     task_logger().warning("%s now: the job waits until the cluster has them (autoscaling)", message)
 
@@ -176,11 +191,11 @@ def worker_runtime_env(cfg: RayConfig) -> dict:
 
 def pin_cpus(cfg: PoclConfig) -> bool:
     """Whether this run's CPU training workers pin themselves to their share of the cores
-    (``ray.cpu_affinity``; ``auto``: only on a fresh local Ray, see ``ray_address``). Never in local mode,
+    (``ray.cpu_affinity``; ``auto``: only on a fresh local Ray, see ``ray_is_local``). Never in local mode,
     where the loop runs in this process."""
     if cfg.ray.use_gpu or cfg.ray.num_workers == 0 or cfg.ray.cpu_affinity == "none":
         return False
-    return cfg.ray.cpu_affinity == "spread" or ray_address(cfg.ray.address) == "local"
+    return cfg.ray.cpu_affinity == "spread" or ray_is_local(cfg.ray.address)
 
 
 @task(name="distill")
@@ -239,7 +254,7 @@ def distill(cfg: PoclConfig, data: DatasetSplits, partition_path: str, teacher_c
         ),
     )
     log.info("distilling with %d Ray Train worker(s), storage %s", cfg.ray.num_workers, paths.train_storage)
-    local_env = LOCAL_RAY_TRAIN_ENV_DEFAULTS if not local_mode and ray_address(cfg.ray.address) == "local" else {}
+    local_env = LOCAL_RAY_TRAIN_ENV_DEFAULTS if not local_mode and ray_is_local(cfg.ray.address) else {}
     with environment_defaults(local_env), MetricsFollower(paths.train_metrics, planned_steps(cfg, partition_path)):
         trainer.fit()
     # The newest valid checkpoint in storage, not only those Ray Train registered (result.checkpoint):

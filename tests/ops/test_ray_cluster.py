@@ -71,6 +71,7 @@ def test_flow_trains_with_one_worker_on_each_of_two_ray_nodes(two_node_cluster, 
     # the job's set-up hook (tasks/ray_worker_setup.py) quiets Ray Train's placement-group cleaner, which
     # without the dashboard's State API would warn once a second for the whole fit
     assert "State API may be temporarily unavailable" not in run.stdout + run.stderr
+    assert "pinned to CPU core" not in run.stdout + run.stderr  # ray.cpu_affinity=auto: not on a cluster
     result = json.loads(next(line for line in run.stdout.splitlines() if line.startswith("RESULT "))[7:])
 
     # two 1-CPU nodes, and the two train workers (1 CPU each) ran one on each of them

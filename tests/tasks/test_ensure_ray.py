@@ -43,6 +43,7 @@ def test_use_gpu_without_gpus_fails_on_a_local_ray_and_warns_on_a_cluster(monkey
     from tests.conftest import TINY_CONFIG
 
     monkeypatch.setattr(distill_mod.ray, "cluster_resources", lambda: {"CPU": 2.0, "GPU": 1.0})
+    monkeypatch.setattr(distill_mod.ray, "is_initialized", lambda: False)  # the config says which Ray
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setattr(distill_mod, "task_logger", lambda: logging.getLogger("pocl"))
     two = load_config(TINY_CONFIG, ["ray.use_gpu=true", "ray.num_workers=2"])

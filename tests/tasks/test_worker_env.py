@@ -48,6 +48,9 @@ def test_cpu_affinity_is_resolved_on_the_driver(monkeypatch, settings, env, expe
     from tasks.distill import pin_cpus
     from tests.conftest import TINY_CONFIG
 
+    import tasks.distill as distill_mod
+
+    monkeypatch.setattr(distill_mod.ray, "is_initialized", lambda: False)  # the config decides (next test)
     if env is None:
         monkeypatch.delenv("RAY_ADDRESS", raising=False)
     else:
@@ -55,6 +58,24 @@ def test_cpu_affinity_is_resolved_on_the_driver(monkeypatch, settings, env, expe
     cfg = load_config(TINY_CONFIG, [f"ray.{k}={str(v).lower() if isinstance(v, bool) else v}"
                                     for k, v in {"num_workers": 2, **settings}.items()])
     assert pin_cpus(cfg) is expected
+
+
+@pytest.mark.parametrize("head,address,expected", [
+    (True, "10.0.0.5:6379", True),   # this process started its Ray (e.g. a notebook's ray.init()): local
+    (False, None, False),            # connected to a cluster earlier: not local, whatever the config says
+    ("unknown", None, True),         # Ray does not say: the config decides
+    ("unknown", "auto", False),
+])
+def test_once_ray_is_up_the_ray_in_use_decides_whether_it_is_local(monkeypatch, head, address, expected):
+    import types
+
+    import tasks.distill as distill_mod
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(distill_mod.ray, "is_initialized", lambda: True)
+    node = types.SimpleNamespace() if head == "unknown" else types.SimpleNamespace(head=head)
+    monkeypatch.setattr(distill_mod.ray._private.worker, "_global_node", node)
+    assert distill_mod.ray_is_local(address) is expected
 
 
 def test_cpu_affinity_accepts_only_its_three_settings():
