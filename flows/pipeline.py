@@ -193,7 +193,11 @@ def pocl_distill(config_path: str = "configs/tiny.yaml", overrides: Optional[lis
                 data = load_dataset(cfg)
             except BaseException:
                 if created:  # nothing of the run exists yet: leave no folder that blocks a new run of that name
-                    remove_tree(paths.root)
+                    try:
+                        remove_tree(paths.root)
+                    except OSError as cleanup:  # the data error is the one to report
+                        logging.getLogger("pocl").warning("could not remove the new run folder %s: %s",
+                                                          paths.root, cleanup)
                 raise
             # config.yaml says what ran: a new run folder gets it once its data loaded; a rerun with
             # changed settings replaces it only after it passed every stale-output check and finished.

@@ -199,3 +199,19 @@ def test_a_run_that_fails_loading_its_data_leaves_no_folder_behind(tmp_path, mod
     with pytest.raises(DataError, match="row 3"):
         pocl_distill.fn(**{**args, "resume": True})
     assert (tmp_path / "fresh" / "config.yaml").read_text() == "kept\n"
+
+
+def test_a_failing_clean_up_does_not_hide_the_data_error(tmp_path, models, monkeypatch, caplog):
+    """An object store that refuses the delete: the data error is raised, the clean-up's is a warning."""
+    def failing_load(cfg):
+        raise DataError("data/x.jsonl row 3: missing field 'response'")
+
+    def refuse(path):
+        raise PermissionError(13, "AccessDenied: s3:DeleteObject")
+
+    monkeypatch.setattr("flows.pipeline.load_dataset", failing_load)
+    monkeypatch.setattr("flows.pipeline.remove_tree", refuse)
+    monkeypatch.setenv("PREFECT__RUNTIME__FLOW_RUN__ID", "run-a")
+    with caplog.at_level(logging.WARNING, logger="pocl"), pytest.raises(DataError, match="row 3"):
+        pocl_distill.fn(config_path=TINY, overrides=[f"runs_root={tmp_path}", *models], run_name="fresh", resume=False)
+    assert "could not remove the new run folder" in caplog.text and "AccessDenied" in caplog.text
