@@ -7,8 +7,8 @@ for the slowest worker. Pinning each worker to a disjoint share of the cores the
 2-core test machine two workers ran 5–17% more samples/s that way, within that machine's noise
 (BENCHMARKS.md, "CPU affinity").
 
-``cpu_share`` is the pure rule; ``pin_to_share`` applies it to the calling process, all its threads
-(Linux only).
+``cpu_share`` is the pure rule; ``pin_to_share`` applies it to the calling thread and the threads it
+starts (Linux only).
 """
 
 from __future__ import annotations
@@ -38,14 +38,15 @@ def cpu_share(cores: Sequence[int], local_rank: int, local_world_size: int) -> l
 
 
 def pin_to_share(local_rank: int, local_world_size: int) -> list[int] | None:
-    """Restrict the calling process, every thread it has now and so every thread they start, to its
-    ``cpu_share`` of the cores the calling thread may use now; returns them, or None where the
-    platform has no ``sched_setaffinity`` or refuses it for the calling thread (nothing is changed
-    then: pinning is a speed hint, never a reason to fail training).
+    """Restrict the calling thread, and the threads it starts afterwards, to its ``cpu_share`` of the
+    cores it may use now; returns them, or None where the platform has no ``sched_setaffinity`` or
+    refuses it (nothing is changed then: pinning is a speed hint, never a reason to fail training).
 
-    Linux applies an affinity to one thread, so each thread of ``/proc/self/task`` is pinned (a Ray
-    worker runs the training loop in a thread of its own, beside the threads of its process group
-    and of Ray); a thread that ends meanwhile is skipped.
+    Linux applies an affinity to one thread. Called from a Ray Train worker's training loop, which
+    runs in a thread of its own, it pins the loop and the threads the loop starts, and leaves the
+    threads started before it (the process group's communication threads, Ray's own) free to run on
+    any core: pinning every thread of the process instead ran 6% slower in one A/B run
+    (BENCHMARKS.md, "CPU affinity").
     """
     if not hasattr(os, "sched_setaffinity"):
         return None
@@ -54,17 +55,4 @@ def pin_to_share(local_rank: int, local_world_size: int) -> list[int] | None:
         os.sched_setaffinity(0, share)
     except OSError:
         return None
-    for tid in _thread_ids():
-        try:
-            os.sched_setaffinity(tid, share)
-        except OSError:  # the thread ended, or is not ours to pin
-            pass
     return share
-
-
-def _thread_ids() -> list[int]:
-    """The ids of this process's threads (Linux ``/proc/self/task``; empty elsewhere)."""
-    try:
-        return [int(name) for name in os.listdir("/proc/self/task")]
-    except (OSError, ValueError):
-        return []

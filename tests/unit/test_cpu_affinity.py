@@ -38,7 +38,7 @@ def test_bad_ranks_and_empty_core_lists_are_refused():
 
 
 # Pins from a second thread, as in a Ray Train worker (its training loop runs in a thread of its own),
-# while a third thread waits; prints the share and the cores of all three threads.
+# while a third thread waits; prints the share and the cores of each thread, and of one the loop starts.
 PIN_FROM_A_THREAD = """
 import json, os, threading
 from pocl_core.cpu_affinity import pin_to_share
@@ -46,7 +46,11 @@ done = threading.Event()
 idle = threading.Thread(target=done.wait)
 idle.start()
 result = {}
-loop = threading.Thread(target=lambda: result.update(share=pin_to_share(1, 2), loop=sorted(os.sched_getaffinity(0))))
+def training_loop():
+    result.update(share=pin_to_share(1, 2), loop=sorted(os.sched_getaffinity(0)))
+    child = threading.Thread(target=lambda: result.update(child=sorted(os.sched_getaffinity(0))))
+    child.start(); child.join()
+loop = threading.Thread(target=training_loop)
 loop.start(); loop.join()
 result.update(main=sorted(os.sched_getaffinity(0)), idle=sorted(os.sched_getaffinity(idle.native_id)))
 done.set(); idle.join()
@@ -55,13 +59,14 @@ print(json.dumps(result))
 
 
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no sched_setaffinity on this platform")
-def test_pin_to_share_restricts_every_thread_of_the_calling_process_only():
+def test_pin_to_share_restricts_the_calling_thread_and_what_it_starts_only():
     usable = sorted(os.sched_getaffinity(0))
     out = subprocess.run([sys.executable, "-c", PIN_FROM_A_THREAD], capture_output=True, text=True, check=True,
                          cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     result = json.loads(out.stdout)
     assert result["share"] == cpu_share(usable, 1, 2)
-    assert result["loop"] == result["main"] == result["idle"] == result["share"]
+    assert result["loop"] == result["share"] == result["child"]
+    assert result["main"] == result["idle"] == usable  # the process's other threads keep every core
     assert sorted(os.sched_getaffinity(0)) == usable  # this process is untouched
 
 
