@@ -128,7 +128,8 @@ class ScoringConfig(_Section):
     measures: measure names computed per sample: ``nll`` (mean response cross-entropy, nats/token)
     and ``rouge_l`` (ROUGE-L F1 of the model's own answer vs the reference; see ``generation``).
     fusion: ``single`` uses the first measure; ``rrf`` fuses the ranks by reciprocal rank fusion
-    with constant ``rrf_k`` (the method: ``rrf`` over ``[nll, rouge_l]`` with k = 60).
+    with constant ``rrf_k`` (the method: ``rrf`` over ``[nll, rouge_l]`` with k = 60); samples a
+    measure ties share its mean rank, and equal fused scores are ordered by sample_id.
     batch_size: samples per forward pass. shard_size: samples per Parquet shard (the resume unit).
     num_workers: 1 scores in-process; more runs one Ray task per shard, at most this many at once
     (each loads the scoring model, so keep shards large enough to amortise that; one GPU per task

@@ -6,10 +6,13 @@
 score = Σ_m 1/(k + rank_m); sorting by score descending gives the easy → hard order, and
 difficulty = −score (higher = harder).
 
-Ties are broken by sample_id, so the order never depends on file position: samples with equal
-values of a measure get consecutive ranks in sample_id order, and samples with equal fused scores
-are ordered by sample_id. The terms of each sample's score are summed in a canonical order, so
-equal multisets of ranks give bit-identical scores (a tie stays a tie with any number of measures).
+Ties: samples with equal values of a measure share that measure's rank, the mean of the ranks
+they span (a measure that cannot tell two samples apart gives them the same term, so it never
+orders them: with rouge_l 0 for many samples, their order comes from the other measures alone).
+Samples with equal fused scores (or equal values under ``single``) are ordered by sample_id, so the
+order never depends on file position. The terms of each sample's score are summed in a canonical
+order, so equal multisets of ranks give bit-identical scores (a tie stays a tie with any number of
+measures).
 """
 
 from __future__ import annotations
@@ -27,6 +30,20 @@ def _easy_first_ranks(sample_ids: Sequence[str], values: np.ndarray, higher_is_h
     order = sorted(range(len(sample_ids)), key=lambda i: (key[i], sample_ids[i]))
     ranks = np.empty(len(sample_ids), dtype=np.int64)
     ranks[order] = np.arange(1, len(sample_ids) + 1)
+    return ranks
+
+
+def _easy_first_shared_ranks(values: np.ndarray, higher_is_harder: bool) -> np.ndarray:
+    """1-based rank per sample, 1 = easiest; equal values share the mean of the ranks they span
+    (float64 [N]; e.g. values 1, 2, 2, 3 with lower = easier give 1, 2.5, 2.5, 4)."""
+    key = values if higher_is_harder else -values
+    order = np.argsort(key, kind="stable")
+    ordered = key[order]
+    starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])  # first position of each group
+    ends = np.r_[starts[1:], len(ordered)]
+    ranks = np.empty(len(values), dtype=np.float64)
+    for start, end in zip(starts, ends):
+        ranks[order[start:end]] = (start + 1 + end) / 2  # mean of ranks start+1 .. end
     return ranks
 
 
@@ -55,7 +72,7 @@ def fuse_difficulty(sample_ids: Sequence[str], measures: Mapping[str, Sequence[f
         name = next(iter(arrays))
         difficulty = arrays[name] if direction[name] else -arrays[name]
     elif fusion == "rrf":
-        terms = np.stack([1.0 / (rrf_k + _easy_first_ranks(sample_ids, arr, direction[name]))
+        terms = np.stack([1.0 / (rrf_k + _easy_first_shared_ranks(arr, direction[name]))
                           for name, arr in arrays.items()])
         score = np.zeros(n)
         for row in np.sort(terms, axis=0):  # canonical summation order per sample

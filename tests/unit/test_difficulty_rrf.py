@@ -37,14 +37,41 @@ def test_rrf_constant_k_changes_the_scores():
     np.testing.assert_allclose(-difficulty, [1 / 2 + 1 / 3, 1 / 3 + 1 / 2, 1 / 4 + 1 / 4])
 
 
-def test_ties_within_a_measure_are_broken_by_sample_id():
-    # Equal nll for x and y, equal rouge for x and y: consecutive ranks in id order, never by position.
+def test_ties_within_a_measure_share_the_mean_rank_and_equal_scores_go_by_sample_id():
+    # Equal nll for x and y, equal rouge for x and y: each measure gives both rank (2 + 3) / 2 = 2.5.
     ids = ["y", "x", "z"]
     measures = {"nll": [1.0, 1.0, 0.5], "rouge_l": [0.5, 0.5, 0.9]}
     difficulty, rank = fuse_difficulty(ids, measures, "rrf", rrf_k=60)
-    # z: 1/61 + 1/61; x: 1/62 + 1/62; y: 1/63 + 1/63
-    np.testing.assert_allclose(-difficulty, [2 / 63, 2 / 62, 2 / 61])
+    # z: 1/61 + 1/61; x and y: 1/62.5 + 1/62.5 each, an exact tie, ordered by sample_id (x before y)
+    np.testing.assert_allclose(-difficulty, [2 / 62.5, 2 / 62.5, 2 / 61], rtol=0, atol=1e-15)
+    assert difficulty[0] == difficulty[1]
     assert rank.tolist() == [2, 1, 0]
+
+
+def test_a_measure_that_ties_everywhere_leaves_the_order_to_the_others():
+    # rouge_l 0 for all three (no generation overlapped): only nll orders them, easiest (lowest) first.
+    difficulty, rank = fuse_difficulty(["a", "b", "c"], {"nll": [3.0, 2.0, 1.0], "rouge_l": [0.0, 0.0, 0.0]}, "rrf")
+    assert rank.tolist() == [2, 1, 0]
+    np.testing.assert_allclose(-difficulty, [1 / 63 + 1 / 62, 1 / 62 + 1 / 62, 1 / 61 + 1 / 62], rtol=0, atol=1e-15)
+
+
+def _mean_ranks_by_counting(values, higher_is_harder):
+    """Independent reference: rank = 1 + #easier + (#equal others) / 2."""
+    key = np.asarray(values) if higher_is_harder else -np.asarray(values)
+    return np.array([1 + (key < v).sum() + ((key == v).sum() - 1) / 2 for v in key])
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_shared_ranks_match_counting_on_random_values_with_many_ties(seed):
+    from pocl_core.difficulty import _easy_first_shared_ranks
+
+    rng = np.random.default_rng(seed)
+    values = rng.integers(0, 6, 40).astype(float)
+    for harder in (True, False):
+        got = _easy_first_shared_ranks(values, harder)
+        np.testing.assert_array_equal(got, _mean_ranks_by_counting(values, harder))
+        assert got.sum() == 40 * 41 / 2  # ties move no weight between samples
+    assert _easy_first_shared_ranks(np.array([]), True).shape == (0,)
 
 
 def test_equal_fused_scores_from_many_measures_stay_tied():
