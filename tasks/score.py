@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import math
 import time
 from dataclasses import dataclass, replace
 from typing import Any, Sequence
@@ -212,6 +213,12 @@ def score_shard(cfg: PoclConfig, ctx: ScoringContext, vocab_columns: int, job: S
         for batch in length_sorted_batches(encoded, cfg.scoring.batch_size):
             result = score_batch(ctx, batch, measures, topk, vocab_columns, temperatures)
             for name in measures:
+                for e, value in zip(batch, result.values[name]):
+                    if math.isnan(value):  # a finished shard with a NaN would fail every later fusion
+                        path, dtype = _scorer(cfg)
+                        setting = "models.teacher_dtype" if cfg.scoring.model == "teacher" else "the student's weights"
+                        raise ValueError(f"measure '{name}' is NaN for sample '{e.sample_id}' (shard {job.index}, "
+                                         f"scoring model {path} in {dtype}); check {setting} and the weights")
                 values[name].update(zip((e.sample_id for e in batch), result.values[name]))
             if topk:
                 for e, rows in zip(batch, result.cache):

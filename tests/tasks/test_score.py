@@ -251,6 +251,25 @@ def test_nan_teacher_logits_are_refused_naming_the_sample(tiny_models, tiny_data
     assert not RunPaths.of(cfg.run_dir).teacher_cache_shard(0).exists()
 
 
+def test_a_nan_measure_is_refused_before_its_shard_is_written(tiny_models, tiny_data_path, tmp_path, monkeypatch):
+    """A NaN saved in a finished shard would fail every later fusion, and a rerun would reuse the shard."""
+    import tasks.score as score_mod
+
+    real = score_mod.score_batch
+
+    def nan_nll(*args, **kwargs):
+        result = real(*args, **kwargs)
+        result.values["nll"][-1] = float("nan")
+        return result
+
+    monkeypatch.setattr(score_mod, "score_batch", nan_nll)
+    cfg = config(tiny_models, tmp_path, tiny_data_path, "run_name=nan-nll")
+    with pytest.raises(ValueError, match=r"measure 'nll' is NaN for sample '.+' \(shard 0, scoring model .+ in "
+                                         r"float32\); check models.teacher_dtype"):
+        run_scoring(cfg)
+    assert not RunPaths.of(cfg.run_dir).measures_shard(0).exists()
+
+
 def test_changed_temperatures_are_refused_naming_the_cache_shard(baseline):
     cfg, data, _ = baseline
     other = cfg.model_copy(update={"curriculum": cfg.curriculum.model_copy(update={"temperature_end": 3.0})})
