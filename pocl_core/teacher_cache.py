@@ -92,6 +92,26 @@ def cache_table(sample_ids: Sequence[str], rows: Sequence[CacheRows], k: int, n_
     })
 
 
+def cache_shards(folder: str | os.PathLike | ObjectPath) -> list[Location]:
+    """The shard files of the cache in ``folder``: ``part-00000 .. part-{n-1}`` where the first shard
+    records ``num_shards`` = n (any higher-numbered file is left over from an earlier pass with more
+    shards, e.g. before ``data.max_train_samples`` was lowered, and is not part of this cache), else
+    every ``part-*.parquet`` (caches written before shards recorded their count). Raises
+    FileNotFoundError for a folder without shards or a missing shard, naming it."""
+    folder = location(folder)
+    shards = sorted(folder.glob("part-*.parquet"))
+    if not shards:
+        raise FileNotFoundError(f"no teacher-cache shards (part-*.parquet) in {folder}")
+    count = read_metadata(shards[0]).get("num_shards")
+    if count is None:
+        return shards
+    wanted = [folder / f"part-{i:05d}.parquet" for i in range(int(count))]
+    missing = [p for p in wanted if p not in shards]
+    if missing:
+        raise FileNotFoundError(f"teacher cache {folder} has {count} shards but {missing[0].name} is missing")
+    return wanted
+
+
 class TeacherCache:
     """All teacher-cache shards of a run, in memory, addressable by sample id.
 
@@ -112,7 +132,8 @@ class TeacherCache:
 
     @classmethod
     def load(cls, folder: str | os.PathLike | ObjectPath, expected: dict[str, Any] | None = None) -> "TeacherCache":
-        """Read every ``part-*.parquet`` in ``folder`` (a local folder or an object-store location).
+        """Read the cache's shards in ``folder`` (a local folder or an object-store location; see
+        ``cache_shards``).
 
         ``expected``: provenance keys every shard must carry (e.g. the teacher fingerprint); a
         mismatch raises ``contracts.StaleOutputError`` naming the file and key. Raises
@@ -120,9 +141,7 @@ class TeacherCache:
         id found twice (naming the files).
         """
         folder = location(folder)
-        shards = sorted(folder.glob("part-*.parquet"))
-        if not shards:
-            raise FileNotFoundError(f"no teacher-cache shards (part-*.parquet) in {folder}")
+        shards = cache_shards(folder)
         schema = teacher_cache_schema()
         parts: list[CacheRows] = []
         index: dict[str, tuple[int, int]] = {}

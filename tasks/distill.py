@@ -33,6 +33,7 @@ from pocl_core.partition import bucket_sizes
 from pocl_core.schedule import num_trained_stages, plan_stages
 from pocl_core.storage import (Location, ObjectPath, download_dir, for_workers, location, ray_storage,
                                write_dir_atomic)
+from pocl_core.teacher_cache import cache_shards
 from tasks.common import task_logger
 from tasks.distill_loop import distill_loop
 from tasks.load_data import DatasetSplits
@@ -83,10 +84,7 @@ def training_key(cfg: PoclConfig, data: DatasetSplits, partition_path: str, teac
 def _cache_fingerprint(folder: Location | None) -> dict:
     if folder is None:
         raise ValueError("train.use_teacher_cache is set but the scoring pass wrote no teacher cache")
-    shards = sorted(folder.glob("part-*.parquet"))
-    if not shards:
-        raise FileNotFoundError(f"no teacher-cache shards in {folder}")
-    return {p.name: read_metadata(p) for p in shards}
+    return {p.name: read_metadata(p) for p in cache_shards(folder)}
 
 
 FAULT_KINDS = ("raise", "kill", "hang")

@@ -64,6 +64,7 @@ class ShardJob:
     samples: list[Sample]
     measures: bool
     cache: bool
+    num_shards: int  # of the whole pass (recorded in each cache shard)
 
 
 def _scorer(cfg: PoclConfig) -> tuple[str, str]:
@@ -145,7 +146,7 @@ def score_difficulty(cfg: PoclConfig, data: DatasetSplits) -> ScoresResult:
         need_measures = not scores_fresh and not check_provenance(paths.measures_shard(i), provenance)
         need_cache = bool(topk) and not check_provenance(paths.teacher_cache_shard(i), cache_prov)
         if need_measures or need_cache:
-            jobs.append(ShardJob(i, shard, need_measures, need_cache))
+            jobs.append(ShardJob(i, shard, need_measures, need_cache, len(shards)))
     if jobs:
         log.info("scoring %d of %d shards with %s (%d worker(s))", len(jobs), len(shards), _scorer(cfg)[0],
                  cfg.scoring.num_workers)
@@ -236,7 +237,8 @@ def score_shard(cfg: PoclConfig, ctx: ScoringContext, vocab_columns: int, job: S
     if topk:
         table = cache_table(ids, [cache[i] for i in ids], topk, len(temperatures))
         write_table_atomic(table, paths.teacher_cache_shard(job.index), teacher_cache_schema(),
-                           {**cache_prov, "vocab_columns": vocab_columns, "shard": job.index})
+                           {**cache_prov, "vocab_columns": vocab_columns, "shard": job.index,
+                            "num_shards": job.num_shards})
     return {"tokens": float(sum(len(e.input_ids) for e in encoded)), "seconds": time.perf_counter() - t0}
 
 

@@ -218,6 +218,25 @@ def test_teacher_cache_reproduces_a_direct_teacher_forward(baseline):
     assert cache.temperatures == schedule_temperatures(cfg.curriculum) and len(cache.temperatures) > 1
 
 
+def test_the_cache_is_its_recorded_shards_not_every_file_left_in_its_folder(baseline, tmp_path):
+    """A shard left over from an earlier pass with more shards (data.max_train_samples lowered) is
+    neither loaded for training nor part of the training key; a missing shard is named."""
+    from pocl_core.teacher_cache import cache_shards
+    from tasks.distill import _cache_fingerprint
+
+    _, _, result = baseline
+    folder = tmp_path / "cache"
+    shutil.copytree(result.teacher_cache_dir, folder)
+    assert [p.name for p in cache_shards(folder)] == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
+    before = _cache_fingerprint(folder)
+    shutil.copy(folder / "part-00000.parquet", folder / "part-00003.parquet")  # the same ids again
+    assert len(TeacherCache.load(folder)) == 96
+    assert _cache_fingerprint(folder) == before
+    (folder / "part-00001.parquet").unlink()
+    with pytest.raises(FileNotFoundError, match="has 3 shards but part-00001.parquet is missing"):
+        TeacherCache.load(folder)
+
+
 def test_temperatures_the_cache_already_stores_reuse_it_and_new_shards_match(tiny_models, tiny_data_path, tmp_path):
     cfg = config(tiny_models, tmp_path, tiny_data_path, "run_name=temps", "scoring.teacher_cache_topk=4")
     data, result = run_scoring(cfg)
