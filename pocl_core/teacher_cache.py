@@ -76,7 +76,13 @@ def cache_table(sample_ids: Sequence[str], rows: Sequence[CacheRows], k: int, n_
         if ids.shape != (n, k) or logits.shape != (n, k) or tail.shape != (n, n_temperatures):
             raise ValueError(f"cache_table: sample '{sid}' has ids {ids.shape} / logits {logits.shape} / tail_lse "
                              f"{tail.shape}, expected ({n}, {k}) / ({n}, {k}) / ({n}, {n_temperatures})")
-    row_offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+    row_offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    values = int(row_offsets[-1]) * max(k, n_temperatures)
+    if values >= 2 ** 31:  # Parquet list offsets are int32
+        raise ValueError(f"cache_table: {int(row_offsets[-1])} response positions × {max(k, n_temperatures)} values "
+                         f"per position is {values} values in one shard, over the 2^31 a shard holds: lower "
+                         "scoring.shard_size or scoring.teacher_cache_topk")
+    row_offsets = row_offsets.astype(np.int32)
 
     def flat(i: int, dtype: Any) -> np.ndarray:
         parts = [np.asarray(r[i], dtype=dtype).reshape(-1) for r in rows]

@@ -31,7 +31,7 @@ import pyarrow as pa
 import torch
 from prefect import task
 
-from pocl_core.config import PoclConfig
+from pocl_core.config import ConfigError, PoclConfig
 from pocl_core.contracts import (RunPaths, check_provenance, measures_schema, read_metadata, read_table,
                                  read_table_checked, scores_schema, teacher_cache_schema, write_table_atomic)
 from pocl_core.data import Sample, encode_sample, pad_id_of, table_to_samples
@@ -190,6 +190,9 @@ def load_scorer(cfg: PoclConfig) -> tuple[ScoringContext, int]:
     for name in cfg.scoring.measures:
         get_measure(name)  # unknown names fail before any compute
     width = logit_columns(model, tokenizer)
+    if cfg.scoring.teacher_cache_topk > width:
+        raise ConfigError(f"scoring.teacher_cache_topk={cfg.scoring.teacher_cache_topk} is more than the "
+                          f"{width} vocabulary columns of {path}: use at most {width}")
     return ScoringContext(model, tokenizer, pad_id_of(tokenizer), device, cfg.scoring.generation,
                           vocab_columns=width), width
 

@@ -303,6 +303,14 @@ def test_cache_with_a_student_scorer_is_a_config_error(tiny_models, tiny_data_pa
         config(tiny_models, tmp_path, tiny_data_path, "scoring.num_workers=0")
 
 
+def test_a_cache_top_k_wider_than_the_vocabulary_is_refused_before_any_shard(tiny_models, tiny_data_path, tmp_path):
+    cfg = config(tiny_models, tmp_path, tiny_data_path, "run_name=wide", "scoring.teacher_cache_topk=1000000")
+    with pytest.raises(ConfigError, match=r"scoring.teacher_cache_topk=1000000 is more than the \d+ vocabulary "
+                                          r"columns of .+teacher: use at most \d+"):
+        run_scoring(cfg)
+    assert not RunPaths.of(cfg.run_dir).measures_shard(0).exists()
+
+
 @pytest.mark.slow
 def test_ray_scoring_with_two_workers_equals_in_process(baseline, local_ray, tiny_models, tiny_data_path, tmp_path):
     base_cfg, _, base_result = baseline

@@ -160,3 +160,14 @@ def test_cache_table_rejects_bad_shapes():
         cache_table(["x"], [(ids, np.zeros((2, 2), np.float32), np.zeros(2, np.float32), tail)], 3, 1)
     with pytest.raises(ValueError, match=r"tail_lse \(2, 1\), expected .* \(2, 2\)"):
         cache_table(["x"], [(ids, np.zeros((2, 3), np.float32), np.zeros(2, np.float32), tail)], 3, 2)
+
+
+def test_a_shard_over_the_int32_list_offsets_is_refused_naming_the_settings():
+    # 2^25 positions × k = 64 values = 2^31: one more than Parquet's int32 list offsets hold. Broadcast
+    # views stand in for the rows, so nothing of that size is allocated before the check.
+    n, k = 2 ** 25, 64
+    row = (np.broadcast_to(np.int32(0), (n, k)), np.broadcast_to(np.float32(0), (n, k)),
+           np.broadcast_to(np.float32(0), (n,)), np.broadcast_to(np.float32(0), (n, 2)))
+    with pytest.raises(ValueError, match=r"2147483648 values in one shard.*scoring.shard_size or "
+                                         r"scoring.teacher_cache_topk"):
+        cache_table(["s"], [row], k, 2)
