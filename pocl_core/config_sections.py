@@ -291,9 +291,11 @@ class TrainConfig(_Section):
     checkpoint_every_steps: also checkpoint every N optimizer steps inside a stage (0 = only at
     stage boundaries, which always checkpoint). keep_checkpoints: how many of the newest complete
     checkpoints a run keeps (None keeps all): Ray Train prunes during training, and the distill task
-    removes the older ones it never registered (a killed attempt's, local mode's) when training ends. log_every_steps: optimizer steps per metrics window; rank 0 appends each
-    window's means to ``train/metrics.jsonl``, which the distill task turns into log lines and its
-    progress artifact (Ray Train itself gets a report only at checkpoints).
+    removes the older ones it never registered (a killed attempt's, local mode's) when training ends.
+    log_every_steps: optimizer steps per metrics window (a window also ends at each checkpoint, so a
+    resumed run logs the rows of an uninterrupted one); rank 0 appends each window's means to
+    ``train/metrics.jsonl``, which the distill task turns into log lines and its progress artifact
+    (Ray Train itself gets a report only at checkpoints).
     freeze_embeddings: keep the student's input embedding (and a tied LM head) fixed: no gradient
     and no optimizer state for the largest matrix of a small student. autocast_dtype: run the
     student's forward under torch.autocast in that dtype (weights and optimizer stay float32).

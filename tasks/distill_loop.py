@@ -160,16 +160,19 @@ def distill_loop(loop_config: dict[str, Any]) -> None:
             window.kd_weight_sum += kd_weight
             window.seconds += time.perf_counter() - t0
             done_stage = step + 1 == plan.num_steps
-            if done_stage or (step + 1) % cfg.train.log_every_steps == 0:
+            every = cfg.train.checkpoint_every_steps
+            checkpoint_now = done_stage or bool(every and (step + 1) % every == 0)
+            # a window also ends at each checkpoint, so a run resumed there logs the same rows as one
+            # that never stopped
+            if checkpoint_now or (step + 1) % cfg.train.log_every_steps == 0:
                 row = window.flush(world, device, stage=plan.stage, step_in_stage=step + 1, global_step=global_step,
                                    temperature=plan.temperature, lr=optimizer.param_groups[0]["lr"],
                                    samples_seen=samples_seen)
                 if rank == 0:
                     _append_jsonl(metrics_path, row)
-            every = cfg.train.checkpoint_every_steps
             if done_stage and cfg.eval.at_stage_boundaries and plan.stage < len(plans) - 1:
                 _save_stage_student(student, loop_config["run_dir"], plan.stage, loop_config["train_key"], rank)
-            if done_stage or (every and (step + 1) % every == 0):
+            if checkpoint_now:
                 nxt = Position(plan.stage + 1, 0, global_step, samples_seen) if done_stage else \
                     Position(plan.stage, step + 1, global_step, samples_seen)
                 _report_checkpoint(student, optimizer, scheduler, nxt, rank, loop_config["train_key"],

@@ -16,6 +16,7 @@ from pocl_core.models import weights_digest
 from tasks.distill import distill
 from tasks.load_data import load_dataset
 from tasks.partition import partition
+from tasks.report import read_train_metrics
 from tasks.run_checkpoints import experiment_dir, list_checkpoints
 from tasks.score import score_difficulty
 
@@ -107,3 +108,29 @@ def test_keep_checkpoints_also_prunes_what_ray_train_never_registered(make_confi
     assert not leftover.exists()
     assert sorted(p.name for p in experiment_dir(cfg.run_dir).glob("checkpoint_*")) == \
         sorted(c.name for c in list_checkpoints(cfg.run_dir))
+
+
+def test_a_run_resumed_mid_stage_logs_the_metrics_rows_of_an_uninterrupted_one(make_config, tmp_path, monkeypatch):
+    """Windows end at checkpoints too (every 2 steps here, logging every 3): the resumed attempt's
+    rows, which replace the failed attempt's after its last checkpoint, equal the uninterrupted run's."""
+    recipe = ("ray.num_workers=0", "curriculum.num_stages=2", "data.max_train_samples=48", "optim.global_batch_size=8",
+              "optim.micro_batch_size=8", "train.checkpoint_every_steps=2", "train.log_every_steps=3")
+
+    def run(name: str) -> list[dict]:
+        cfg = make_config(*recipe, f"run_name={name}").with_absolute_paths()
+        data = load_dataset.fn(cfg)
+        distill.fn(cfg, data, partition.fn(cfg, score_difficulty.fn(cfg, data)))
+        return read_train_metrics(RunPaths.of(cfg.run_dir).train_metrics)
+
+    reference = run("whole")
+    monkeypatch.setenv("POCL_FAULT_INJECT", json.dumps({"at_global_step": 6, "marker": str(tmp_path / "fired"),
+                                                       "kind": "raise"}))
+    with pytest.raises(Exception, match="injected fault"):
+        run("resumed")
+    resumed = run("resumed")  # from the checkpoint of global step 5 (stage 1, step 2); step 6 is done again
+    assert [r["global_step"] for r in resumed] == [r["global_step"] for r in reference]
+    # stage 0: steps 1-3, stage 1: steps 4-9; rows at checkpoints (every 2 in a stage, stage ends) and logs (3)
+    assert [(r["stage"], r["step_in_stage"]) for r in reference][:5] == [(0, 2), (0, 3), (1, 2), (1, 3), (1, 4)]
+    for a, b in zip(reference, resumed):
+        for key in ("loss", "kd_loss", "ce_loss", "lr", "samples_seen", "step_in_stage"):
+            assert b[key] == a[key], (a["global_step"], key)
