@@ -224,8 +224,6 @@ def distill(cfg: PoclConfig, data: DatasetSplits, partition_path: str, teacher_c
     if not local_mode:
         ensure_ray(cfg.ray.address)
         check_gpus(cfg, cfg.ray.num_workers, f"training with ray.num_workers={cfg.ray.num_workers}")
-        for name, value in RAY_TRAIN_ENV_DEFAULTS.items():  # read by TorchTrainer.fit() in this process
-            os.environ.setdefault(name, value)
     storage_path, storage_fs = ray_storage(paths.train_storage)
     trainer = TorchTrainer(
         distill_loop,
@@ -252,8 +250,10 @@ def distill(cfg: PoclConfig, data: DatasetSplits, partition_path: str, teacher_c
         ),
     )
     log.info("distilling with %d Ray Train worker(s), storage %s", cfg.ray.num_workers, paths.train_storage)
-    local_env = LOCAL_RAY_TRAIN_ENV_DEFAULTS if not local_mode and ray_is_local(cfg.ray.address) else {}
-    with environment_defaults(local_env), MetricsFollower(paths.train_metrics, planned_steps(cfg, partition_path)):
+    # read from this process's environment by fit(), which passes them on to Ray Train's controller
+    fit_env = {} if local_mode else \
+        {**RAY_TRAIN_ENV_DEFAULTS, **(LOCAL_RAY_TRAIN_ENV_DEFAULTS if ray_is_local(cfg.ray.address) else {})}
+    with environment_defaults(fit_env), MetricsFollower(paths.train_metrics, planned_steps(cfg, partition_path)):
         trainer.fit()
     # The newest valid checkpoint in storage, not only those Ray Train registered (result.checkpoint):
     # a run killed right after its final report leaves a complete checkpoint that Ray registers only
