@@ -47,6 +47,17 @@ def stable_sample_id(prompt: str, response: str) -> str:
     return hashlib.sha256(f"{prompt}\x00{response}".encode()).hexdigest()[:16]
 
 
+def _unicode_text(value: str, where: str, field: str) -> str:
+    """``value`` if it encodes as UTF-8; JSON escapes can decode to lone surrogates (``"\\ud83d"``,
+    half of an emoji cut by a scraper), which no UTF-8 writer accepts later."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise DataError(f"{where}: field '{field}' is not valid Unicode text: a lone surrogate "
+                        f"{value[exc.start]!r} at character {exc.start}") from None
+    return value
+
+
 def _record_to_sample(rec: Any, where: str) -> Sample:
     if not isinstance(rec, dict):
         raise DataError(f"{where}: record is not an object")
@@ -64,7 +75,7 @@ def _record_to_sample(rec: Any, where: str) -> Sample:
                 raise DataError(f"{where}: field '{field}' is not valid UTF-8 ({exc.reason})") from None
         if not isinstance(value, str):
             raise DataError(f"{where}: field '{field}' must be a string, got {type(value).__name__}")
-        return value
+        return _unicode_text(value, where, field)
 
     if "instruction" in rec and ("output" in rec or "input" in rec):  # Alpaca
         prompt, extra, response = text("instruction", True), text("input", False), text("output", True)
@@ -86,6 +97,8 @@ def _record_to_sample(rec: Any, where: str) -> Sample:
     raw_id = rec.get("sample_id", rec.get("id"))
     if raw_id is not None and not isinstance(raw_id, (str, int)):
         raise DataError(f"{where}: id must be a string or integer, got {type(raw_id).__name__}")
+    if isinstance(raw_id, str):
+        _unicode_text(raw_id, where, "sample_id" if "sample_id" in rec else "id")
     sample_id = str(raw_id) if raw_id is not None else stable_sample_id(prompt, response)
     return Sample(sample_id, prompt, response)
 

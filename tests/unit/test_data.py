@@ -32,6 +32,8 @@ def test_dolly_alpaca_and_plain_fields(tmp_path):
     ({"text": "x"}, "no known fields"),
     ("{not json", "not valid JSON"),
     ('["a"]', "not an object"),
+    ('{"prompt": "a\\ud83d", "response": "b"}', r"field 'prompt' is not valid Unicode text: a lone surrogate '\\ud83d' at character 1"),
+    ('{"prompt": "a", "response": "b", "id": "s\\udc00"}', "field 'id' is not valid Unicode text"),
 ])
 def test_bad_rows_name_file_and_line(tmp_path, row, message):
     p = write_jsonl(tmp_path / "bad.jsonl", [{"instruction": "ok", "response": "fine"}, row])
