@@ -49,12 +49,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from flows.compare import plan_variants, pocl_compare
+    from flows.compare import check_compare_request, plan_variants, pocl_compare
 
     from pocl_core.storage import location
 
     from flows.pipeline import check_inputs
 
+    check_compare_request(args.overrides, args.strategies, args.losses, args.seeds, args.name)
     cfg = load_config(args.config, args.overrides)
     check_inputs(cfg.with_absolute_paths())  # model folders and data files, before any engine starts
     plan_variants(cfg, args.strategies, args.losses, args.seeds)  # every variant valid, too

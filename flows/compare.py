@@ -14,13 +14,14 @@ folder finished (one refused as stale leaves it as it was).
 
 from __future__ import annotations
 
+import re
 import statistics
 from dataclasses import dataclass
 from typing import Optional
 
 from prefect import flow
 
-from pocl_core.config import PoclConfig, load_config, validate_config
+from pocl_core.config import ConfigError, PoclConfig, load_config, validate_config
 from pocl_core.contracts import RunPaths, read_table, write_text_atomic
 from pocl_core.storage import join, location
 from tasks.common import publish_markdown, publish_table
@@ -50,6 +51,28 @@ def variant_config(base: PoclConfig, root: str, variant: Variant) -> PoclConfig:
     if variant.loss != base.loss.name:  # the base loss's params belong to it; other loss settings carry over
         data["loss"].update(name=variant.loss, params={})
     return validate_config(data, f"variant {variant.name}")
+
+
+# Settings each variant sets itself, so an override of them would be silently replaced.
+VARIANT_SETTINGS = {"run_name": "--name", "curriculum.strategy": "--strategies", "curriculum.shuffle_seed": "--seeds"}
+COMPARE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def check_compare_request(overrides: list[str], strategies: Optional[list[str]], losses: Optional[list[str]],
+                          seeds: Optional[list[int]], compare_name: str) -> None:
+    """ConfigError for what a comparison would otherwise ignore or misplace: an override of a setting
+    the variants set (``VARIANT_SETTINGS``), a value listed twice, or a name that is not one folder."""
+    for item in overrides:
+        key = item.split("=", 1)[0].strip()
+        if key in VARIANT_SETTINGS:
+            raise ConfigError(f"override {item!r}: each variant sets {key} itself; use {VARIANT_SETTINGS[key]}")
+    for option, values in (("--strategies", strategies), ("--losses", losses), ("--seeds", seeds)):
+        repeated = [v for i, v in enumerate(values or []) if v in (values or [])[:i]]
+        if repeated:
+            raise ConfigError(f"{option} lists {repeated[0]} more than once")
+    if not COMPARE_NAME.match(compare_name):
+        raise ConfigError(f"comparison name {compare_name!r}: one folder name under runs_root, letters, digits, "
+                          "'.', '_' and '-', starting with a letter or digit")
 
 
 def plan_variants(base: PoclConfig, strategies: Optional[list[str]], losses: Optional[list[str]],
@@ -122,7 +145,12 @@ def record_config(cfg: PoclConfig, finished: bool = False) -> None:
 def pocl_compare(config_path: str = "configs/quickstart.yaml", overrides: Optional[list[str]] = None,
                  strategies: Optional[list[str]] = None, losses: Optional[list[str]] = None,
                  seeds: Optional[list[int]] = None, compare_name: str = "compare") -> str:
-    """Train every (strategy × loss × seed) variant over one shared scoring pass; returns comparison.md."""
+    """Train every (strategy × loss × seed) variant over one shared scoring pass; returns comparison.md.
+
+    Each variant sets its run name, strategy, loss and seed (``seed`` and ``curriculum.shuffle_seed``);
+    the config's ``seed`` and loss are the defaults of ``seeds`` and ``losses``; overriding the others
+    is a ConfigError (see ``check_compare_request``)."""
+    check_compare_request(list(overrides or []), strategies, losses, seeds, compare_name)
     base = load_config(config_path, list(overrides or [])).with_absolute_paths()
     variants = plan_variants(base, strategies, losses, seeds)
     strategies, losses, seeds = ([*dict.fromkeys(getattr(v, f) for v in variants)] for f in ("strategy", "loss", "seed"))

@@ -120,3 +120,18 @@ def test_compare_overrides_after_a_list_option_are_overrides(argv):
     assert args.overrides == ["a.b=1", "c.d=2"]
     assert args.strategies == ["curriculum", "anti"] and args.losses == ["fkl"] and args.seeds == [10, 20]
     assert args.config == "c=1.yaml" and args.name == "x"  # a one-value option's value stays its value
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["curriculum.strategy=anti"], "override 'curriculum.strategy=anti': each variant sets curriculum.strategy itself; "
+                                   "use --strategies"),
+    (["run_name=mine"], "each variant sets run_name itself; use --name"),
+    (["curriculum.shuffle_seed=5"], "use --seeds"),
+    (["--seeds", "10", "10"], "--seeds lists 10 more than once"),
+    (["--strategies", "none", "curriculum", "none"], "--strategies lists none more than once"),
+    (["--name", "../elsewhere"], "comparison name '../elsewhere': one folder name under runs_root"),
+    (["--name", ""], "comparison name '': one folder name"),
+])
+def test_compare_refuses_what_its_variants_would_ignore_or_misplace(extra, message, capsys):
+    assert main(["compare", "--config", "configs/tiny.yaml", *extra]) == 2
+    assert message in capsys.readouterr().err
