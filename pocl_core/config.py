@@ -7,6 +7,7 @@ The section models live in ``pocl_core/config_sections.py`` and are re-exported 
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import re
@@ -239,7 +240,17 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
 
 class _ConfigLoader(yaml.SafeLoader):
     """yaml.safe_load, plus: a key given twice in one mapping is an error (YAML keeps the last
-    silently), and ``1e-4`` is a float as in YAML 1.2 (YAML 1.1 needs a dot: ``1.0e-4``)."""
+    silently), and numbers read as in YAML 1.2: ``1e-4`` is a float (YAML 1.1 needs a dot:
+    ``1.0e-4``) and integers are decimal (``010`` is 10, not YAML 1.1's octal 8; ``1:30`` is text, not
+    base-60 90), hexadecimal ``0x1f`` or octal ``0o17``."""
+
+    def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
+        text = str(self.construct_scalar(node)).replace("_", "")
+        sign = -1 if text.startswith("-") else 1
+        digits = text.lstrip("+-")
+        if digits[:2] in ("0x", "0o"):
+            return sign * int(digits[2:], 16 if digits[1] == "x" else 8)
+        return sign * int(digits, 10)
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
         seen: set = set()
@@ -259,6 +270,12 @@ class _ConfigLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+_ConfigLoader.yaml_implicit_resolvers = {  # drop YAML 1.1's int rule (octal 010, base-60 1:30, 0b1)
+    first: [(tag, rule) for tag, rule in rules if tag != "tag:yaml.org,2002:int"]
+    for first, rules in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:int", re.compile(r"^(?:[-+]?[0-9][0-9_]*|0x[0-9a-fA-F_]+|0o[0-7_]+)$"), list("-+0123456789"))
+_ConfigLoader.add_constructor("tag:yaml.org,2002:int", _ConfigLoader.construct_yaml_int)
 _ConfigLoader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
     re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
@@ -275,17 +292,23 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
     Raises ConfigError naming the file and the offending key.
     """
-    tree: dict[str, Any] = dict(base or {})
+    tree: dict[str, Any] = copy.deepcopy(base or {})
     source = "<defaults>"
     if path is not None:
         source = str(path)
         p = Path(path)
+        if p.is_dir():
+            raise ConfigError(f"config {p} is a folder; give a YAML file (e.g. configs/tiny.yaml)")
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
         try:
-            loaded = _yaml(p.read_text()) or {}
+            loaded = _yaml(p.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as exc:
             raise ConfigError(f"{p}: not valid YAML: {exc}") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{p}: not UTF-8 text (byte {exc.start}: {exc.reason}); a config is a YAML file") from None
+        except OSError as exc:
+            raise ConfigError(f"{p}: cannot read: {exc.strerror}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{p}: top level must be a mapping of sections")
         tree.update(loaded)

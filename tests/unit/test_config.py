@@ -180,3 +180,31 @@ def test_every_setting_is_documented_in_its_sections_docstring():
             if not is_section and name not in words:
                 undocumented.append(f"{cls.__name__}.{name}")
     assert undocumented == []
+
+
+def test_integers_read_as_yaml_1_2_in_overrides_and_files(tmp_path):
+    """YAML 1.1 (PyYAML's default) reads 010 as octal 8 and 1:30 as base-60 90; a config means decimal."""
+    cfg = load_config(TINY_CONFIG, ["seed=010", "curriculum.shuffle_seed=08", "eval.seeds=[010, 020]",
+                                    "optim.global_batch_size=0x10", "train.log_every_steps=1_000"])
+    assert (cfg.seed, cfg.curriculum.shuffle_seed, cfg.eval.seeds) == (10, 8, [10, 20])
+    assert (cfg.optim.global_batch_size, cfg.train.log_every_steps) == (16, 1000)
+    with pytest.raises(ConfigError, match=r"seed: Input should be a valid integer"):
+        load_config(TINY_CONFIG, ["seed=1:30"])
+    p = tmp_path / "c.yaml"
+    p.write_text("seed: 012\nmodels: {teacher: a, student: b}\ndata: {train_path: x}\noptim: {lr: -1.5e-3}\n")
+    with pytest.raises(ConfigError, match="optim.lr"):
+        load_config(p)
+    p.write_text("seed: -012\nmodels: {teacher: a, student: b}\ndata: {train_path: x}\n")
+    assert load_config(p).seed == -12
+
+
+def test_unreadable_config_files_and_an_untouched_base(tmp_path):
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes(b"run_name: caf\xe9\n")
+    with pytest.raises(ConfigError, match=r"latin1.yaml: not UTF-8 text \(byte 13: invalid continuation byte\)"):
+        load_config(latin1)
+    with pytest.raises(ConfigError, match="is a folder; give a YAML file"):
+        load_config(tmp_path)
+    base = {"models": {"teacher": "a", "student": "b"}, "data": {"train_path": "x", "max_length": 300}}
+    assert load_config(base=base, overrides=["data.max_length=400"]).data.max_length == 400
+    assert base["data"]["max_length"] == 300
