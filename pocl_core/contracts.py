@@ -330,12 +330,14 @@ def write_text_atomic(path: PathLike, text: str) -> Location:
 
 
 def read_table(path: PathLike | Sequence[Location]) -> pa.Table:
-    """Read a Parquet file, or several (a list of locations on one filesystem) as one table."""
+    """Read a Parquet file, or several (a list of locations on one filesystem) as one table.
+
+    Folder names are not data: no Hive partition columns from ``key=value`` folders in the path."""
     if isinstance(path, (list, tuple)):
         paths = [location(p) for p in path]
         if paths and isinstance(paths[0], ObjectPath):
-            return pq.read_table([p.key for p in paths], filesystem=paths[0].fs)
-        return pq.read_table([str(p) for p in paths])
+            return pq.read_table([p.key for p in paths], filesystem=paths[0].fs, partitioning=None)
+        return pq.read_table([str(p) for p in paths], partitioning=None)
     path = location(path)
     if isinstance(path, ObjectPath):
         return pq.read_table(path.key, filesystem=path.fs)

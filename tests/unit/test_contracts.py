@@ -80,3 +80,19 @@ def test_stale_outputs_name_nested_keys_and_an_older_writer(tmp_path, monkeypatc
     monkeypatch.setattr(contracts, "__version__", "9.9.9")
     with pytest.raises(StaleOutputError, match=r"written by pocl-distill \d+\.\d+\.\d+, this is 9\.9\.9"):
         check_provenance(path, {"source": {"max_length": 96, "template": "t"}, "k": 1})
+
+
+def test_key_value_folders_in_a_path_are_not_read_as_columns(tmp_path):
+    """pyarrow reads a list of files as a Hive-partitioned dataset by default: a runs_root such as
+    ``rank=x/`` added a column (or clashed with one) when several score shards were read at once."""
+    from pocl_core.contracts import read_table
+
+    folder = tmp_path / "lr=0.1" / "rank=x" / "scores"
+    folder.mkdir(parents=True)
+    paths = []
+    for i in range(2):
+        paths.append(folder / f"part-{i:05d}.parquet")
+        pq.write_table(pa.table({"sample_id": [f"s{i}"], "rank": [i]}), paths[-1])
+    both = read_table(paths)
+    assert both.schema.names == ["sample_id", "rank"] and both.column("rank").to_pylist() == [0, 1]
+    assert read_table(paths[0]).schema.names == ["sample_id", "rank"]
