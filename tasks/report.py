@@ -16,11 +16,16 @@ from tasks.common import publish_markdown, publish_table, task_logger
 from tasks.plots import plot_eval, plot_stage_rouge, plot_training, png_data_uri
 
 
+# The training-log fields the report's table and plot read (a subset of TRAIN_METRICS_FIELDS).
+REPORTED_FIELDS = ("global_step", "stage", "loss", "kd_loss", "ce_loss", "tokens_per_s", "temperature")
+
+
 def read_train_metrics(path: Location) -> list[dict]:
     """Metric rows from the training log, the last row per global step (a resumed run may repeat some).
 
-    A damaged line (a row torn by a killed run, then glued to the next run's first row) is skipped
-    with a warning naming the file and line: the report never fails on the training log.
+    A damaged line (a row torn by a killed run, then glued to the next run's first row), or a row
+    without a number for every field the report shows (``REPORTED_FIELDS``: a hand-edited or foreign
+    log), is skipped with a warning naming the file and line: the report never fails on the training log.
     """
     if not path.is_file():
         return []
@@ -30,8 +35,12 @@ def read_train_metrics(path: Location) -> list[dict]:
             continue
         try:
             row = json.loads(line)
+            missing = [k for k in REPORTED_FIELDS if not isinstance(row.get(k), (int, float))
+                       or isinstance(row.get(k), bool)]
+            if missing:
+                raise ValueError(f"no number for {', '.join(missing)}")
             rows[int(row["global_step"])] = row
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, TypeError, AttributeError) as exc:
             logging.getLogger("pocl").warning("report: skipping line %d of %s: %s", number, path, exc)
     return [rows[k] for k in sorted(rows)]
 
@@ -45,7 +54,9 @@ def render_report(cfg: PoclConfig, metrics: list[dict], train_rows: list[dict], 
     lines = [f"# POCL distillation report: `{cfg.run_name}`", "",
              f"- teacher: `{cfg.models.teacher}`", f"- student (initial): `{cfg.models.student}`",
              f"- loss: `{cfg.loss.name}` {cfg.loss.params or ''}", f"- strategy: `{cfg.curriculum.strategy}`, "
-             f"{cfg.curriculum.num_stages} stages × {cfg.curriculum.epochs_per_stage} epoch(s)", "",
+             + (f"one stage over every bucket with the optimizer steps of {cfg.curriculum.num_stages} stages × "
+                f"{cfg.curriculum.epochs_per_stage} epoch(s)" if cfg.curriculum.strategy == "none" else
+                f"{cfg.curriculum.num_stages} stages × {cfg.curriculum.epochs_per_stage} epoch(s)"), "",
              "## Held-out evaluation", "",
              "| model | ROUGE-L (×100) | ± std over seeds | greedy ROUGE-L | NLL (nats/token) |",
              "|---|---:|---:|---:|---:|"]
