@@ -69,6 +69,13 @@ class DataConfig(_Section):
     def _check(self) -> "DataConfig":
         if self.prompt_template != "chat" and "{prompt}" not in self.prompt_template:
             raise ValueError("data.prompt_template must contain '{prompt}' or be 'chat' (the tokenizer's chat template)")
+        if self.prompt_template != "chat":
+            try:
+                self.prompt_template.format(prompt="")
+            except (KeyError, IndexError, ValueError, AttributeError) as exc:
+                raise ValueError(f"data.prompt_template is a Python format string whose only field is {{prompt}}, "
+                                 f"and formatting it fails ({type(exc).__name__}: {exc}): write a literal brace "
+                                 "as '{{' or '}}'") from None
         if self.eval_path is None and self.eval_fraction <= 0:
             raise ValueError("data.eval_fraction is 0 and there is no data.eval_path: the run would have no "
                              "held-out samples to evaluate; set data.eval_fraction > 0 (e.g. 0.1) or data.eval_path")

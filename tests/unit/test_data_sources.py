@@ -3,6 +3,7 @@
 import json
 import logging
 import os
+import re
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -131,6 +132,12 @@ def test_data_config_template_and_policies():
     assert (cfg.on_bad_rows, cfg.long_prompts) == ("error", "truncate")
     with pytest.raises(ValueError, match="must contain '\\{prompt\\}' or be 'chat'"):
         DataConfig(train_path="x.jsonl", prompt_template="Question:")
+    for template, error in (('Reply as JSON {"answer": ...}\n{prompt}', "KeyError: '\"answer\"'"),
+                            ("{prompt} }", "ValueError: Single '}' encountered"), ("{0}: {prompt}", "IndexError")):
+        with pytest.raises(ValueError, match=r"only field is \{prompt\}, and formatting it fails \(" + re.escape(error)):
+            DataConfig(train_path="x.jsonl", prompt_template=template)
+    assert DataConfig(train_path="x.jsonl", prompt_template='JSON {{"a": 1}}: {prompt}').prompt_template.format(
+        prompt="p") == 'JSON {"a": 1}: p'
     base = {"models": {"teacher": "t", "student": "s"}, "data": {"train_path": "x.jsonl"}}
     for key in ("on_bad_rows", "long_prompts"):
         with pytest.raises(ConfigError, match=rf"data\.{key}: Input should be"):
