@@ -44,8 +44,9 @@ class DataConfig(_Section):
 
     train_path: JSONL / Parquet file or Hugging Face dataset folder (``Dataset.save_to_disk``) with
     Dolly, Alpaca or ``prompt``/``response`` fields.
-    eval_path: held-out file; when absent, ``eval_fraction`` of train_path is held out by a stable
-    hash of the sample id. prompt_template: a format string whose ``{prompt}`` is replaced, or
+    eval_path: held-out file, sharing no sample (prompt and response) with train_path; when absent,
+    ``eval_fraction`` of train_path is held out by a stable hash of the sample id.
+    prompt_template: a format string whose ``{prompt}`` is replaced (a literal brace is ``{{``), or
     ``chat``: the tokenizer's chat template with one user turn and the assistant header.
     max_prompt_length / max_length: token limits. long_prompts: ``truncate`` cuts a longer prompt's
     own text from the left (keeps its end and the template's BOS, markers and response header); ``drop`` removes such samples at load time (counted in the log).

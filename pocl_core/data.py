@@ -205,6 +205,13 @@ def split_holdout(samples: Sequence[Sample], fraction: float) -> tuple[list[Samp
     return train, held
 
 
+def shared_samples(train: Sequence[Sample], held: Sequence[Sample]) -> list[Sample]:
+    """The samples of ``held`` whose prompt and response both equal a sample's in ``train`` (ids aside:
+    two files may number their rows alike)."""
+    seen = {(s.prompt, s.response) for s in train}
+    return [s for s in held if (s.prompt, s.response) in seen]
+
+
 def cap_samples(samples: Sequence[Sample], limit: int | None) -> list[Sample]:
     """Keep at most ``limit`` samples, chosen by id hash (independent of file order)."""
     if limit is None or len(samples) <= limit:

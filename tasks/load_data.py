@@ -9,7 +9,7 @@ from prefect import task
 from pocl_core.config import PoclConfig
 from pocl_core.contracts import SAMPLES_SCHEMA, RunPaths, check_provenance, read_metadata, write_table_atomic
 from pocl_core.data import (DataError, cap_samples, dataset_fingerprint, drop_long_prompts, load_samples,
-                            samples_to_table, split_holdout)
+                            samples_to_table, shared_samples, split_holdout)
 from pocl_core.fingerprints import path_fingerprint
 from pocl_core.models import load_tokenizer, tokenizer_fingerprint
 from tasks.common import task_logger
@@ -84,6 +84,11 @@ def load_dataset(cfg: PoclConfig) -> DatasetSplits:
         train = samples
         held, dropped_eval = load_samples(cfg.data.eval_path, cfg.data.on_bad_rows)
         dropped += dropped_eval
+        both = shared_samples(train, held)
+        if both:
+            raise DataError(f"{cfg.data.eval_path}: {len(both)} of its {len(held)} held-out samples are also in "
+                            f"{cfg.data.train_path} (same prompt and response; the first is id {both[0].sample_id!r}): "
+                            "a held-out score would include trained samples; remove them from one of the files")
         read_held = len(held)
     else:
         train, held = split_holdout(samples, cfg.data.eval_fraction)

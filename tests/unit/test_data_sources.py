@@ -227,3 +227,19 @@ def test_load_dataset_names_a_missing_data_file(run_config, tmp_path):
 
     with pytest.raises(DataError, match=r"data file not found: .*missing\.jsonl"):
         load_dataset.fn(run_config(f"data.eval_path={tmp_path / 'missing.jsonl'}"))
+
+
+def test_a_held_out_file_sharing_samples_with_the_training_file_is_refused(run_config, tmp_path):
+    pytest.importorskip("prefect")
+    from tasks.load_data import load_dataset
+
+    held = tmp_path / "held.jsonl"
+    rows = [{"id": 0, "instruction": "unseen question", "response": "unseen answer"},
+            {**GOOD, "id": 1, "instruction": "cat " * 21}]  # row r1 of the training file, under another id
+    held.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(DataError, match=r"held.jsonl: 1 of its 2 held-out samples are also in .*d\.jsonl "
+                                        r"\(same prompt and response; the first is id '1'\)"):
+        load_dataset.fn(run_config(f"data.eval_path={held}", "data.on_bad_rows=drop"))
+    held.write_text(json.dumps(rows[0]) + "\n")
+    splits = load_dataset.fn(run_config(f"data.eval_path={held}", "data.on_bad_rows=drop", "run_name=ok"))
+    assert (splits.num_train, splits.num_eval) == (40, 1)
