@@ -126,10 +126,9 @@ def _untie(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def verify_checkpoint(folder: str | Path | ObjectPath) -> None:
-    """Raise CheckpointError unless the manifest is readable, lists every required file, and every
-    checksum matches (local or remote)."""
-    folder = location(folder)
+def _read_manifest(folder: Location) -> dict[str, str]:
+    """The manifest's {file: sha256}; CheckpointError when it is missing, unreadable or leaves out a
+    required file."""
     manifest_path = folder / MANIFEST
     if not manifest_path.is_file():
         raise CheckpointError(f"{folder}: no {MANIFEST} (incomplete checkpoint)")
@@ -142,7 +141,24 @@ def verify_checkpoint(folder: str | Path | ObjectPath) -> None:
     unlisted = [name for name in REQUIRED_FILES if name not in manifest]
     if unlisted:
         raise CheckpointError(f"{folder}: {MANIFEST} does not list {', '.join(unlisted)}")
-    for name, digest in manifest.items():
+    return manifest
+
+
+def check_complete(folder: str | Path | ObjectPath) -> None:
+    """Raise CheckpointError unless the manifest is readable, lists every required file, and every
+    file it lists is there: what an interrupted write or copy leaves fails this. Reads no file's
+    bytes (``verify_checkpoint`` also compares the checksums)."""
+    folder = location(folder)
+    missing = [name for name in _read_manifest(folder) if not (folder / name).is_file()]
+    if missing:
+        raise CheckpointError(f"{folder}: missing {', '.join(missing)}")
+
+
+def verify_checkpoint(folder: str | Path | ObjectPath) -> None:
+    """Raise CheckpointError unless the manifest is readable, lists every required file, and every
+    checksum matches (local or remote)."""
+    folder = location(folder)
+    for name, digest in _read_manifest(folder).items():
         path = folder / name
         if not path.is_file():
             raise CheckpointError(f"{folder}: missing {name}")

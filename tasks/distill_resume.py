@@ -20,7 +20,7 @@ from pocl_core.config import PoclConfig
 from pocl_core.data import EncodedSample
 from pocl_core.on_policy import OnPolicyMixer
 from pocl_core.storage import Location, ObjectPath, download_dir
-from tasks.run_checkpoints import list_checkpoints, newest_valid_checkpoint
+from tasks.run_checkpoints import experiment_dir, list_checkpoints, newest_valid_checkpoint
 
 
 @dataclass
@@ -40,10 +40,11 @@ class Resumed:
 def resume_checkpoint(loop_config: dict[str, Any], student_lm: torch.nn.Module, cfg: PoclConfig) -> Resumed | None:
     """Load the newest valid checkpoint's weights into ``student_lm``; None when there is none.
 
-    Candidates, newest first: every checkpoint folder in the run's storage (Ray Train registers a
-    reported checkpoint only at its next poll, so a run killed right after a report can leave a
-    complete, verified checkpoint that Ray does not know; using it avoids redoing finished work),
-    then Ray Train's latest checkpoint if it lives elsewhere (copied locally). Each must pass its
+    Candidates, newest first: every complete checkpoint folder in the run's storage (Ray Train
+    registers a reported checkpoint only at its next poll, so a run killed right after a report can
+    leave a complete, verified checkpoint that Ray does not know; using it avoids redoing finished
+    work; folders an interrupted write left incomplete are not candidates), preceded by Ray Train's
+    latest checkpoint only if it lives outside that storage (copied locally). Each must pass its
     checksums, read through the run folder's filesystem; a remote one is then downloaded to a local
     temporary folder (verified again there) and deleted once read.
     """
@@ -51,7 +52,8 @@ def resume_checkpoint(loop_config: dict[str, Any], student_lm: torch.nn.Module, 
     latest = ray.train.get_checkpoint()
     local_copy = None
     try:
-        if latest is not None and Path(latest.path).name not in {c.name for c in candidates}:
+        in_storage = {p.name for p in experiment_dir(loop_config["run_dir"]).glob("checkpoint_*")}
+        if latest is not None and Path(latest.path).name not in in_storage:
             local_copy = tempfile.mkdtemp(prefix="pocl-resume-")
             with latest.as_directory() as d:
                 shutil.copytree(d, local_copy, dirs_exist_ok=True)
@@ -60,7 +62,10 @@ def resume_checkpoint(loop_config: dict[str, Any], student_lm: torch.nn.Module, 
             return None
         chosen = newest_valid_checkpoint(candidates)
         if chosen is None:
-            raise RuntimeError(f"no valid checkpoint to resume from in {loop_config['run_dir']} (all fail their checksums)")
+            raise RuntimeError(
+                f"no checkpoint of {experiment_dir(loop_config['run_dir'])} passes its checksums (each one is "
+                "named in a warning above): the saved files were altered or damaged after they were written; "
+                "remove those folders to start training again, or use a new run_name")
         found = json.loads((chosen / "position.json").read_text()).get("train_key")
         if found != loop_config["train_key"]:
             raise RuntimeError(

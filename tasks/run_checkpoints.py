@@ -13,7 +13,7 @@ import json
 import logging
 from pathlib import Path
 
-from pocl_core.checkpoint import CheckpointError, verify_checkpoint
+from pocl_core.checkpoint import CheckpointError, check_complete, verify_checkpoint
 from pocl_core.storage import Location, ObjectPath, location, remove_tree
 
 EXPERIMENT_NAME = "distill"
@@ -28,11 +28,18 @@ def experiment_dir(run_dir: str | Path | ObjectPath) -> Location:
 
 
 def _positions(run_dir: str | Path | ObjectPath) -> dict[Location, dict]:
-    """Each checkpoint folder's position.json (folders being built, ``*.tmp``, and unreadable
-    positions are left out; the latter with a warning: a damaged checkpoint is never resumed)."""
+    """Each complete checkpoint folder's position.json. Left out: folders being built (``*.tmp``),
+    those an interrupted write or copy left without a complete manifest (a manifest that is missing
+    or names a file that is not there; Ray Train copies a checkpoint's files in no fixed order), and,
+    with a warning, unreadable positions: such a checkpoint is never resumed or counted as kept."""
     found = {}
     for p in experiment_dir(run_dir).glob("checkpoint_*"):
         if p.name.endswith(".tmp") or not p.is_dir() or not (p / "position.json").is_file():
+            continue
+        try:
+            check_complete(p)
+        except CheckpointError as exc:
+            log.info("ignoring checkpoint %s, an interrupted write: %s", p, exc)
             continue
         try:
             position = json.loads((p / "position.json").read_text())
@@ -45,7 +52,7 @@ def _positions(run_dir: str | Path | ObjectPath) -> dict[Location, dict]:
 
 
 def list_checkpoints(run_dir: str | Path | ObjectPath) -> list[Location]:
-    """Checkpoint folders of a run that hold a readable position, oldest first (by global step)."""
+    """Complete checkpoint folders of a run (see ``_positions``), oldest first (by global step)."""
     positions = _positions(run_dir)
     return sorted(positions, key=lambda p: (int(positions[p]["global_step"]), p.name))
 
@@ -85,7 +92,7 @@ def prune_checkpoints(run_dir: str | Path | ObjectPath, used: Location, keep: in
     """Remove the checkpoint folders a finished training no longer needs; returns those removed.
 
     Always: leftovers of interrupted writes (``*.tmp`` folders, checkpoint folders without a readable
-    position.json), which are never resumed. With ``keep`` (``train.keep_checkpoints``): also every
+    position.json or a complete manifest), which are never resumed. With ``keep`` (``train.keep_checkpoints``): also every
     complete checkpoint but the ``keep`` newest up to ``used`` (the one the student was saved from,
     always kept) and those after ``used``, which failed verification. Ray Train prunes only the
     checkpoints it registered; this catches the rest: those of a killed attempt after its last

@@ -1,13 +1,14 @@
 import hashlib
 import json
+import logging
 import random
 
 import numpy as np
 import pytest
 import torch
 
-from pocl_core.checkpoint import (CheckpointError, Position, load_checkpoint, read_replay_buffers, read_rng_states,
-                                  rng_state, save_checkpoint, set_rng_state, verify_checkpoint)
+from pocl_core.checkpoint import (REQUIRED_FILES, CheckpointError, Position, load_checkpoint, read_replay_buffers,
+                                  read_rng_states, rng_state, save_checkpoint, set_rng_state, verify_checkpoint)
 from pocl_core.data import EncodedSample
 from pocl_core.config import StorageConfig
 from pocl_core.storage import location
@@ -129,29 +130,46 @@ def test_resume_candidates_skip_damaged_and_half_built_folders(tmp_path, caplog)
     for step in (4, 8, 12):
         save_checkpoint(root / f"checkpoint_{step:03d}", model, opt, sched, Position(0, step, step, 8 * step),
                         extra={"train_key": "k" if step < 12 else "other"})
-    (root / "checkpoint_008" / "manifest.json").write_text('{"model.safe')  # torn manifest
+    (root / "checkpoint_008" / "model.safetensors").write_bytes(b"damaged")  # fails its checksum
     save_checkpoint(root / "checkpoint_016.tmp", model, opt, sched, Position(1, 0, 16, 128))  # being built
     (root / "checkpoint_020").mkdir()
     (root / "checkpoint_020" / "position.json").write_text("")  # torn position
-    found = list_checkpoints(tmp_path)
+    for step, damage in ((24, "torn manifest"), (28, "no manifest"), (32, "a listed file missing")):
+        folder = root / f"checkpoint_{step:03d}"  # what an interrupted write or copy leaves
+        save_checkpoint(folder, model, opt, sched, Position(2, 0, step, 8 * step), extra={"train_key": "k"})
+        if damage == "torn manifest":
+            (folder / "manifest.json").write_text('{"model.safe')
+        elif damage == "no manifest":
+            (folder / "manifest.json").unlink()
+        else:
+            (folder / "optimizer.pt").unlink()
+    with caplog.at_level(logging.INFO, logger="pocl"):
+        found = list_checkpoints(tmp_path)
     assert [p.name for p in found] == ["checkpoint_004", "checkpoint_008", "checkpoint_012"]
     assert "checkpoint_020" in caplog.text
+    assert "checkpoint_024, an interrupted write: " in caplog.text and "unreadable manifest.json" in caplog.text
+    assert "checkpoint_028: no manifest.json" in caplog.text and "checkpoint_032: missing optimizer.pt" in caplog.text
     # newest first: 012 is valid (another key, see below), 008 is skipped, 004 is the fallback
     assert newest_valid_checkpoint([found[1], found[0]]).name == "checkpoint_004"
-    assert "checkpoint_008" in caplog.text and "unreadable manifest.json" in caplog.text
+    assert "checkpoint_008: checksum mismatch for model.safetensors" in caplog.text
     assert [p.name for p in foreign_checkpoints(tmp_path, "k")] == ["checkpoint_012"]
 
 
 def _plant_checkpoint_folders(run_dir) -> None:
-    """Complete checkpoints at global steps 10..50 (positions only), a half-built ``.tmp`` folder, a
-    folder without a position (an interrupted upload) and Ray Train's own snapshot file."""
+    """Complete checkpoints at global steps 10..50 (every required file and a manifest; dummy bytes),
+    a half-built ``.tmp`` folder, interrupted uploads (070 without a position, 045 without a manifest,
+    035 without a file its manifest lists) and Ray Train's own snapshot file."""
     root = experiment_dir(run_dir)
-    for name in ("checkpoint_010", "checkpoint_020", "checkpoint_030", "checkpoint_040", "checkpoint_050",
-                 "checkpoint_060.tmp", "checkpoint_070"):
+    left_out = {"checkpoint_070": "position.json", "checkpoint_035": "optimizer.pt", "checkpoint_045": "manifest.json"}
+    for name in ("checkpoint_010", "checkpoint_020", "checkpoint_030", "checkpoint_035", "checkpoint_040",
+                 "checkpoint_045", "checkpoint_050", "checkpoint_060.tmp", "checkpoint_070"):
         (root / name).mkdir(parents=True, exist_ok=True)
-        (root / name / "model.safetensors").write_bytes(b"w")
-        if name != "checkpoint_070":
-            (root / name / "position.json").write_text(json.dumps({"global_step": int(name[11:14])}))
+        files = {f: b"w" for f in REQUIRED_FILES}
+        files["position.json"] = json.dumps({"global_step": int(name[11:14])}).encode()
+        files["manifest.json"] = json.dumps({f: "0" * 64 for f in REQUIRED_FILES}).encode()
+        for file, data in files.items():
+            if left_out.get(name) != file:
+                (root / name / file).write_bytes(data)
     (root / "checkpoint_manager_snapshot.json").write_text("{}")
 
 
@@ -162,8 +180,10 @@ def _names(run_dir) -> list[str]:
 @pytest.mark.parametrize("keep, used, left", [
     # keep_checkpoints unset: every complete checkpoint stays, the leftovers of interrupted writes go
     (None, 50, [10, 20, 30, 40, 50]),
-    # the keep newest up to the one the student came from; 50 (after it) failed verification
+    # the keep newest up to the one the student came from (035 and 045, incomplete, do not count);
+    # 50 (after it) failed verification
     (2, 40, [30, 40]),
+    (2, 50, [40, 50]),
     (1, 50, [50]),
     (9, 30, [10, 20, 30]),
 ])
@@ -174,7 +194,7 @@ def test_pruning_keeps_the_newest_complete_checkpoints_up_to_the_one_used(tmp_pa
     kept = [f"checkpoint_{s:03d}" for s in left]
     assert _names(tmp_path) == sorted(kept + ["checkpoint_manager_snapshot.json"])
     assert sorted(p.name for p in removed) == sorted(
-        {f"checkpoint_{s:03d}" for s in (10, 20, 30, 40, 50, 70)} - set(kept) | {"checkpoint_060.tmp"})
+        {f"checkpoint_{s:03d}" for s in (10, 20, 30, 35, 40, 45, 50, 70)} - set(kept) | {"checkpoint_060.tmp"})
 
 
 def test_pruning_refuses_a_used_checkpoint_that_is_not_complete(tmp_path):
@@ -194,8 +214,8 @@ def test_pruning_never_removes_a_checkpoint_ray_trains_snapshot_names(tmp_path, 
     used = experiment_dir(tmp_path) / "checkpoint_040"
     removed = prune_checkpoints(tmp_path, used, 1)
     assert _names(tmp_path) == ["checkpoint_020", "checkpoint_040", "checkpoint_050", snapshot.name]
-    assert sorted(p.name for p in removed) == ["checkpoint_010", "checkpoint_030", "checkpoint_060.tmp",
-                                               "checkpoint_070"]
+    assert sorted(p.name for p in removed) == ["checkpoint_010", "checkpoint_030", "checkpoint_035", "checkpoint_045",
+                                               "checkpoint_060.tmp", "checkpoint_070"]
     snapshot.write_text('{"checkpoint_results": [{"checkpoint_dir')  # torn: nothing can be ruled out
     assert prune_checkpoints(tmp_path, used, 1) == []
     assert "no checkpoint is pruned" in caplog.text
@@ -208,5 +228,5 @@ def test_pruning_works_in_an_object_store(s3_server, s3_bucket):
     _plant_checkpoint_folders(run_dir)
     removed = prune_checkpoints(run_dir, experiment_dir(run_dir) / "checkpoint_040", 2)
     assert _names(run_dir) == ["checkpoint_030", "checkpoint_040", "checkpoint_manager_snapshot.json"]
-    assert sorted(p.name for p in removed) == ["checkpoint_010", "checkpoint_020", "checkpoint_050",
-                                               "checkpoint_060.tmp", "checkpoint_070"]
+    assert sorted(p.name for p in removed) == ["checkpoint_010", "checkpoint_020", "checkpoint_035", "checkpoint_045",
+                                               "checkpoint_050", "checkpoint_060.tmp", "checkpoint_070"]
