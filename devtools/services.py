@@ -20,9 +20,9 @@ def prefect_and_ray(root: Path, env: dict[str, str], num_cpus: int = 2) -> Itera
     port = free_port()
     api_url = f"http://127.0.0.1:{port}/api"
     server_env = {**env, "PREFECT_HOME": str(root / "prefect-server-home"), "PREFECT_UI_ENABLED": "false"}
+    cluster = LocalRayCluster(num_cpus_per_node=num_cpus, root=Path(tempfile.mkdtemp(prefix="ray-", dir=root)))
     server = start_service("prefect server", [str(PREFECT_CLI), "server", "start", "--host", "127.0.0.1",
                                               "--port", str(port)], server_env, root / "prefect-server.log")
-    cluster = LocalRayCluster(num_cpus_per_node=num_cpus, root=Path(tempfile.mkdtemp(prefix="ray-", dir=root)))
     try:
         wait_until("the Prefect server's API", lambda: api_healthy(api_url), 180, (server,))
         cluster.start(1)

@@ -159,3 +159,10 @@ def test_docker_compose_config_accepts_the_file():
                     "the structural tests above cover the file")
     res = subprocess.run([*cli, "-f", str(COMPOSE), "config", "--quiet"], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
+
+
+def test_no_ray_dashboard_is_published_by_an_image_without_its_web_server():
+    """The images install ray[train], not ray[default]: Ray starts no dashboard web server there."""
+    text = (REPO / "docker" / "compose.yaml").read_text()
+    assert "8265" not in text and "dashboard-host" not in text
+    assert "ray[default]" not in (REPO / "pyproject.toml").read_text()
