@@ -79,6 +79,9 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         if n <= 0:
             raise ConfigError(f"--num-samples must be a positive number of training samples, got {n}")
         source = f"--num-samples {n}"
+        if cfg.data.max_train_samples is not None and n > cfg.data.max_train_samples:
+            n = cfg.data.max_train_samples
+            source += f", capped by data.max_train_samples={n}"
     else:
         samples, _ = load_samples(cfg.data.train_path, cfg.data.on_bad_rows)
         train = samples if cfg.data.eval_path else split_holdout(samples, cfg.data.eval_fraction)[0]
@@ -144,7 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     plan = sub.add_parser("plan", help="print the stage plan of a config without loading models")
     plan.add_argument("--config", required=True)
     plan.add_argument("--num-samples", type=int, default=None,
-                      help="training-set size to plan for (default: count the config's data file)")
+                      help="training-set size to plan for, before data.max_train_samples caps it "
+                           "(default: count the config's data file)")
     plan.add_argument("overrides", nargs="*")
     plan.set_defaults(func=_cmd_plan)
     cmp_ = sub.add_parser("compare", help="compare strategies x losses x seeds over one shared scoring pass")

@@ -135,3 +135,11 @@ def test_compare_overrides_after_a_list_option_are_overrides(argv):
 def test_compare_refuses_what_its_variants_would_ignore_or_misplace(extra, message, capsys):
     assert main(["compare", "--config", "configs/tiny.yaml", *extra]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_plan_applies_the_training_cap_to_num_samples(capsys):
+    assert main(["plan", "--config", "configs/tiny.yaml", "--num-samples", "100", "data.max_train_samples=10"]) == 0
+    out = capsys.readouterr().out
+    assert "10 training samples (--num-samples 100, capped by data.max_train_samples=10)" in out
+    assert main(["plan", "--config", "configs/tiny.yaml", "--num-samples", "8", "data.max_train_samples=10"]) == 0
+    assert "8 training samples (--num-samples 8)" in capsys.readouterr().out
