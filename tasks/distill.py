@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Iterator
 
 import ray
+import torch
 from prefect import task
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
@@ -178,6 +179,20 @@ def check_gpus(cfg: PoclConfig, needed: int, job: str) -> None:
     if ray_is_local(cfg.ray.address):
         raise ConfigError(f"{message}: set ray.use_gpu=false, fewer workers, or ray.address of a GPU cluster")
     task_logger().warning("%s now: the job waits until the cluster has them (autoscaling)", message)
+
+
+def check_local_gpus(cfg: PoclConfig) -> None:
+    """Before any work: with ray.use_gpu on a local Ray (``ray_is_local``), a machine with fewer CUDA
+    devices than training's workers need (one each; one in local mode) is a ConfigError. Without it,
+    scoring in this process would fall back to the CPU with a warning and training would be refused
+    only after it. A cluster's GPUs are checked when its jobs start (``check_gpus``)."""
+    if not cfg.ray.use_gpu or not ray_is_local(cfg.ray.address):
+        return
+    needed, found = max(1, cfg.ray.num_workers), torch.cuda.device_count()
+    if found < needed:
+        raise ConfigError(f"ray.use_gpu is true and training with ray.num_workers={cfg.ray.num_workers} needs "
+                          f"{needed} GPU(s) on this machine's local Ray, but CUDA sees {found}: set "
+                          "ray.use_gpu=false, fewer workers, or ray.address of a GPU cluster")
 
 
 def worker_runtime_env(cfg: RayConfig) -> dict:

@@ -72,3 +72,27 @@ def test_scoring_on_ray_checks_for_gpus_before_any_task(monkeypatch):
     with pytest.raises(ConfigError, match=r"scoring \(one GPU per shard task\) needs 1 GPU\(s\), but the Ray cluster has 0"):
         score_mod._run_on_ray(cfg, [object()], {}, {}, "/nonexistent")
     assert submitted == []
+
+
+def test_the_flow_refuses_use_gpu_on_a_local_ray_without_enough_gpus_before_any_work(monkeypatch, tmp_path):
+    """Scoring in the flow's process would fall back to the CPU and training be refused only after it."""
+    from flows.pipeline import resolve_config
+    from pocl_core.config import ConfigError
+    from tests.conftest import TINY_CONFIG
+
+    monkeypatch.setattr(distill_mod.ray, "is_initialized", lambda: False)  # the config says which Ray
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    gpus = {"count": 0}
+    monkeypatch.setattr(distill_mod.torch.cuda, "device_count", lambda: gpus["count"])
+    runs = f"runs_root={tmp_path}"
+    with pytest.raises(ConfigError, match=r"ray.num_workers=2 needs 2 GPU\(s\) on this machine's local Ray, but CUDA "
+                                          r"sees 0: set ray.use_gpu=false"):
+        resolve_config(str(TINY_CONFIG), ["ray.use_gpu=true", runs], None)
+    gpus["count"] = 1
+    with pytest.raises(ConfigError, match=r"needs 2 GPU\(s\) .* CUDA sees 1"):
+        resolve_config(str(TINY_CONFIG), ["ray.use_gpu=true", runs], None)
+    assert resolve_config(str(TINY_CONFIG), ["ray.use_gpu=true", "ray.num_workers=1", runs], None).ray.use_gpu
+    assert resolve_config(str(TINY_CONFIG), ["ray.use_gpu=true", "ray.num_workers=0", runs], None).ray.use_gpu
+    gpus["count"] = 0  # a cluster's GPUs are checked when its jobs start
+    assert resolve_config(str(TINY_CONFIG), ["ray.use_gpu=true", runs], None, ray_address="10.0.0.5:6379").ray.use_gpu
+    assert not list(tmp_path.iterdir())  # nothing written
