@@ -32,7 +32,8 @@ def build_deployment(spec: DeploymentSpec):
         description=spec.description,
         tags=list(spec.tags),
         parameters=dict(spec.parameters),
-        schedules=[Cron(spec.schedule.cron, timezone=spec.schedule.timezone, active=spec.schedule.active)],
+        schedules=[Cron(spec.schedule.cron, timezone=spec.schedule.timezone, active=spec.schedule.active,
+                        parameters=dict(spec.schedule.parameters))],
     )
 
 

@@ -20,11 +20,15 @@ REPO_DIR_ENV = "POCL_REPO_DIR"
 
 @dataclass(frozen=True)
 class CronSpec:
-    """A cron schedule; shipped inactive (an example to switch on in the UI or here)."""
+    """A cron schedule; shipped inactive (an example to switch on in the UI or here). ``parameters``
+    override the deployment's for the runs it creates: ``run_name: <name>-{scheduled}`` gives each
+    scheduled run its own folder (see ``flows.pipeline.expand_run_name``); without it every run would
+    continue the config's run folder, find it finished and train nothing."""
 
     cron: str
     timezone: str = "UTC"
     active: bool = False
+    parameters: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -54,7 +58,7 @@ DEPLOYMENTS: tuple[DeploymentSpec, ...] = (
         description="SmolLM2-135M-Instruct -> 4-layer student on WordNet (configs/quickstart.yaml); "
                     "minutes on a 2-core CPU. Needs `pocl prepare-quickstart` once on the worker.",
         parameters=_parameters("configs/quickstart.yaml"),
-        schedule=CronSpec(cron="0 3 * * 1"),  # Mondays 03:00 UTC
+        schedule=CronSpec(cron="0 3 * * 1", parameters={"run_name": "quickstart-{scheduled}"}),  # Mondays 03:00 UTC
         tags=("pocl", "quickstart", "cpu"),
     ),
     DeploymentSpec(
@@ -62,7 +66,7 @@ DEPLOYMENTS: tuple[DeploymentSpec, ...] = (
         description="The reference recipe (configs/paper.yaml): GPT-2 XL -> GPT-2 on Dolly, 8 GPU workers; "
                     "set ray_address (or RAY_ADDRESS on the worker) to the cluster.",
         parameters=_parameters("configs/paper.yaml"),
-        schedule=CronSpec(cron="0 2 1 * *"),  # the 1st of each month, 02:00 UTC
+        schedule=CronSpec(cron="0 2 1 * *", parameters={"run_name": "paper-{scheduled}"}),  # 1st of the month, 02:00 UTC
         tags=("pocl", "paper", "gpu"),
     ),
 )

@@ -23,6 +23,7 @@ import logging
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timezone
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -64,7 +65,7 @@ def resolve_config(config_path: Optional[str], overrides: Optional[list[str]], r
     """
     extra = list(overrides or [])
     if run_name:
-        extra.append(f"run_name={json.dumps(run_name)}")
+        extra.append(f"run_name={json.dumps(expand_run_name(run_name))}")
     if ray_address:
         extra.append(f"ray.address={json.dumps(ray_address)}")
     cfg = load_config(config_path, extra).with_absolute_paths()
@@ -77,6 +78,19 @@ def resolve_config(config_path: Optional[str], overrides: Optional[list[str]], r
     if verify_inputs:
         check_inputs(cfg)
     return cfg
+
+
+SCHEDULED = "{scheduled}"
+
+
+def expand_run_name(run_name: str) -> str:
+    """``run_name`` with ``{scheduled}`` replaced by the flow run's scheduled start, UTC ``YYYYMMDD-HHMM``
+    (outside a flow run: now). A schedule whose runs pass ``run_name: nightly-{scheduled}`` gives each
+    run its own folder, and a Retry of one of them (same scheduled start) resumes that folder."""
+    if SCHEDULED not in run_name:
+        return run_name
+    when = flow_run.scheduled_start_time
+    return run_name.replace(SCHEDULED, when.astimezone(timezone.utc).strftime("%Y%m%d-%H%M"))
 
 
 def current_flow_run_id() -> Optional[str]:
@@ -182,7 +196,8 @@ def pocl_distill(config_path: str = "configs/tiny.yaml", overrides: Optional[lis
     """Distil the configured teacher into the student with the POCL curriculum; returns the run's paths.
 
     config_path: YAML config (relative to the working directory). overrides: dotted ``key=value``
-    strings. run_name: the run folder's name under runs_root (default: the config's). ray_address:
+    strings. run_name: the run folder's name under runs_root (default: the config's); ``{scheduled}``
+    in it becomes the flow run's scheduled start (``expand_run_name``). ray_address:
     an existing Ray cluster (default: RAY_ADDRESS, else a local Ray). resume: continue the run when
     its folder exists (False: refuse to start).
     """

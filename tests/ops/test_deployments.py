@@ -72,7 +72,9 @@ def test_prefect_yaml_agrees_with_specs(spec, prefect_yaml):
     assert dep["description"] == spec.description
     assert tuple(dep["tags"]) == spec.tags
     (sched,) = dep["schedules"]
-    assert sched == {"cron": spec.schedule.cron, "timezone": spec.schedule.timezone, "active": spec.schedule.active}
+    assert sched == {"cron": spec.schedule.cron, "timezone": spec.schedule.timezone, "active": spec.schedule.active,
+                     "parameters": spec.schedule.parameters}
+    assert "{scheduled}" in sched["parameters"]["run_name"], "each scheduled run needs its own run folder"
     assert sched["active"] is False, "the schedule is an example; it ships switched off"
     assert dep["work_pool"]["name"] == WORK_POOL and dep["work_pool"]["work_queue_name"] == WORK_QUEUE
 
@@ -104,6 +106,7 @@ def test_serve_builds_the_same_deployments():
         (sched,) = dep.schedules
         assert sched.active is False
         assert (sched.schedule.cron, sched.schedule.timezone) == (spec.schedule.cron, spec.schedule.timezone)
+        assert sched.parameters == spec.schedule.parameters
 
 
 def test_serve_rejects_unknown_names(capsys):
@@ -113,3 +116,20 @@ def test_serve_rejects_unknown_names(capsys):
     assert "no deployment named 'nope'" in capsys.readouterr().err
     with pytest.raises(KeyError):
         spec_named("nope")
+
+
+def test_a_scheduled_run_name_is_its_scheduled_start_so_a_retry_resumes_it(monkeypatch, tmp_path):
+    """Prefect sets a flow run's expected start once, at its first state: a Retry keeps it."""
+    from datetime import datetime, timedelta, timezone
+    from types import SimpleNamespace
+
+    import flows.pipeline as pipeline
+
+    start = datetime(2026, 12, 7, 4, 0, tzinfo=timezone(timedelta(hours=1)))  # 03:00 UTC
+    monkeypatch.setattr(pipeline, "flow_run", SimpleNamespace(scheduled_start_time=start, id=None))
+    for spec in DEPLOYMENTS:
+        p = {**spec.parameters, **spec.schedule.parameters}
+        cfg = pipeline.resolve_config(str(REPO / p["config_path"]), [f"runs_root={tmp_path}"], p["run_name"],
+                                      p["ray_address"], verify_inputs=False)
+        assert cfg.run_name == f"{spec.name}-20261207-0300"
+    assert pipeline.expand_run_name("plain") == "plain"
