@@ -1,6 +1,7 @@
 """Held-out evaluation: ROUGE-L F1 (×100) of generations against references, and response NLL.
 
-ROUGE-L uses the ``rouge-score`` package with Porter stemming (the method's metric). Generations
+ROUGE-L uses the ``rouge-score`` package with Porter stemming (the method's metric), its tokenizer
+extended past ASCII (``UnicodeRougeTokenizer``: the same tokens for ASCII text). Generations
 are sampled per seed with the configured settings (temperature 1, top_k 0, top_p 1,
 no_repeat_ngram_size 6 by default; greedy when ``do_sample`` is False), plus one greedy pass when
 ``greedy`` is set (reported separately: it is seed-independent).
@@ -9,6 +10,7 @@ no_repeat_ngram_size 6 by default; greedy when ``do_sample`` is False), plus one
 from __future__ import annotations
 
 import functools
+import re
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -20,15 +22,39 @@ from pocl_core.data import Sample, encode_prompt, encode_sample, left_pad, pad_i
 from pocl_core.measures import ScoringContext, length_sorted_batches, logit_columns, measure_nll
 
 
+# Scripts written without spaces between words: each character is a token.
+_UNSPACED = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002fa1f"
+_TOKEN = re.compile(f"[{_UNSPACED}]|[^\\W_{_UNSPACED}]+")
+
+
+class UnicodeRougeTokenizer:
+    """rouge-score's default tokenization, extended to every script.
+
+    The default lowercases, keeps maximal runs of ``[a-z0-9]`` and Porter-stems those longer than 3
+    characters, so a text in any other script has no tokens and scores 0, even against itself. Here a
+    token is a maximal run of Unicode letters and digits (ASCII runs stemmed as before: ASCII text
+    gets exactly the default's tokens), and each Han, Hiragana or Katakana character is a token of its
+    own (those scripts do not put spaces between words).
+    """
+
+    def __init__(self) -> None:
+        from nltk.stem import porter  # what rouge-score's default tokenizer stems with
+
+        self._stemmer = porter.PorterStemmer()
+
+    def tokenize(self, text: str) -> list[str]:
+        return [self._stemmer.stem(t) if len(t) > 3 and t.isascii() else t for t in _TOKEN.findall(text.lower())]
+
+
 @functools.lru_cache(maxsize=1)
 def _rouge_scorer() -> Any:
     from rouge_score import rouge_scorer
 
-    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    return rouge_scorer.RougeScorer(["rougeL"], tokenizer=UnicodeRougeTokenizer())
 
 
 def rouge_l_f1(prediction: str, reference: str) -> float:
-    """ROUGE-L F1 in [0, 1] with stemming; 0 when either text has no tokens."""
+    """ROUGE-L F1 in [0, 1] with stemming (``UnicodeRougeTokenizer``); 0 when either text has no tokens."""
     return float(_rouge_scorer().score(reference, prediction)["rougeL"].fmeasure)
 
 
