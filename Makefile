@@ -13,7 +13,7 @@ export TOKENIZERS_PARALLELISM ?= false
 # Prefect's temporary server can take longer than its 20 s default to start on a busy 2-core machine.
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 
-.PHONY: setup run test test-fast bench bench-losses bench-scoring bench-training bench-orchestration bench-ray-report bench-flops clean tiny-models quickstart-models
+.PHONY: setup run test test-fast bench bench-losses bench-scoring bench-training bench-orchestration bench-ray-report bench-flops clean tiny-models quickstart-models gpu-wheels
 
 setup: $(STAMP)
 
@@ -63,6 +63,13 @@ bench-ray-report: $(STAMP)
 
 bench-flops: $(STAMP) quickstart-models
 	$(PY) -m benchmarks.bench_flops
+
+# Wheels for the GPU checks on an offline PyTorch CUDA machine (Python 3.12): every runtime dependency
+# its image lacks, Ray and Prefect slimmed (see devtools/offline_wheels.py); there, run
+# `devtools/gpu_check.sh OUTDIR` from the repository root.
+gpu-wheels: $(STAMP)
+	$(PY) -m devtools.offline_wheels --have devtools/cuda_image_packages.txt --python-version 3.12.3 \
+		--skip datasets --slim --out .whl
 
 clean:
 	rm -rf $(VENV) .cache runs
