@@ -81,6 +81,12 @@ def _prepare(
         ids = flat.topk_ids.to(torch.int64)
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
             raise ValueError(f"SparseTeacher.topk_ids must lie in [0, {vocab}) (the student vocabulary)")
+        if ids.shape[-1] > 1 and ids.numel():
+            ordered = ids.sort(dim=-1).values
+            repeated = (ordered[:, 1:] == ordered[:, :-1]).any(-1).nonzero()
+            if repeated.numel():
+                raise ValueError(f"SparseTeacher.topk_ids repeat an id within a row (first: token row "
+                                 f"{int(repeated[0])}); each row's ids must be distinct")
         # with k == V there is no tail bucket and the top-k mass is unused
         log_top = flat.log_top_mass(temperature) if flat.k < vocab else torch.zeros_like(flat.lse)
         return student_flat, (ids, flat.topk_logits, log_top), rows, True

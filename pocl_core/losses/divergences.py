@@ -84,7 +84,8 @@ def adaptive_kl_weights(p: Tensor, q: Tensor, mu: float) -> tuple[Tensor, Tensor
     """AKL's per-token head/tail weights (Wu et al. 2024), detached. Returns two ``[n]`` tensors.
 
     Sort the teacher's probabilities in descending order (stable sort, so ties keep column order)
-    and let ``c_i`` be the cumulative teacher mass up to and including rank ``i``. The *head* is
+    and let ``c_i`` be the cumulative teacher mass up to and including rank ``i``, as a share of the
+    row's total (rounding leaves that total a little off 1; so ``mu = 1`` is all head). The *head* is
     ``{i : c_i <= mu}`` plus the top-ranked token (so a teacher that puts more than ``mu`` on one token
     still has a one-token head); the *tail* is every other column. With
     ``g_head = Σ_head |p − q|`` and ``g_tail = Σ_tail |p − q|`` the weights are
@@ -95,7 +96,9 @@ def adaptive_kl_weights(p: Tensor, q: Tensor, mu: float) -> tuple[Tensor, Tensor
     with torch.no_grad():
         p_sorted, order = torch.sort(p, dim=-1, descending=True, stable=True)
         gap = (p_sorted - q.gather(-1, order)).abs()
-        in_head = p_sorted.cumsum(dim=-1) <= mu
+        mass = p_sorted.cumsum(dim=-1)
+        # normalised by the row's total, which rounding leaves slightly off 1 (mu = 1 is then all head)
+        in_head = mass <= mu * mass[..., -1:]
         in_head[..., 0] = True
         g_head = (gap * in_head).sum(-1)
         g_tail = (gap * ~in_head).sum(-1)

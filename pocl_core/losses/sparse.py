@@ -198,7 +198,10 @@ def teacher_bucket_log_probs(
         topk_logits: ``[n, k]`` raw teacher logits. log_top: ``[n]`` log of the teacher's top-k mass at
             T (:meth:`SparseTeacher.log_top_mass`). has_tail: False when the top-k covers the
             vocabulary; the tail bucket is then ``-inf``.
-    Rows whose top-k logits are all ``-inf`` come out all ``-inf`` (no teacher distribution).
+    Rows whose top-k logits are all ``-inf`` come out all ``-inf`` (no teacher distribution). A row
+    with some ``-inf`` among its top-k logits has no finite logit outside them (the top-k holds the
+    largest): its tail bucket is ``-inf`` too, not floored, so the −inf rule drops it from both sides
+    as the dense path drops those columns.
     """
     dtype = compute_dtype(topk_logits.dtype)
     tl = topk_logits.detach().to(dtype)
@@ -209,9 +212,11 @@ def teacher_bucket_log_probs(
     log_top = torch.where(empty, zero, log_top)
     shape = torch.log_softmax(tl / temperature, dim=-1)
     if has_tail:
-        # capped so that the tail keeps at least TAIL_FLOOR
-        log_top = log_top.clamp(max=math.log1p(-TAIL_FLOOR))
-        top, tail = shape + log_top, _log1mexp(log_top)
+        # capped so that the tail keeps at least TAIL_FLOOR, unless the teacher has no tail at all
+        no_tail = (tl == NEG_INF).any(-1, keepdim=True)
+        log_top = torch.where(no_tail, zero, log_top.clamp(max=math.log1p(-TAIL_FLOOR)))
+        top = shape + log_top
+        tail = torch.where(no_tail, torch.full((), NEG_INF, dtype=dtype, device=tl.device), _log1mexp(log_top))
     else:
         top, tail = shape, torch.full_like(log_top, NEG_INF)
     out = torch.cat([top, tail], dim=-1)

@@ -239,3 +239,13 @@ def test_akl_gradient_is_weighted_fkl_rkl_gradient_with_frozen_weights(chunk_siz
     rows = np.flatnonzero(mm)
     np.testing.assert_allclose(got[rows], expected[rows], rtol=1e-6, atol=1e-8)
     assert not np.isnan(got).any()
+
+
+def test_akl_with_mu_one_is_forward_kl_in_float32():
+    """The teacher's cumulative mass ends a rounding error above 1 in float32; the head is a share of
+    the row's total, so mu = 1 puts every column in the head (it put the last ranks in the tail)."""
+    g = torch.Generator().manual_seed(3)
+    s, t = torch.randn(64, 2000, generator=g) * 3, torch.randn(64, 2000, generator=g) * 3
+    mask = torch.ones(64)
+    akl = kd_divergence("akl", s, t, mask, 1.0, mu=1.0)
+    torch.testing.assert_close(akl, kd_divergence("fkl", s, t, mask, 1.0), rtol=1e-6, atol=0)

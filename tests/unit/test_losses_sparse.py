@@ -110,6 +110,30 @@ def test_negligible_teacher_tail_is_floored_not_infinite(name):
     assert buckets[:, -1].exp().min().item() == pytest.approx(TAIL_FLOOR, rel=1e-3)
 
 
+@pytest.mark.parametrize("name", LOSS_NAMES)
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_a_teacher_with_fewer_finite_logits_than_k_has_no_tail_and_matches_dense(name, temperature):
+    """A −inf among the cached logits means nothing finite outside the top-k: the dense path drops
+    those columns from both sides, so the tail bucket must go too (it was floored, RKL 16.5 vs 3.1)."""
+    t = torch.full((3, 9), float("-inf"), dtype=torch.float64)
+    t[0, [1, 4]] = torch.tensor([2.0, -1.0], dtype=torch.float64)
+    t[1, 6] = 0.5
+    t[2, [0, 2, 8]] = torch.tensor([1.0, 0.0, -0.5], dtype=torch.float64)  # k of them, so its top-k holds no −inf: left out
+    rows = torch.tensor([1, 1, 0])
+    s = rand(3, 9, seed=12)
+    sparse = SparseTeacher.from_logits(t, 3, temperatures=(temperature,))
+    x, y = s.clone().requires_grad_(True), s.clone().requires_grad_(True)
+    got = kd_divergence(name, x, sparse, rows, temperature)
+    want = kd_divergence(name, y, t, rows, temperature)
+    got.backward()
+    want.backward()
+    assert torch.isfinite(got)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(x.grad, y.grad, rtol=1e-9, atol=1e-12)
+    buckets = teacher_bucket_log_probs(sparse.topk_logits, sparse.log_top_mass(temperature), temperature, True)
+    assert buckets[:2, -1].tolist() == [float("-inf")] * 2 and torch.isfinite(buckets[2, -1])
+
+
 def test_sparse_kd_objective_and_three_d_cache():
     s, t = rand(2, 3, 12, seed=5), rand(2, 3, 12, seed=6)
     targets = torch.randint(0, 12, (2, 3), generator=torch.Generator().manual_seed(1))
@@ -147,6 +171,9 @@ def test_sparse_teacher_validation():
     bad = SparseTeacher(torch.tensor([[0, 7]]), torch.zeros(1, 2), torch.zeros(1))
     with pytest.raises(ValueError, match=r"topk_ids must lie in \[0, 5\)"):
         kd_divergence("fkl", torch.zeros(1, 5), bad, torch.ones(1))
+    twice = SparseTeacher(torch.tensor([[0, 1], [3, 3]]), torch.zeros(2, 2), torch.zeros(2))
+    with pytest.raises(ValueError, match=r"topk_ids repeat an id within a row \(first: token row 1\)"):
+        kd_divergence("fkl", torch.zeros(2, 5), twice, torch.ones(2))
     with pytest.raises(ValueError, match=r"SparseTeacher token shape \(2,\) must equal the student's \(3,\)"):
         kd_divergence("fkl", torch.zeros(3, 5), SparseTeacher(ids, logits, lse), torch.ones(3))
 
