@@ -37,7 +37,7 @@ from pocl_core.config import ConfigError, PoclConfig, load_config
 from pocl_core.contracts import RunPaths, StaleOutputError, dotted_differences, write_text_atomic
 from pocl_core.data import DataError
 from pocl_core.storage import ObjectPath, location, remove_tree
-from tasks.distill import check_local_gpus, distill
+from tasks.distill import check_local_gpus, check_ray_address, distill
 from tasks.evaluate import evaluate
 from tasks.load_data import load_dataset
 from tasks.partition import partition
@@ -126,9 +126,10 @@ def _looks_local(value: str) -> bool:
 
 def check_inputs(cfg: PoclConfig) -> None:
     """ConfigError for a model folder or data file that is not there, a data path that is a URI
-    (data files are read from the local disk; a model may be a hub id), or GPUs a local Ray lacks
-    (``check_local_gpus``)."""
+    (data files are read from the local disk; a model may be a hub id), GPUs a local Ray lacks
+    (``check_local_gpus``), or a Ray address that nothing answers on (``check_ray_address``)."""
     check_local_gpus(cfg)
+    check_ray_address(cfg)
     for key in ("teacher", "student", "tokenizer"):
         value = getattr(cfg.models, key)
         if value is not None and _looks_local(value) and not Path(value).expanduser().exists():

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -179,6 +180,23 @@ def check_gpus(cfg: PoclConfig, needed: int, job: str) -> None:
     if ray_is_local(cfg.ray.address):
         raise ConfigError(f"{message}: set ray.use_gpu=false, fewer workers, or ray.address of a GPU cluster")
     task_logger().warning("%s now: the job waits until the cluster has them (autoscaling)", message)
+
+
+def check_ray_address(cfg: PoclConfig, timeout_s: float = 5.0) -> None:
+    """ConfigError when the run's Ray (``ray_address``) is a ``host:port`` or ``ray://host:port`` that
+    nothing answers on within ``timeout_s``: ``ray.init`` would retry for minutes, after scoring, before
+    failing. ``local``, ``auto``, other forms and a Ray already initialised here are not checked."""
+    address = ray_address(cfg.ray.address)
+    host, sep, port = address.split("://", 1)[-1].rpartition(":")
+    if address in ("local", "auto") or ray.is_initialized() or not sep or not host or not port.isdigit():
+        return
+    source = "ray.address" if cfg.ray.address else "RAY_ADDRESS"
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise ConfigError(f"{source} {address}: nothing answers at {host}:{port} ({exc.strerror or exc}); start "
+                          "the cluster (`ray start --head`) or fix the address (the ray_address parameter, "
+                          "--ray-address, ray.address or RAY_ADDRESS)") from None
 
 
 def check_local_gpus(cfg: PoclConfig) -> None:

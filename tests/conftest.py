@@ -123,3 +123,12 @@ def s3_bucket(s3_server, monkeypatch):
     name = f"pocl-{uuid.uuid4().hex[:12]}"
     boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1").create_bucket(Bucket=name)
     return name
+
+
+@pytest.fixture
+def listening_address():
+    """``127.0.0.1:<port>`` of a socket that accepts connections (a stand-in Ray address that answers)."""
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        yield f"127.0.0.1:{server.getsockname()[1]}"

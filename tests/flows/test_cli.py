@@ -51,7 +51,7 @@ def test_run_no_resume_refuses_an_existing_run_folder_before_any_engine(tmp_path
     assert f"run folder {tmp_path / 'demo'} already exists and resume is false" in err and "Traceback" not in err
 
 
-def test_run_flags_become_the_flow_parameters(tmp_path, monkeypatch):
+def test_run_flags_become_the_flow_parameters(tmp_path, monkeypatch, listening_address):
     import flows.pipeline
 
     class Started(Exception):
@@ -70,11 +70,11 @@ def test_run_flags_become_the_flow_parameters(tmp_path, monkeypatch):
         models.append(f"models.{name}={tmp_path / name}")
     with pytest.raises(Started):
         main(["run", "--config", "configs/tiny.yaml", f"runs_root={tmp_path}", *models, "--run-name", "007",
-              "--ray-address", "10.0.0.5:6379"])
+              "--ray-address", listening_address])
     assert seen == {"config_path": "configs/tiny.yaml", "overrides": [f"runs_root={tmp_path}", *models],
-                    "run_name": "007", "ray_address": "10.0.0.5:6379", "resume": True}
+                    "run_name": "007", "ray_address": listening_address, "resume": True}
     cfg = flows.pipeline.resolve_config(**seen)
-    assert (cfg.run_name, cfg.ray.address) == ("007", "10.0.0.5:6379")
+    assert (cfg.run_name, cfg.ray.address) == ("007", listening_address)
 
 
 def test_overrides_may_stand_between_options_and_strays_are_named(capsys):

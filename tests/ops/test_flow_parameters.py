@@ -28,9 +28,9 @@ def models(tmp_path) -> list[str]:
     return [f"models.teacher={tmp_path / 'models' / 'teacher'}", f"models.student={tmp_path / 'models' / 'student'}"]
 
 
-def test_ray_address_and_run_name_become_overrides_and_stay_strings(tmp_path, models):
-    cfg = resolve_config(TINY, [f"runs_root={tmp_path}", "ray.address=ignored:1", *models], "007", "10.0.0.5:6379")
-    assert cfg.ray.address == "10.0.0.5:6379" and cfg.run_name == "007"
+def test_ray_address_and_run_name_become_overrides_and_stay_strings(tmp_path, models, listening_address):
+    cfg = resolve_config(TINY, [f"runs_root={tmp_path}", "ray.address=ignored:1", *models], "007", listening_address)
+    assert cfg.ray.address == listening_address and cfg.run_name == "007"
     assert resolve_config(TINY, [f"runs_root={tmp_path}", *models], None, None).ray.address is None
 
 
@@ -215,3 +215,20 @@ def test_a_failing_clean_up_does_not_hide_the_data_error(tmp_path, models, monke
     with caplog.at_level(logging.WARNING, logger="pocl"), pytest.raises(DataError, match="row 3"):
         pocl_distill.fn(config_path=TINY, overrides=[f"runs_root={tmp_path}", *models], run_name="fresh", resume=False)
     assert "could not remove the new run folder" in caplog.text and "AccessDenied" in caplog.text
+
+
+def test_a_ray_address_nothing_answers_on_is_refused_before_any_work(tmp_path, models, listening_address, monkeypatch):
+    """ray.init would retry it for minutes, after scoring."""
+    import socket
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with socket.create_server(("127.0.0.1", 0)) as closed:
+        dead = f"127.0.0.1:{closed.getsockname()[1]}"
+    with pytest.raises(ConfigError, match=rf"ray.address {dead}: nothing answers at {dead} \(.*\); start the cluster"):
+        resolve_config(TINY, [f"runs_root={tmp_path}", *models], None, dead)
+    monkeypatch.setenv("RAY_ADDRESS", f"ray://{dead}")
+    with pytest.raises(ConfigError, match=rf"RAY_ADDRESS ray://{dead}: nothing answers"):
+        resolve_config(TINY, [f"runs_root={tmp_path}", *models], None, None)
+    assert resolve_config(TINY, [f"runs_root={tmp_path}", *models], None, "auto").ray.address == "auto"
+    assert resolve_config(TINY, [f"runs_root={tmp_path}", *models], None, f"ray://{listening_address}")
+    assert not list(tmp_path.glob("tiny*"))  # no run folder

@@ -74,7 +74,8 @@ def test_scoring_on_ray_checks_for_gpus_before_any_task(monkeypatch):
     assert submitted == []
 
 
-def test_the_flow_refuses_use_gpu_on_a_local_ray_without_enough_gpus_before_any_work(monkeypatch, tmp_path):
+def test_the_flow_refuses_use_gpu_on_a_local_ray_without_enough_gpus_before_any_work(monkeypatch, tmp_path,
+                                                                                     listening_address):
     """Scoring in the flow's process would fall back to the CPU and training be refused only after it."""
     from flows.pipeline import resolve_config
     from pocl_core.config import ConfigError
@@ -94,5 +95,5 @@ def test_the_flow_refuses_use_gpu_on_a_local_ray_without_enough_gpus_before_any_
     assert resolve_config(str(TINY_CONFIG), ["ray.use_gpu=true", "ray.num_workers=1", runs], None).ray.use_gpu
     assert resolve_config(str(TINY_CONFIG), ["ray.use_gpu=true", "ray.num_workers=0", runs], None).ray.use_gpu
     gpus["count"] = 0  # a cluster's GPUs are checked when its jobs start
-    assert resolve_config(str(TINY_CONFIG), ["ray.use_gpu=true", runs], None, ray_address="10.0.0.5:6379").ray.use_gpu
+    assert resolve_config(str(TINY_CONFIG), ["ray.use_gpu=true", runs], None, ray_address=listening_address).ray.use_gpu
     assert not list(tmp_path.iterdir())  # nothing written
