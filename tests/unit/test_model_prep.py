@@ -182,3 +182,22 @@ def test_prepare_quickstart_pair_from_the_located_gguf(tmp_path, tokenizer, monk
     teacher, student = model_prep.prepare_smollm2_quickstart(tmp_path / "models", student_layers=2)
     assert (teacher.name, student.name) == ("smollm2-135m-instruct", "smollm2-2l-student")
     assert json.loads((student / "config.json").read_text())["num_hidden_layers"] == 2
+
+
+def test_a_model_or_tokenizer_that_cannot_be_loaded_is_a_config_error_naming_where_it_looked(tmp_path,
+                                                                                              monkeypatch):
+    """models.teacher=tiny/teacher (one slash) reads as a hub id; offline, transformers' OSError said
+    nothing about the setting or the folder it did not find."""
+    from pocl_core.config import ConfigError
+    from pocl_core.models import load_causal_lm, load_tokenizer
+
+    monkeypatch.chdir(tmp_path)
+    for load, what in ((load_causal_lm, "model"), (load_tokenizer, "tokenizer")):
+        with pytest.raises(ConfigError, match=rf"{what} 'tiny/teacher': not a local folder \({tmp_path}/tiny/teacher "
+                                              rf"does not exist; relative paths start at the current directory "
+                                              rf"{tmp_path}\) and not loadable from the Hugging Face hub"):
+            load("tiny/teacher")
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "tokenizer_config.json").write_text("{not json")
+    with pytest.raises(ConfigError, match=rf"tokenizer folder {tmp_path}/broken: cannot load it \(Expecting property"):
+        load_tokenizer("broken")
