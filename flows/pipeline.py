@@ -228,8 +228,8 @@ def pocl_distill(config_path: str = "configs/tiny.yaml", overrides: Optional[lis
             report_path = report(cfg, metrics, partition_path)
         except StaleOutputError as exc:
             changed = changed_settings(paths, cfg)
-            hint = f"; settings that differ from the run's config.yaml: {', '.join(changed)}" if changed else \
-                "; no setting differs from the run's config.yaml (a changed input file, or a folder made by an " \
+            hint = f". Settings that differ from the run's config.yaml: {', '.join(changed)}" if changed else \
+                ". No setting differs from the run's config.yaml (a changed input file, or a folder made by an " \
                 "earlier version)" if paths.config.is_file() else ""
             raise StaleOutputError(f"{exc}{hint}") from None
         if paths.config.read_text() != cfg.to_yaml():

@@ -394,7 +394,7 @@ def check_provenance(path: PathLike, expected: dict[str, Any]) -> bool:
             f" It was written by pocl-distill {written_by or '(unknown version)'}, this is {__version__}: "
             "provenance records change between versions, so older run folders are not continued.")
         raise StaleOutputError(
-            f"{path} was produced from different inputs ({details}).{older} Use a new run_name, or delete "
-            f"the file to recompute it."
+            f"{path} was produced from different inputs ({details}).{older} Use a new run_name (or remove "
+            f"the whole run folder to start that run over: the run's later outputs were built from this file)"
         )
     return True

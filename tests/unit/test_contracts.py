@@ -54,8 +54,9 @@ def test_provenance_check(tmp_path):
     write_table_atomic(pa.table({"sample_id": ["a"], "prompt": ["p"], "response": ["r"]}), path, SAMPLES_SCHEMA,
                        {"a": 1, "b": {"c": [1, 2]}})
     assert check_provenance(path, {"a": 1, "b": {"c": [1, 2]}}) is True
-    with pytest.raises(StaleOutputError, match=r"x.parquet.*a: found 1, expected 2"):
-        check_provenance(path, {"a": 2})
+    with pytest.raises(StaleOutputError, match=r"x.parquet.*a: found 1, expected 2\)\. Use a new run_name \(or remove "
+                                               r"the whole run folder to start that run over"):
+        check_provenance(path, {"a": 2})  # not "delete the file": the run's later outputs came from it
 
 
 def test_read_checked_reports_wrong_types(tmp_path):
