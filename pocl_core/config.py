@@ -8,6 +8,7 @@ The section models live in ``pocl_core/config_sections.py`` and are re-exported 
 from __future__ import annotations
 
 import copy
+import datetime
 import hashlib
 import json
 import re
@@ -185,6 +186,11 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
         elif e["type"] == "value_error":  # a cross-field check: its message names the keys itself
             msg = str(e.get("ctx", {}).get("error", msg.removeprefix("Value error, ")))
             key = ""
+        elif e["type"] == "string_type" and isinstance(e.get("input"), (bool, int, float, datetime.date)):
+            value = e["input"]
+            shown = value.isoformat() if isinstance(value, datetime.date) else repr(value)
+            msg += (f": YAML read the unquoted value as {type(value).__name__} {shown}; quote it to keep "
+                    f"the text, e.g. {key.rsplit('.', 1)[-1]}: \"...\"")
         lines.append(f"  {key}: {msg}" if key else f"  {msg}")
     return "\n".join(lines)
 

@@ -208,3 +208,16 @@ def test_unreadable_config_files_and_an_untouched_base(tmp_path):
     base = {"models": {"teacher": "a", "student": "b"}, "data": {"train_path": "x", "max_length": 300}}
     assert load_config(base=base, overrides=["data.max_length=400"]).data.max_length == 400
     assert base["data"]["max_length"] == 300
+
+
+def test_a_text_setting_yaml_read_as_a_number_date_or_bool_says_to_quote_it(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("run_name: 007\nmodels: {teacher: a, student: b}\ndata: {train_path: x, eval_path: no}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(p)
+    assert ("run_name: Input should be a valid string: YAML read the unquoted value as int 7; quote it to keep the "
+            'text, e.g. run_name: "..."') in str(err.value)
+    assert "data.eval_path: Input should be a valid string: YAML read the unquoted value as bool False" in str(err.value)
+    p.write_text("run_name: 2026-12-03\nmodels: {teacher: a, student: b}\ndata: {train_path: x}\n")
+    with pytest.raises(ConfigError, match="YAML read the unquoted value as date 2026-12-03; quote it"):
+        load_config(p)
