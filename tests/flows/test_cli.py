@@ -143,3 +143,20 @@ def test_plan_applies_the_training_cap_to_num_samples(capsys):
     assert "10 training samples (--num-samples 100, capped by data.max_train_samples=10)" in out
     assert main(["plan", "--config", "configs/tiny.yaml", "--num-samples", "8", "data.max_train_samples=10"]) == 0
     assert "8 training samples (--num-samples 8)" in capsys.readouterr().out
+
+
+def test_plan_names_a_missing_data_file_and_the_way_around_it(capsys):
+    assert main(["plan", "--config", "configs/paper.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert "data.train_path: data/dolly/train.jsonl not found" in err and "or pass --num-samples N" in err
+    assert main(["plan", "--config", "configs/tiny.yaml", "data.eval_path=data/tiny/missing.jsonl"]) == 2
+    assert "data.eval_path: data/tiny/missing.jsonl not found" in capsys.readouterr().err
+
+
+def test_a_relative_model_path_not_found_says_where_relative_paths_start(tmp_path, monkeypatch, capsys):
+    config = Path("configs/tiny.yaml").resolve()
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", "--config", str(config), f"runs_root={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert (f"models.teacher: folder .cache/tiny/teacher not found (looked for {tmp_path}/.cache/tiny/teacher: "
+            f"relative paths start at the current directory {tmp_path}, not at the config file") in err
