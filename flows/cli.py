@@ -95,7 +95,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     gb = cfg.optim.global_batch_size
     plans = plan_stages(cfg.curriculum, bucket_sizes(n, cfg.curriculum.num_stages), gb)
     print(f"{cfg.run_name}: {n} training samples ({source}), strategy {cfg.curriculum.strategy}, "
-          f"loss {cfg.loss.name} {cfg.loss.params or ''}, global batch {gb} on {cfg.ray.num_workers} worker(s)")
+          f"loss {cfg.loss.name}{' ' + str(cfg.loss.params) if cfg.loss.params else ''}, global batch {gb} on "
+          f"{cfg.ray.num_workers} worker(s)")
     print(f"{'stage':>5} {'buckets':>8} {'samples':>8} {'epochs':>6} {'steps':>7} {'T':>6} {'lambda':>7}")
     for p in plans:
         print(f"{p.stage:>5} {'0..' + str(max(p.buckets)):>8} {p.num_samples:>8} {p.epochs:>6} {p.num_steps:>7} "

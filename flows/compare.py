@@ -61,11 +61,13 @@ COMPARE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 def check_compare_request(overrides: list[str], strategies: Optional[list[str]], losses: Optional[list[str]],
                           seeds: Optional[list[int]], compare_name: str) -> None:
     """ConfigError for what a comparison would otherwise ignore or misplace: an override of a setting
-    the variants set (``VARIANT_SETTINGS``), a value listed twice, or a name that is not one folder."""
+    the variants set (``VARIANT_SETTINGS``; ``seed`` too when ``seeds`` are given), a value listed
+    twice, or a name that is not one folder."""
     for item in overrides:
         key = item.split("=", 1)[0].strip()
-        if key in VARIANT_SETTINGS:
-            raise ConfigError(f"override {item!r}: each variant sets {key} itself; use {VARIANT_SETTINGS[key]}")
+        if key in VARIANT_SETTINGS or (key == "seed" and seeds):
+            raise ConfigError(f"override {item!r}: each variant sets {key} itself; use "
+                              f"{VARIANT_SETTINGS.get(key, '--seeds')}")
     for option, values in (("--strategies", strategies), ("--losses", losses), ("--seeds", seeds)):
         repeated = [v for i, v in enumerate(values or []) if v in (values or [])[:i]]
         if repeated:

@@ -186,6 +186,9 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
         elif e["type"] == "value_error":  # a cross-field check: its message names the keys itself
             msg = str(e.get("ctx", {}).get("error", msg.removeprefix("Value error, ")))
             key = ""
+        elif e["type"] == "string_pattern_mismatch" and key == "run_name":
+            msg = (f"{e.get('input')!r} is not a folder name: use letters, digits, '.', '_' and '-', starting with "
+                   "a letter or digit")
         elif e["type"] == "string_type" and isinstance(e.get("input"), (bool, int, float, datetime.date)):
             value = e["input"]
             shown = value.isoformat() if isinstance(value, datetime.date) else repr(value)

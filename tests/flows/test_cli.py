@@ -127,6 +127,7 @@ def test_compare_overrides_after_a_list_option_are_overrides(argv):
                                    "use --strategies"),
     (["run_name=mine"], "each variant sets run_name itself; use --name"),
     (["curriculum.shuffle_seed=5"], "use --seeds"),
+    (["--seeds", "10", "20", "seed=5"], "override 'seed=5': each variant sets seed itself; use --seeds"),
     (["--seeds", "10", "10"], "--seeds lists 10 more than once"),
     (["--strategies", "none", "curriculum", "none"], "--strategies lists none more than once"),
     (["--name", "../elsewhere"], "comparison name '../elsewhere': one folder name under runs_root"),
@@ -160,3 +161,11 @@ def test_a_relative_model_path_not_found_says_where_relative_paths_start(tmp_pat
     err = capsys.readouterr().err
     assert (f"models.teacher: folder .cache/tiny/teacher not found (looked for {tmp_path}/.cache/tiny/teacher: "
             f"relative paths start at the current directory {tmp_path}, not at the config file") in err
+
+
+def test_a_run_name_that_is_not_a_folder_name_says_so(capsys):
+    assert main(["plan", "--config", "configs/tiny.yaml", "--num-samples", "10", "run_name=a/b"]) == 2
+    assert ("run_name: 'a/b' is not a folder name: use letters, digits, '.', '_' and '-', starting with a letter "
+            "or digit") in capsys.readouterr().err
+    assert main(["plan", "--config", "configs/tiny.yaml", "--num-samples", "10", "seed=5"]) == 0
+    assert "loss fkl, global batch 16" in capsys.readouterr().out  # no stray space without loss params
