@@ -313,7 +313,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         try:
             loaded = _yaml(p.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{p}: not valid YAML: {exc}") from None
+            where = str(exc).replace('"<unicode string>"', f'"{p}"')  # the marks name the text, not the file
+            raise ConfigError(f"{p}: not valid YAML: {where}") from None
         except UnicodeDecodeError as exc:
             raise ConfigError(f"{p}: not UTF-8 text (byte {exc.start}: {exc.reason}); a config is a YAML file") from None
         except OSError as exc:
