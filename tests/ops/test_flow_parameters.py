@@ -221,6 +221,9 @@ def test_a_ray_address_nothing_answers_on_is_refused_before_any_work(tmp_path, m
     """ray.init would retry it for minutes, after scoring."""
     import socket
 
+    import tasks.distill
+
+    monkeypatch.setattr(tasks.distill.ray, "is_initialized", lambda: False)  # not a Ray of an earlier test
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     with socket.create_server(("127.0.0.1", 0)) as closed:
         dead = f"127.0.0.1:{closed.getsockname()[1]}"
