@@ -85,15 +85,20 @@ def test_the_flow_refuses_use_gpu_on_a_local_ray_without_enough_gpus_before_any_
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     gpus = {"count": 0}
     monkeypatch.setattr(distill_mod.torch.cuda, "device_count", lambda: gpus["count"])
-    runs = f"runs_root={tmp_path}"
+    models = []
+    for name in ("teacher", "student"):  # folders that exist: the inputs are checked after the GPUs
+        (tmp_path / "models" / name).mkdir(parents=True)
+        models.append(f"models.{name}={tmp_path / 'models' / name}")
+    runs = f"runs_root={tmp_path / 'runs'}"
     with pytest.raises(ConfigError, match=r"ray.num_workers=2 needs 2 GPU\(s\) on this machine's local Ray, but CUDA "
                                           r"sees 0: set ray.use_gpu=false"):
-        resolve_config(str(TINY_CONFIG), ["ray.use_gpu=true", runs], None)
+        resolve_config(str(TINY_CONFIG), ["ray.use_gpu=true", runs, *models], None)
     gpus["count"] = 1
     with pytest.raises(ConfigError, match=r"needs 2 GPU\(s\) .* CUDA sees 1"):
-        resolve_config(str(TINY_CONFIG), ["ray.use_gpu=true", runs], None)
-    assert resolve_config(str(TINY_CONFIG), ["ray.use_gpu=true", "ray.num_workers=1", runs], None).ray.use_gpu
-    assert resolve_config(str(TINY_CONFIG), ["ray.use_gpu=true", "ray.num_workers=0", runs], None).ray.use_gpu
+        resolve_config(str(TINY_CONFIG), ["ray.use_gpu=true", runs, *models], None)
+    assert resolve_config(str(TINY_CONFIG), ["ray.use_gpu=true", "ray.num_workers=1", runs, *models], None).ray.use_gpu
+    assert resolve_config(str(TINY_CONFIG), ["ray.use_gpu=true", "ray.num_workers=0", runs, *models], None).ray.use_gpu
     gpus["count"] = 0  # a cluster's GPUs are checked when its jobs start
-    assert resolve_config(str(TINY_CONFIG), ["ray.use_gpu=true", runs], None, ray_address=listening_address).ray.use_gpu
-    assert not list(tmp_path.iterdir())  # nothing written
+    assert resolve_config(str(TINY_CONFIG), ["ray.use_gpu=true", runs, *models], None,
+                          ray_address=listening_address).ray.use_gpu
+    assert not (tmp_path / "runs").exists()  # nothing written
