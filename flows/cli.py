@@ -69,7 +69,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 def _cmd_plan(args: argparse.Namespace) -> int:
     """Print the stage plan (samples, steps, T, λ per stage) without loading any model."""
-    from pocl_core.data import cap_samples, load_samples, split_holdout
+    from pocl_core.data import cap_samples, check_data_paths, load_samples, split_holdout
     from pocl_core.partition import bucket_sizes
     from pocl_core.schedule import plan_stages
 
@@ -83,11 +83,10 @@ def _cmd_plan(args: argparse.Namespace) -> int:
             n = cfg.data.max_train_samples
             source += f", capped by data.max_train_samples={n}"
     else:
-        for key in ("train_path", "eval_path"):
-            value = getattr(cfg.data, key)
-            if value is not None and not Path(value).exists():
-                raise ConfigError(f"data.{key}: {value} not found (relative paths start at the current directory "
-                                  f"{Path.cwd()}); or pass --num-samples N to plan without the data")
+        try:
+            check_data_paths(cfg.data)
+        except ConfigError as exc:
+            raise ConfigError(f"{exc}; or pass --num-samples N to plan without the data") from None
         samples, _ = load_samples(cfg.data.train_path, cfg.data.on_bad_rows)
         train = samples if cfg.data.eval_path else split_holdout(samples, cfg.data.eval_fraction)[0]
         n = len(cap_samples(train, cfg.data.max_train_samples))

@@ -21,7 +21,7 @@ from typing import Optional
 
 from prefect import flow
 
-from pocl_core.config import ConfigError, PoclConfig, load_config, validate_config
+from pocl_core.config import FOLDER_NAME, ConfigError, PoclConfig, load_config, validate_config
 from pocl_core.contracts import RunPaths, read_table, write_text_atomic
 from pocl_core.storage import join, location
 from tasks.common import publish_markdown, publish_table
@@ -55,7 +55,7 @@ def variant_config(base: PoclConfig, root: str, variant: Variant) -> PoclConfig:
 
 # Settings each variant sets itself, so an override of them would be silently replaced.
 VARIANT_SETTINGS = {"run_name": "--name", "curriculum.strategy": "--strategies", "curriculum.shuffle_seed": "--seeds"}
-COMPARE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+COMPARE_NAME = re.compile(FOLDER_NAME)
 
 
 def check_compare_request(overrides: list[str], strategies: Optional[list[str]], losses: Optional[list[str]],

@@ -35,7 +35,7 @@ from prefect.runtime import flow_run
 
 from pocl_core.config import ConfigError, PoclConfig, load_config
 from pocl_core.contracts import RunPaths, StaleOutputError, dotted_differences, write_text_atomic
-from pocl_core.data import DataError
+from pocl_core.data import DataError, check_data_paths, relative_path_note
 from pocl_core.storage import ObjectPath, location, remove_tree
 from tasks.distill import check_local_gpus, check_ray_address, distill
 from tasks.evaluate import evaluate
@@ -133,23 +133,10 @@ def check_inputs(cfg: PoclConfig) -> None:
     for key in ("teacher", "student", "tokenizer"):
         value = getattr(cfg.models, key)
         if value is not None and _looks_local(value) and not Path(value).expanduser().exists():
-            raise ConfigError(f"models.{key}: folder {value} not found{_relative_note(value)} (the shipped configs' "
-                              "models are built by `make tiny-models` / `make quickstart-models`; a Hugging Face "
-                              "hub id is org/name)")
-    for key in ("train_path", "eval_path"):
-        value = getattr(cfg.data, key)
-        if value is not None and "://" in value:
-            raise ConfigError(f"data.{key}: {value} is a URI, but data.{key} must be a local file path (JSONL, "
-                              "Parquet or a saved dataset folder): copy the file to this machine and give its path")
-        if value is not None and not Path(value).exists():
-            raise ConfigError(f"data.{key}: {value} not found{_relative_note(value)}")
-
-
-def _relative_note(value: str) -> str:
-    """Where a relative path was looked for: config paths start at the current directory, not the config's."""
-    path = Path(value).expanduser()
-    return "" if path.is_absolute() else f" (looked for {path.resolve()}: relative paths start at the current " \
-        f"directory {Path.cwd()}, not at the config file; run from the repository root)"
+            raise ConfigError(f"models.{key}: folder {value} not found{relative_path_note(value)} (the shipped "
+                              "configs' models are built by `make tiny-models` / `make quickstart-models`; a "
+                              "Hugging Face hub id is org/name)")
+    check_data_paths(cfg.data)
 
 
 def changed_settings(paths: RunPaths, cfg: PoclConfig) -> list[str]:

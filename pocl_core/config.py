@@ -39,6 +39,10 @@ from pocl_core.config_sections import (  # noqa: F401  (re-exported: the config'
 )
 
 
+# A run's (or a comparison's) folder name under runs_root.
+FOLDER_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+
+
 class ConfigError(ValueError):
     """A configuration file or override is invalid; the message names the key."""
 
@@ -54,7 +58,7 @@ class PoclConfig(_Section):
     ``curriculum.shuffle_seed``.
     """
 
-    run_name: str = Field("pocl-run", min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    run_name: str = Field("pocl-run", min_length=1, pattern=FOLDER_NAME)
     runs_root: str = Field("runs", min_length=1)
     seed: int = 10
     models: ModelsConfig

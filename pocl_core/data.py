@@ -205,6 +205,28 @@ def split_holdout(samples: Sequence[Sample], fraction: float) -> tuple[list[Samp
     return train, held
 
 
+def relative_path_note(value: str) -> str:
+    """Where a relative path was looked for (config paths start at the current directory, not at the
+    config file); empty for an absolute path."""
+    path = Path(value).expanduser()
+    return "" if path.is_absolute() else f" (looked for {path.resolve()}: relative paths start at the current " \
+        f"directory {Path.cwd()}, not at the config file; run from the repository root)"
+
+
+def check_data_paths(data: Any) -> None:
+    """ConfigError for a ``data.train_path`` / ``data.eval_path`` (of a ``DataConfig``) that is a URI
+    (data files are read from the local disk) or is not there."""
+    from pocl_core.config import ConfigError
+
+    for key in ("train_path", "eval_path"):
+        value = getattr(data, key)
+        if value is not None and "://" in value:
+            raise ConfigError(f"data.{key}: {value} is a URI, but data.{key} must be a local file path (JSONL, "
+                              "Parquet or a saved dataset folder): copy the file to this machine and give its path")
+        if value is not None and not Path(value).exists():
+            raise ConfigError(f"data.{key}: {value} not found{relative_path_note(value)}")
+
+
 def shared_samples(train: Sequence[Sample], held: Sequence[Sample]) -> list[Sample]:
     """The samples of ``held`` whose prompt and response both equal a sample's in ``train`` (ids aside:
     two files may number their rows alike)."""

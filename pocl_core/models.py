@@ -20,17 +20,22 @@ from pocl_core.lm_head import check_head
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def _unloadable(name_or_path: str, what: str, exc: Exception) -> ConfigError:
-    """The ConfigError for a model or tokenizer that ``from_pretrained`` could not load (an OSError:
-    no such local folder and no such hub repo, no network, or a folder missing its files; a
-    ValueError: a local folder with unreadable files)."""
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+def _from_pretrained(auto_class: Any, name_or_path: str, what: str, **kwargs: Any) -> Any:
+    """``auto_class.from_pretrained(name_or_path, **kwargs)``; what it cannot load (an OSError: no such
+    local folder and no such hub repo, no network, or a folder missing its files; a ValueError from a
+    local folder: unreadable files) is a ConfigError naming where it was looked for."""
     path = Path(name_or_path).expanduser()
-    if path.exists():
-        return ConfigError(f"{what} folder {path.resolve()}: cannot load it ({first})")
-    return ConfigError(f"{what} {name_or_path!r}: not a local folder ({path.resolve()} does not exist; relative "
-                       f"paths start at the current directory {Path.cwd()}) and not loadable from the Hugging "
-                       f"Face hub ({first}); check models.teacher / models.student / models.tokenizer")
+    try:
+        return auto_class.from_pretrained(name_or_path, **kwargs)
+    except (OSError, ValueError) as exc:
+        if isinstance(exc, ValueError) and not path.exists():
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if path.exists():
+            raise ConfigError(f"{what} folder {path.resolve()}: cannot load it ({first})") from None
+        raise ConfigError(f"{what} {name_or_path!r}: not a local folder ({path.resolve()} does not exist; relative "
+                          f"paths start at the current directory {Path.cwd()}) and not loadable from the Hugging "
+                          f"Face hub ({first}); check models.teacher / models.student / models.tokenizer") from None
 
 
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> Any:
@@ -38,12 +43,7 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> Any:
     tokenizer that cannot be loaded is a ConfigError naming where it was looked for."""
     from transformers import AutoTokenizer
 
-    try:
-        tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as exc:
-        if isinstance(exc, ValueError) and not Path(name_or_path).expanduser().exists():
-            raise
-        raise _unloadable(name_or_path, "tokenizer", exc) from None
+    tok = _from_pretrained(AutoTokenizer, name_or_path, "tokenizer", trust_remote_code=trust_remote_code)
     if tok.pad_token_id is None and tok.eos_token_id is not None:
         tok.pad_token = tok.eos_token
     return tok
@@ -79,14 +79,8 @@ def load_causal_lm(name_or_path: str, dtype: str = "float32", trust_remote_code:
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype '{dtype}'; choose one of {sorted(DTYPES)}")
     warn_if_slow_dtype(dtype, torch.device(device))
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            name_or_path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code,
-            use_safetensors=_has_safetensors(name_or_path))
-    except (OSError, ValueError) as exc:
-        if isinstance(exc, ValueError) and not Path(name_or_path).expanduser().exists():
-            raise
-        raise _unloadable(name_or_path, "model", exc) from None
+    model = _from_pretrained(AutoModelForCausalLM, name_or_path, "model", dtype=DTYPES[dtype],
+                             trust_remote_code=trust_remote_code, use_safetensors=_has_safetensors(name_or_path))
     model = model.to(device)
     check_head(model, name_or_path)
     return model
