@@ -26,12 +26,14 @@ STRATEGIES = get_args(CurriculumConfig.model_fields["strategy"].annotation)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from flows.pipeline import pocl_distill, resolve_config
+    from flows.pipeline import expand_run_name, pocl_distill, resolve_config
 
     from pocl_core.contracts import read_table
     from pocl_core.storage import location
 
-    params = dict(config_path=args.config, overrides=args.overrides, run_name=args.run_name,
+    # one expansion of {scheduled} (now, here), so the pre-check and the flow run look at the same folder
+    run_name = expand_run_name(args.run_name) if args.run_name else args.run_name
+    params = dict(config_path=args.config, overrides=args.overrides, run_name=run_name,
                   ray_address=args.ray_address, resume=args.resume)
     cfg = resolve_config(**params)  # fail fast, before any engine starts
     summary = pocl_distill(**params)
@@ -87,10 +89,10 @@ def _cmd_plan(args: argparse.Namespace) -> int:
             check_data_paths(cfg.data)
         except ConfigError as exc:
             raise ConfigError(f"{exc}; or pass --num-samples N to plan without the data") from None
-        samples, _ = load_samples(cfg.data.train_path, cfg.data.on_bad_rows)
+        samples, dropped = load_samples(cfg.data.train_path, cfg.data.on_bad_rows)
         train = samples if cfg.data.eval_path else split_holdout(samples, cfg.data.eval_fraction)[0]
         n = len(cap_samples(train, cfg.data.max_train_samples))
-        source = cfg.data.train_path
+        source = cfg.data.train_path + (f", {dropped} bad row(s) dropped by data.on_bad_rows=drop" if dropped else "")
     gb = cfg.optim.global_batch_size
     plans = plan_stages(cfg.curriculum, bucket_sizes(n, cfg.curriculum.num_stages), gb)
     print(f"{cfg.run_name}: {n} training samples ({source}), strategy {cfg.curriculum.strategy}, "

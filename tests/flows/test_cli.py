@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
@@ -75,6 +76,12 @@ def test_run_flags_become_the_flow_parameters(tmp_path, monkeypatch, listening_a
                     "run_name": "007", "ray_address": listening_address, "resume": True}
     cfg = flows.pipeline.resolve_config(**seen)
     assert (cfg.run_name, cfg.ray.address) == ("007", listening_address)
+    # {scheduled} is expanded once, before the pre-check, and the flow gets that very name
+    before = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M")
+    with pytest.raises(Started):
+        main(["run", "--config", "configs/tiny.yaml", f"runs_root={tmp_path}", *models, "--run-name", "n-{scheduled}"])
+    after = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M")
+    assert seen["run_name"] in (f"n-{before}", f"n-{after}")
 
 
 def test_overrides_may_stand_between_options_and_strays_are_named(capsys):
@@ -144,6 +151,16 @@ def test_plan_applies_the_training_cap_to_num_samples(capsys):
     assert "10 training samples (--num-samples 100, capped by data.max_train_samples=10)" in out
     assert main(["plan", "--config", "configs/tiny.yaml", "--num-samples", "8", "data.max_train_samples=10"]) == 0
     assert "8 training samples (--num-samples 8)" in capsys.readouterr().out
+
+
+def test_plan_says_how_many_bad_rows_it_dropped(tmp_path, capsys):
+    rows = [f'{{"prompt": "q{i}", "response": "a{i}"}}' for i in range(10)]
+    (tmp_path / "train.jsonl").write_text("\n".join(rows[:4] + ['{"prompt": "no response"}', "not json"] + rows[4:]) + "\n")
+    args = ["plan", "--config", "configs/tiny.yaml", f"data.train_path={tmp_path / 'train.jsonl'}"]
+    assert main([*args, "data.on_bad_rows=error"]) == 2
+    assert main([*args, "data.on_bad_rows=drop"]) == 0
+    assert f" training samples ({tmp_path / 'train.jsonl'}, 2 bad row(s) dropped by data.on_bad_rows=drop)" \
+        in capsys.readouterr().out
 
 
 def test_plan_names_a_missing_data_file_and_the_way_around_it(capsys):
