@@ -120,8 +120,9 @@ class ScoringGenerationConfig(SamplingConfig):
     Defaults are the authors' near-greedy decoding: sampling (``do_sample``) at ``temperature`` 0.01
     with ``top_k`` 0 and ``top_p`` 1 (both off) and ``no_repeat_ngram_size`` 6. ``do_sample`` False
     gives plain greedy decoding. max_new_tokens: generated tokens per prompt (the authors' max length
-    512 minus max prompt 256). seed: the sampling seed; each batch derives its own seed from it and
-    the batch's sample ids, so a value never depends on which shard ran first or on which worker.
+    512 minus max prompt 256). seed: the sampling seed; each sample draws from its own generator,
+    seeded from it and the sample's id, so a value depends neither on the batch (``batch_size``, its
+    other samples) nor on which shard ran first or on which worker.
     """
 
     temperature: float = Field(0.01, gt=0.0)

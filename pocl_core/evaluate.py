@@ -20,6 +20,7 @@ import torch
 from pocl_core.config import EvalConfig
 from pocl_core.data import Sample, encode_prompt, encode_sample, left_pad, pad_id_of
 from pocl_core.measures import ScoringContext, length_sorted_batches, logit_columns, measure_nll
+from pocl_core.sampling import decoding_kwargs, sample_seed, stop_token_ids
 
 
 # Scripts written without spaces between words: each character is a token.
@@ -74,20 +75,23 @@ def generate_responses(model: torch.nn.Module, tokenizer: Any, samples: Sequence
                        sample: bool | None = None) -> list[str]:
     """One generation per sample (same order as ``samples``), prompts left-padded in batches.
 
-    ``sample`` overrides ``cfg.do_sample`` (False: greedy, the sampling settings are ignored).
+    ``sample`` overrides ``cfg.do_sample`` (False: greedy, the sampling settings are ignored). Each
+    sample draws from its own generator seeded by ``seed`` and its id (``pocl_core.sampling``): its
+    text does not depend on ``cfg.batch_size`` or on the other samples, and the global RNG is untouched.
     """
     sample = cfg.do_sample if sample is None else sample
     pad = pad_id_of(tokenizer)
+    stop = stop_token_ids(model, tokenizer)
     prompts = [encode_prompt(tokenizer, s.prompt, template, max_prompt_length) for s in samples]
     out: list[str] = [""] * len(samples)
-    torch.manual_seed(seed)
     order = sorted(range(len(samples)), key=lambda i: -len(prompts[i]))
     for start in range(0, len(order), cfg.batch_size):
         idx = order[start:start + cfg.batch_size]
         ids, attn = left_pad([prompts[i] for i in idx], pad, device)
         width = ids.shape[1]
+        seeds = [sample_seed(seed, samples[i].sample_id) for i in idx]
         seqs = model.generate(input_ids=ids, attention_mask=attn,
-                              **cfg.generate_kwargs(pad, tokenizer.eos_token_id, do_sample=sample))
+                              **decoding_kwargs(cfg, pad, stop, seeds, sample=sample))
         for r, i in enumerate(idx):
             out[i] = tokenizer.decode(seqs[r, width:], skip_special_tokens=True).strip()
     return out

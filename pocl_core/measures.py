@@ -18,7 +18,6 @@ same forward.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -29,6 +28,7 @@ import torch.nn.functional as F
 from pocl_core.config import ScoringGenerationConfig
 from pocl_core.data import EncodedSample, collate, left_pad
 from pocl_core.lm_head import head_logits
+from pocl_core.sampling import decoding_kwargs, sample_seed, stop_token_ids
 from pocl_core.teacher_cache import CacheRows, topk_rows
 from pocl_core.train_step import response_positions
 
@@ -154,27 +154,20 @@ def measure_nll(ctx: ScoringContext, batch: Sequence[EncodedSample]) -> list[flo
     return score_batch(ctx, batch, ["nll"]).values["nll"]
 
 
-def batch_seed(base_seed: int, batch: Sequence[EncodedSample]) -> int:
-    """A sampling seed for one batch, from ``base_seed`` and its sample ids (order-free)."""
-    blob = "\x00".join([str(base_seed), *sorted(e.sample_id for e in batch)]).encode()
-    return int(hashlib.sha256(blob).hexdigest()[:8], 16)
-
-
 @torch.no_grad()
 def generate_continuations(ctx: ScoringContext, batch: Sequence[EncodedSample]) -> list[str]:
     """The scoring model's answer to each sample's prompt (its first ``n_prompt`` tokens), batch order.
 
-    Prompts are left-padded; decoding follows ``ctx.generation``; sampling is seeded by
-    :func:`batch_seed` inside a forked RNG (the caller's RNG state is left untouched).
+    Prompts are left-padded; decoding follows ``ctx.generation``; each sample draws from its own
+    generator seeded by ``generation.seed`` and its id (``pocl_core.sampling``), so its answer does not
+    depend on the batch it is in, and the caller's RNG state is left untouched.
     """
     gen = ctx.generation
     ids, attn = left_pad([e.input_ids[:e.n_prompt] for e in batch], ctx.pad_id, ctx.device)
     width = ids.shape[1]
-    devices = [ctx.device] if ctx.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(batch_seed(gen.seed, batch))
-        out = ctx.model.generate(input_ids=ids, attention_mask=attn,
-                                 **gen.generate_kwargs(ctx.pad_id, ctx.tokenizer.eos_token_id))
+    seeds = [sample_seed(gen.seed, e.sample_id) for e in batch]
+    out = ctx.model.generate(input_ids=ids, attention_mask=attn,
+                             **decoding_kwargs(gen, ctx.pad_id, stop_token_ids(ctx.model, ctx.tokenizer), seeds))
     return [ctx.tokenizer.decode(out[r, width:], skip_special_tokens=True).strip() for r in range(len(batch))]
 
 

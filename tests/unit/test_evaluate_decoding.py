@@ -54,6 +54,14 @@ def test_greedy_pass_is_added_once_and_is_seed_independent(tiny_student):
     assert [(r.decoding, r.seed) for r in no_sampling[::6]] == [("greedy", 1), ("greedy", 2)]
     assert [r.generation for r in no_sampling[:6]] == greedy
 
+    # each sample's sampled text is its own: the same with another batch size, alone, and the global RNG untouched
+    state = torch.get_rng_state()
+    sampled = [r.generation for r in rows if (r.decoding, r.seed) == ("sampled", 1)]
+    assert sampled == generate_responses(model, tokenizer, samples, cfg=cfg.model_copy(update={"batch_size": 1}),
+                                         seed=1, **common)
+    assert sampled[3:4] == generate_responses(model, tokenizer, samples[3:4], cfg=cfg, seed=1, **common)
+    assert torch.equal(torch.get_rng_state(), state)
+
     without = evaluate_generations(model, tokenizer, samples, cfg=cfg.model_copy(update={"greedy": False}), **common)
     assert {r.decoding for r in without} == {"sampled"} and len(without) == 12
 

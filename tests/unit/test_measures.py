@@ -13,7 +13,7 @@ from pocl_core.config import ScoringGenerationConfig
 from pocl_core.data import encode_sample, load_samples, pad_id_of
 from pocl_core.evaluate import rouge_l_f1
 from pocl_core.losses import SparseTeacher
-from pocl_core.measures import (HIGHER_IS_HARDER, MEASURES, ScoringContext, batch_seed, generate_continuations,
+from pocl_core.measures import (HIGHER_IS_HARDER, MEASURES, ScoringContext, generate_continuations,
                                 get_measure, measure_nll, measure_rouge_l, reference_texts, response_token_nll,
                                 score_batch)
 from pocl_core.models import load_causal_lm, load_tokenizer
@@ -124,4 +124,18 @@ def test_references_default_to_the_decoded_response_and_seed_is_order_free(scori
     assert reference_texts(bare, encoded) == [s.response for s in samples]
     with pytest.raises(KeyError, match="no reference text"):
         reference_texts(ScoringContext(ctx.model, ctx.tokenizer, ctx.pad_id, ctx.device, references={}), encoded)
-    assert batch_seed(10, encoded) == batch_seed(10, encoded[::-1]) != batch_seed(11, encoded)
+
+
+def test_a_samples_generation_does_not_depend_on_its_batch(scoring):
+    """At temperature 1 (every draw matters), each sample's answer is the same alone, in any batch, in
+    any order: scores do not move with scoring.batch_size or a shard's other samples."""
+    ctx, _, encoded, _ = scoring
+    hot = replace(ctx, generation=ctx.generation.model_copy(update={"temperature": 1.0, "top_k": 0}))
+    together = dict(zip([e.sample_id for e in encoded], generate_continuations(hot, encoded)))
+    alone = {e.sample_id: generate_continuations(hot, [e])[0] for e in encoded[:4]}
+    shuffled = encoded[::-1][:7]
+    in_another_batch = dict(zip([e.sample_id for e in shuffled], generate_continuations(hot, shuffled)))
+    assert all(together[k] == v for k, v in alone.items())
+    assert all(together[k] == v for k, v in in_another_batch.items())
+    other_seed = replace(hot, generation=hot.generation.model_copy(update={"seed": 11}))
+    assert generate_continuations(other_seed, encoded) != list(together.values())  # the seed matters
