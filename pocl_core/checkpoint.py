@@ -7,7 +7,8 @@ Folder contents::
                           FSDP; torch.save, loaded with weights_only=True)
     scheduler.pt          LR scheduler state_dict
     rng.pt                every worker's torch (CPU and its CUDA device) / numpy / python RNG states, by rank
-    position.json         curriculum position: stage, step_in_stage, global_step, samples_seen
+    position.json         curriculum position: stage, step_in_stage, global_step, samples_seen; the run's
+                          ``train_key``; under float16 autocast the loss scaler's state (``grad_scaler``)
     replay_buffer.json    (GKD with a replay buffer only) every worker's buffered generations, by rank
     manifest.json         sha256 of every file above; written last, so its presence marks completion
 
@@ -37,6 +38,7 @@ from pocl_core.storage import Location, ObjectPath, location, open_input
 MANIFEST = "manifest.json"
 REPLAY_BUFFERS = "replay_buffer.json"
 RNG = "rng.pt"
+GRAD_SCALER_KEY = "grad_scaler"  # in position.json: torch.amp.GradScaler.state_dict() (float16 autocast only)
 REQUIRED_FILES = ("model.safetensors", "optimizer.pt", "scheduler.pt", RNG, "position.json")
 
 

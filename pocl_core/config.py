@@ -89,6 +89,17 @@ class PoclConfig(_Section):
         return self
 
     @model_validator(mode="after")
+    def _check_parallel(self) -> "PoclConfig":
+        if self.train.parallel_strategy == "fsdp" and self.ray.num_workers == 0:
+            raise ValueError("train.parallel_strategy=fsdp shards the student across Ray Train workers, but "
+                             "ray.num_workers=0 trains in this process without any: set ray.num_workers >= 1 "
+                             "or train.parallel_strategy=ddp")
+        if self.train.parallel_strategy == "fsdp" and self.train.autocast_dtype == "float16":
+            raise ValueError("train.autocast_dtype=float16 needs loss scaling, which is implemented for "
+                             "train.parallel_strategy=ddp only: use train.autocast_dtype=bfloat16 with fsdp")
+        return self
+
+    @model_validator(mode="after")
     def _check_cache(self) -> "PoclConfig":
         if self.train.use_teacher_cache and not self.scoring.teacher_cache_topk:
             raise ValueError("train.use_teacher_cache needs the scoring pass to write the cache: set "

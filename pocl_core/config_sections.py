@@ -307,14 +307,18 @@ class TrainConfig(_Section):
     (Ray Train itself gets a report only at checkpoints).
     freeze_embeddings: keep the student's input embedding (and a tied LM head) fixed: no gradient
     and no optimizer state for the largest matrix of a small student. autocast_dtype: run the
-    student's forward under torch.autocast in that dtype (weights and optimizer stay float32).
+    student's forward under torch.autocast in that dtype (weights and optimizer stay float32; the
+    teacher runs at ``models.teacher_dtype``); ``float16`` adds dynamic loss scaling (a GradScaler,
+    checkpointed with the run), with ``ddp`` only.
     use_teacher_cache: distil from the top-k teacher logits stored by the scoring pass
     (``scoring.teacher_cache_topk`` > 0) instead of running the teacher at every step; the teacher
     is then never loaded by the workers. The cached teacher is the tempered teacher lumped onto its
     top-k columns plus one tail bucket, exact at every stage temperature (docs/losses.md).
     parallel_strategy: ``ddp`` (every worker holds the whole student; Ray Train's prepare_model) or
     ``fsdp`` (FSDP2: weights, gradients and optimizer state sharded across workers, one shard unit
-    per transformer block; for students that do not fit one device; CUDA or CPU).
+    per transformer block; CUDA or CPU; needs ``ray.num_workers`` ≥ 1). Each worker loads the whole
+    float32 student before sharding it, so FSDP saves the gradient and optimizer memory (3 of the 4
+    float32 copies), not the load.
     """
 
     checkpoint_every_steps: int = Field(0, ge=0)

@@ -154,7 +154,8 @@ TRAIN_METRICS_FIELDS: dict[str, str] = {
     "samples_seen": "training samples consumed so far, all workers",
     "loss": "(1 − λ)·CE + λ·D_T (T² · D_T under loss.temperature_scaling=t_squared)",
     "kd_loss": "the divergence term as it enters the loss (T² included when scaled)",
-    "ce_loss": "cross-entropy on the reference response tokens (T = 1)",
+    "ce_loss": "cross-entropy on the reference response tokens (T = 1), over the window's steps that train on "
+               "them (GKD on-policy steps train on the student's own); null when there were none",
     "tokens_per_s": "response tokens of the global batch per second of the loop's own compute",
     "seconds": "the loop's own compute in the window, measured on rank 0 (batching, forward, backward, optimizer)",
     "on_policy_fraction": "share of the window's steps trained on the student's own generations (GKD)",

@@ -76,7 +76,8 @@ def distillation_losses(student: torch.nn.Module, teacher: torch.nn.Module | Non
     if teacher_logits is None:
         if teacher is None:
             raise ValueError("distillation_losses needs a teacher model or precomputed teacher logits")
-        with torch.no_grad():
+        # the teacher runs at its own dtype (models.teacher_dtype), never under the student's autocast
+        with torch.no_grad(), torch.autocast(batch["input_ids"].device.type, enabled=False):
             teacher_logits = teacher(*args)
     if vocab_columns is not None:
         s_logits = s_logits[..., :vocab_columns]

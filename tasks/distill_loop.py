@@ -32,7 +32,7 @@ import ray.train
 import ray.train.torch
 import torch
 
-from pocl_core.checkpoint import MANIFEST, Position, rng_state, save_checkpoint
+from pocl_core.checkpoint import GRAD_SCALER_KEY, MANIFEST, Position, rng_state, save_checkpoint
 from pocl_core.config import PoclConfig
 from pocl_core.contracts import STUDENT_PROVENANCE, RunPaths, read_table
 from pocl_core.cpu_affinity import pin_to_share
@@ -99,6 +99,10 @@ def distill_loop(loop_config: dict[str, Any]) -> None:
         warn_if_slow_dtype(cfg.train.autocast_dtype, device)
     autocast = torch.autocast(device.type, dtype=AUTOCAST[cfg.train.autocast_dtype]) \
         if cfg.train.autocast_dtype != "none" else contextlib.nullcontext()
+    # float16 gradients of small token shares underflow to 0 without loss scaling; a no-op otherwise
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.autocast_dtype == "float16")
+    if resumed is not None and resumed.grad_scaler_state is not None and scaler.is_enabled():
+        scaler.load_state_dict(resumed.grad_scaler_state)
 
     # --- the stage loop
     per_worker = cfg.optim.global_batch_size // world
@@ -113,6 +117,11 @@ def distill_loop(loop_config: dict[str, Any]) -> None:
             optimizer = build_optimizer(student, cfg.optim)
             horizon = plan.num_steps if cfg.curriculum.fresh_optimizer_per_stage else sum(p.num_steps for p in plans)
             scheduler = build_lr_scheduler(optimizer, cfg.optim, horizon)
+            if rank == 0 and start == 0 and cfg.optim.warmup_steps >= horizon:
+                logging.getLogger("pocl").warning(
+                    "optim.warmup_steps (%d) is not below the %d optimizer steps the LR schedule spans (stage %d): "
+                    "the learning rate never reaches optim.lr's cosine decay; lower optim.warmup_steps",
+                    cfg.optim.warmup_steps, horizon, plan.stage)
         if resumed is not None:  # the first stage after a resume: continue its optimizer, RNG streams
             if resumed.optimizer_state is not None:
                 load_optimizer_state(student, optimizer, resumed.optimizer_state)
@@ -146,10 +155,12 @@ def distill_loop(loop_config: dict[str, Any]) -> None:
                                                      teacher_logits=cached,
                                                      temperature_scaling=cfg.loss.temperature_scaling)
                     share = losses.num_tokens / max(global_tokens, 1) * world
-                    (losses.total * share).backward()
-                window.add(losses, share / world)
+                    scaler.scale(losses.total * share).backward()
+                window.add(losses, share / world, reference=not on_policy)
+            scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.optim.grad_clip)
-            optimizer.step()
+            scaler.step(optimizer)  # skipped when a scaled float16 gradient overflowed
+            scaler.update()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             global_step += 1
@@ -178,7 +189,8 @@ def distill_loop(loop_config: dict[str, Any]) -> None:
                 _report_checkpoint(student, optimizer, scheduler, nxt, rank, loop_config["train_key"],
                                    {"stage": plan.stage, "global_step": global_step, "stage_done": done_stage},
                                    loop_config.get("checkpoints_in_place"), _gather_replay_buffers(mixer, world),
-                                   _gather(rng_state(device), world))
+                                   _gather(rng_state(device), world),
+                                   scaler.state_dict() if scaler.is_enabled() else None)
             _maybe_inject_fault(fault, global_step, rank)
         position = Position(plan.stage + 1, 0, global_step, samples_seen)
 
@@ -254,30 +266,34 @@ class _Window:
 
     def __init__(self) -> None:
         self.total = self.kd = self.ce = 0.0
-        self.weight = 0.0
+        self.weight = self.ce_weight = 0.0
         self.tokens = 0
         self.seconds = 0.0
         self.steps = self.on_policy_steps = 0
         self.kd_weight_sum = 0.0
 
-    def add(self, losses: Any, weight: float) -> None:
+    def add(self, losses: Any, weight: float, reference: bool = True) -> None:
+        """``reference``: the responses are the data's (not the student's own on-policy samples), so the
+        step's CE is the reference cross-entropy that ``ce_loss`` reports."""
         self.total += losses.total.item() * weight
         self.kd += losses.kd.item() * weight
-        self.ce += losses.ce.item() * weight
         self.weight += weight
+        if reference:
+            self.ce += losses.ce.item() * weight
+            self.ce_weight += weight
 
     def flush(self, world: int, device: torch.device, **fields: Any) -> dict[str, Any]:
         """One ``TRAIN_METRICS_FIELDS`` row; the losses are summed over every rank first (a
         collective: every rank calls it at the same step), so they are global-batch token means."""
-        sums = [self.total, self.kd, self.ce, self.weight]
+        sums = [self.total, self.kd, self.ce, self.weight, self.ce_weight]
         if world > 1:
             t = torch.tensor(sums, dtype=torch.float64, device=device)
             torch.distributed.all_reduce(t)
             sums = t.tolist()
-        total, kd, ce, weight = sums
+        total, kd, ce, weight, ce_weight = sums
         w = max(weight, 1e-12)
         row = {**fields, "kd_weight": self.kd_weight_sum / max(self.steps, 1), "loss": total / w, "kd_loss": kd / w,
-               "ce_loss": ce / w, "tokens_per_s": self.tokens / max(self.seconds, 1e-9), "seconds": self.seconds,
+               "ce_loss": ce / ce_weight if ce_weight > 0 else None, "tokens_per_s": self.tokens / max(self.seconds, 1e-9), "seconds": self.seconds,
                "on_policy_fraction": self.on_policy_steps / max(self.steps, 1)}
         self.__init__()
         return row
@@ -291,13 +307,15 @@ def _report_checkpoint(student: torch.nn.Module, optimizer: torch.optim.Optimize
                        rank: int, train_key: str, metrics: dict[str, Any],
                        in_place: str | ObjectPath | None = None,
                        replay_buffers: list[list[EncodedSample]] | None = None,
-                       rng_states: list[dict[str, Any]] | None = None) -> None:
+                       rng_states: list[dict[str, Any]] | None = None,
+                       grad_scaler: dict[str, Any] | None = None) -> None:
     """Every rank gathers the state and reports (collectives); rank 0 attaches the checkpoint folder.
 
     Ray Train copies a reported folder into its storage, so it is written to a temporary folder; in
     local mode (``in_place``: the experiment folder) nothing is copied and it is written there instead.
     ``replay_buffers`` / ``rng_states``: every rank's GKD replay buffer and RNG states (already
-    gathered), saved with the checkpoint. Local in-place folders are built beside and renamed in.
+    gathered), saved with the checkpoint; ``grad_scaler``: the float16 loss scaler's state (in
+    position.json). Local in-place folders are built beside and renamed in.
     """
     weights, optim = _student_state(student, optimizer, rank)
     if rank != 0:
@@ -305,7 +323,8 @@ def _report_checkpoint(student: torch.nn.Module, optimizer: torch.optim.Optimize
         return
 
     def save(folder: str | Path) -> Path:
-        return save_checkpoint(folder, weights, optim, scheduler, position, extra={"train_key": train_key},
+        extra = {"train_key": train_key, **({GRAD_SCALER_KEY: grad_scaler} if grad_scaler is not None else {})}
+        return save_checkpoint(folder, weights, optim, scheduler, position, extra=extra,
                                replay_buffers=replay_buffers, rng_states=rng_states)
 
     if in_place is not None:

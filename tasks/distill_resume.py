@@ -14,8 +14,8 @@ from typing import Any
 import ray.train
 import torch
 
-from pocl_core.checkpoint import (Position, load_checkpoint, read_optimizer_state, read_replay_buffers,
-                                  read_rng_states, set_rng_state)
+from pocl_core.checkpoint import (GRAD_SCALER_KEY, Position, load_checkpoint, read_optimizer_state,
+                                  read_replay_buffers, read_rng_states, set_rng_state)
 from pocl_core.config import PoclConfig
 from pocl_core.data import EncodedSample
 from pocl_core.on_policy import OnPolicyMixer
@@ -35,6 +35,7 @@ class Resumed:
     scheduler_state: dict[str, Any] | None
     rng_states: list[dict[str, Any]]
     replay_buffers: list[list[EncodedSample]] | None
+    grad_scaler_state: dict[str, Any] | None = None  # float16 autocast's loss scale, growth tracker
 
 
 def resume_checkpoint(loop_config: dict[str, Any], student_lm: torch.nn.Module, cfg: PoclConfig) -> Resumed | None:
@@ -66,7 +67,8 @@ def resume_checkpoint(loop_config: dict[str, Any], student_lm: torch.nn.Module, 
                 f"no checkpoint of {experiment_dir(loop_config['run_dir'])} passes its checksums (each one is "
                 "named in a warning above): the saved files were altered or damaged after they were written; "
                 "remove those folders to start training again, or use a new run_name")
-        found = json.loads((chosen / "position.json").read_text()).get("train_key")
+        recorded = json.loads((chosen / "position.json").read_text())
+        found = recorded.get("train_key")
         if found != loop_config["train_key"]:
             raise RuntimeError(
                 f"checkpoint {chosen} was written by a different training config (train_key {found}, now "
@@ -86,7 +88,8 @@ def resume_checkpoint(loop_config: dict[str, Any], student_lm: torch.nn.Module, 
             optimizer_state=read_optimizer_state(folder, verify=False) if continues_optimizer else None,
             scheduler_state=torch.load(folder / "scheduler.pt", weights_only=True) if continues_optimizer else None,
             rng_states=read_rng_states(folder, verify=False),
-            replay_buffers=read_replay_buffers(folder, verify=False))
+            replay_buffers=read_replay_buffers(folder, verify=False),
+            grad_scaler_state=recorded.get(GRAD_SCALER_KEY))
     finally:
         if local_copy is not None:
             shutil.rmtree(local_copy, ignore_errors=True)

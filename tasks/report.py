@@ -16,8 +16,10 @@ from tasks.common import publish_markdown, publish_table, task_logger
 from tasks.plots import plot_eval, plot_stage_rouge, plot_training, png_data_uri
 
 
-# The training-log fields the report's table and plot read (a subset of TRAIN_METRICS_FIELDS).
+# The training-log fields the report's table and plot read (a subset of TRAIN_METRICS_FIELDS); those
+# in NULLABLE_FIELDS may also be null (ce_loss: a window of GKD on-policy steps only).
 REPORTED_FIELDS = ("global_step", "stage", "loss", "kd_loss", "ce_loss", "tokens_per_s", "temperature")
+NULLABLE_FIELDS = ("ce_loss",)
 
 
 def read_train_metrics(path: Location) -> list[dict]:
@@ -35,8 +37,8 @@ def read_train_metrics(path: Location) -> list[dict]:
             continue
         try:
             row = json.loads(line)
-            missing = [k for k in REPORTED_FIELDS if not isinstance(row.get(k), (int, float))
-                       or isinstance(row.get(k), bool)]
+            missing = [k for k in REPORTED_FIELDS if not (k in NULLABLE_FIELDS and k in row and row[k] is None)
+                       and (not isinstance(row.get(k), (int, float)) or isinstance(row.get(k), bool))]
             if missing:
                 raise ValueError(f"no number for {', '.join(missing)}")
             rows[int(row["global_step"])] = row
@@ -75,7 +77,8 @@ def render_report(cfg: PoclConfig, metrics: list[dict], train_rows: list[dict], 
         last = {r["stage"]: r for r in train_rows}
         for s in sorted(last):
             r = last[s]
-            lines.append(f"| {s} | {r['global_step']} | {r['loss']:.4f} | {r['kd_loss']:.4f} | {r['ce_loss']:.4f} | "
+            ce = "–" if r["ce_loss"] is None else f"{r['ce_loss']:.4f}"  # a window of on-policy steps only
+            lines.append(f"| {s} | {r['global_step']} | {r['loss']:.4f} | {r['kd_loss']:.4f} | {ce} | "
                          f"{r['tokens_per_s']:.0f} |")
     return "\n".join(lines) + "\n"
 

@@ -20,8 +20,9 @@ from tasks.common import Progress
 
 def format_row(row: dict[str, Any], total_steps: int) -> str:
     """One metrics row as a log line: stage, step, losses, temperature, λ, learning rate, throughput."""
+    ce = "–" if row["ce_loss"] is None else f"{row['ce_loss']:.4f}"  # a window of on-policy steps only
     return (f"stage {row['stage']} step {row['global_step']}/{total_steps}: loss {row['loss']:.4f} "
-            f"(KD {row['kd_loss']:.4f}, CE {row['ce_loss']:.4f}), T {row['temperature']:.2f}, "
+            f"(KD {row['kd_loss']:.4f}, CE {ce}), T {row['temperature']:.2f}, "
             f"λ {row['kd_weight']:.2f}, lr {row['lr']:.2e}, {row['tokens_per_s']:.0f} tokens/s")
 
 

@@ -134,3 +134,38 @@ def test_a_run_resumed_mid_stage_logs_the_metrics_rows_of_an_uninterrupted_one(m
     for a, b in zip(reference, resumed):
         for key in ("loss", "kd_loss", "ce_loss", "lr", "samples_seen", "step_in_stage"):
             assert b[key] == a[key], (a["global_step"], key)
+
+
+def test_float16_autocast_scales_the_loss_and_resumes_the_scale(make_config, tmp_path, monkeypatch, caplog):
+    """float16 autocast trains through a GradScaler whose state each checkpoint keeps: a run failing
+    right after the stage-0 boundary and started again ends with the uninterrupted run's weights. A
+    warm-up as long as a stage is named in a warning."""
+    from pocl_core.checkpoint import GRAD_SCALER_KEY
+
+    recipe = ("ray.num_workers=0", "curriculum.num_stages=2", "data.max_train_samples=32", "optim.global_batch_size=8",
+              "optim.micro_batch_size=4", "train.autocast_dtype=float16", "optim.warmup_steps=50")
+
+    def run(name: str) -> tuple[str, dict]:
+        cfg = make_config(*recipe, f"run_name={name}").with_absolute_paths()
+        data = load_dataset.fn(cfg)
+        part = partition.fn(cfg, score_difficulty.fn(cfg, data))
+        return cfg.run_dir, load_file(f"{distill.fn(cfg, data, part)}/model.safetensors")
+
+    with caplog.at_level("WARNING", logger="pocl"):
+        run_dir, reference = run("whole")
+    assert "optim.warmup_steps (50) is not below the 2 optimizer steps" in caplog.text
+    positions = [json.loads((c / "position.json").read_text()) for c in list_checkpoints(run_dir)]
+    scales = [p[GRAD_SCALER_KEY]["scale"] for p in positions]
+    assert len(scales) == 2 and all(s > 1.0 for s in scales)  # a loss scale was in use and saved
+    assert all(torch.isfinite(v).all() for v in reference.values())
+
+    monkeypatch.setenv("POCL_FAULT_INJECT", json.dumps({"at_global_step": positions[0]["global_step"],
+                                                       "marker": str(tmp_path / "fired"), "kind": "raise"}))
+    with pytest.raises(Exception, match="injected fault"):
+        run("resumed")
+    resumed_dir, resumed = run("resumed")
+    assert all(torch.equal(resumed[k], reference[k]) for k in reference)
+    # the scaler continued (its growth tracker counts the steps since the last overflow, across the resume)
+    last = json.loads((list_checkpoints(resumed_dir)[-1] / "position.json").read_text())
+    assert last[GRAD_SCALER_KEY] == positions[-1][GRAD_SCALER_KEY] and last["global_step"] > positions[0]["global_step"]
+    assert positions[-1][GRAD_SCALER_KEY]["_growth_tracker"] == positions[-1]["global_step"]  # no overflow here

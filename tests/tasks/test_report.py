@@ -32,6 +32,15 @@ def test_metrics_rows_last_per_step_and_damaged_lines_skipped(tmp_path, caplog):
     assert read_train_metrics(tmp_path / "absent.jsonl") == []
 
 
+def test_a_window_without_reference_steps_has_a_null_ce_loss_and_still_reports(tmp_path):
+    from tasks.train_progress import format_row
+
+    on_policy_only = row(1, 2.0, ce_loss=None, kd_weight=1.0, lr=1e-4)
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(on_policy_only) + "\n")
+    assert read_train_metrics(tmp_path / "metrics.jsonl") == [on_policy_only]
+    assert "(KD 2.0000, CE –)" in format_row(on_policy_only, 10)
+
+
 def test_the_stage_plan_is_what_trains_for_curriculum_and_the_plain_kd_baseline(tmp_path):
     import pyarrow as pa
 

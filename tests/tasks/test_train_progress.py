@@ -62,3 +62,24 @@ def test_an_unreadable_row_is_skipped_with_a_warning_not_raised(tmp_path, caplog
     assert follower.last_step == 3
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 2 and all("skipping a metrics row" in w for w in warnings)
+
+
+def test_a_windows_ce_loss_counts_only_the_steps_on_reference_responses():
+    """GKD on-policy steps train on the student's own samples: their CE (weight 0 in the loss) stays out
+    of ce_loss, which is null for a window of on-policy steps only; loss and KD keep every step."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from tasks.distill_loop import _Window
+
+    def losses(total, kd, ce):
+        return SimpleNamespace(total=torch.tensor(total), kd=torch.tensor(kd), ce=torch.tensor(ce))
+
+    window = _Window()
+    window.add(losses(1.0, 0.5, 2.0), 0.25)
+    window.add(losses(3.0, 1.5, 9.0), 0.75, reference=False)
+    row = window.flush(1, torch.device("cpu"))
+    assert row["ce_loss"] == 2.0 and row["loss"] == 0.25 * 1.0 + 0.75 * 3.0 and row["kd_loss"] == 0.25 * 0.5 + 0.75 * 1.5
+    window.add(losses(3.0, 1.5, 9.0), 1.0, reference=False)
+    assert window.flush(1, torch.device("cpu"))["ce_loss"] is None

@@ -97,6 +97,11 @@ def test_cross_field_errors_name_both_keys():
     assert "<root>" not in str(err.value) and "Value error" not in str(err.value)
     with pytest.raises(ConfigError, match=r"max_prompt_length"):
         load_config(TINY_CONFIG, ["data.max_prompt_length=200", "data.max_length=100"])
+    with pytest.raises(ConfigError, match=r"parallel_strategy=fsdp shards .* ray.num_workers=0 trains in this process"):
+        load_config(TINY_CONFIG, ["train.parallel_strategy=fsdp", "ray.num_workers=0"])
+    with pytest.raises(ConfigError, match=r"autocast_dtype=float16 needs loss scaling.*use train.autocast_dtype=bfloat16"):
+        load_config(TINY_CONFIG, ["train.parallel_strategy=fsdp", "train.autocast_dtype=float16"])
+    assert load_config(TINY_CONFIG, ["train.parallel_strategy=fsdp", "train.autocast_dtype=bfloat16"])
 
 
 def test_missing_required_section_and_bad_files(tmp_path):

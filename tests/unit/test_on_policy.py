@@ -180,3 +180,26 @@ def test_temperature_scaling_reaches_the_step_loss(tiny_models, student, encoded
     assert scaled.kd.item() == pytest.approx(1.7 ** 2 * bare.kd.item(), rel=1e-6)
     assert scaled.ce.item() == pytest.approx(bare.ce.item(), rel=1e-7)
     assert scaled.total.item() == pytest.approx(0.4 * bare.ce.item() + 0.6 * 1.7 ** 2 * bare.kd.item(), rel=1e-6)
+
+
+def test_the_teacher_runs_at_its_own_dtype_under_the_students_autocast(tiny_models, student, encoded):
+    """Under train.autocast_dtype the student's forward is bfloat16, the float32 teacher's stays float32:
+    the KD term equals the one computed from the teacher's float32 logits outside autocast."""
+    teacher = ResponseLogitsLM(load_causal_lm(str(tiny_models.teacher), "float32", False)).eval().requires_grad_(False)
+    model = ResponseLogitsLM(student).eval()
+    batch = collate(encoded, pad_id=0)
+    seen = []
+    hook = teacher.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    args = (batch["input_ids"], batch["attention_mask"], batch["target_mask"])
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            s_logits = model(*args)
+            live = distillation_losses(model, teacher, batch, temperature=1.0, kd_weight=1.0, loss_name="fkl",
+                                       loss_params={})
+        hook.remove()
+        float32_teacher = teacher(*args)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            given = distillation_losses(model, None, batch, temperature=1.0, kd_weight=1.0, loss_name="fkl",
+                                        loss_params={}, teacher_logits=float32_teacher)
+    assert s_logits.dtype == torch.bfloat16 and seen == [torch.float32]
+    assert live.kd.item() == given.kd.item()
