@@ -49,6 +49,15 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> Any:
     return tok
 
 
+def config_vocab_size(name_or_path: str, trust_remote_code: bool = False) -> int:
+    """A model's logit width (embedding rows) from its config alone, without loading weights."""
+    from transformers import AutoConfig
+
+    config = _from_pretrained(AutoConfig, name_or_path, "model", trust_remote_code=trust_remote_code)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return int(text.vocab_size)
+
+
 def cpu_has_native_bf16() -> bool:
     """True when this x86 CPU has AVX512-BF16 or AMX (Linux /proc/cpuinfo); otherwise bf16 is emulated."""
     try:
@@ -109,13 +118,14 @@ def _has_safetensors(name_or_path: str) -> bool | None:
 
 
 def model_fingerprint(name_or_path: str) -> str:
-    """sha256 (16 hex digits) of a local model folder's config and weight files; the name for hub ids."""
+    """sha256 (16 hex digits) of a local model folder's config and weight files, and of its Python files
+    (the modelling code ``trust_remote_code`` runs; most folders have none); the name for hub ids."""
     p = Path(name_or_path)
     if not p.is_dir():
         return f"hub:{name_or_path}"
     files = sorted(
         f for f in p.iterdir()
-        if f.is_file() and (f.name == "config.json" or f.suffix in (".safetensors", ".bin"))
+        if f.is_file() and (f.name == "config.json" or f.suffix in (".safetensors", ".bin", ".py"))
     )
     if not files:
         raise FileNotFoundError(f"{p}: no config.json or weight files to fingerprint")

@@ -36,6 +36,9 @@ from pocl_core.storage import Location, ObjectPath, location
 CacheRows = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 
 
+# Parquet list offsets are int32: one cache shard holds fewer than 2^31 values per list column
+CACHE_SHARD_VALUES = 2 ** 31
+
 def topk_rows(logits: torch.Tensor, k: int, temperatures: Sequence[float]
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The cache entry of ``N`` logit rows.
@@ -78,7 +81,7 @@ def cache_table(sample_ids: Sequence[str], rows: Sequence[CacheRows], k: int, n_
                              f"{tail.shape}, expected ({n}, {k}) / ({n}, {k}) / ({n}, {n_temperatures})")
     row_offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     values = int(row_offsets[-1]) * max(k, n_temperatures)
-    if values >= 2 ** 31:  # Parquet list offsets are int32
+    if values >= CACHE_SHARD_VALUES:
         raise ValueError(f"cache_table: {int(row_offsets[-1])} response positions × {max(k, n_temperatures)} values "
                          f"per position is {values} values in one shard, over the 2^31 a shard holds: lower "
                          "scoring.shard_size or scoring.teacher_cache_topk")

@@ -39,11 +39,12 @@ from pocl_core.difficulty import fuse_difficulty
 from pocl_core.losses.sparse import temperature_covered
 from pocl_core.measures import (GENERATIVE_MEASURES, ScoringContext, get_measure, length_sorted_batches,
                                 logit_columns, score_batch)
-from pocl_core.models import (decode_only_as_configured, load_causal_lm, load_tokenizer, model_fingerprint,
-                              resolve_device, tokenizer_fingerprint)
+from pocl_core.models import (config_vocab_size, decode_only_as_configured, load_causal_lm, load_tokenizer,
+                              model_fingerprint, resolve_device, tokenizer_fingerprint)
 from pocl_core.schedule import schedule_temperatures
 from pocl_core.storage import Location, for_workers
-from pocl_core.teacher_cache import cache_table
+from pocl_core.teacher_cache import CACHE_SHARD_VALUES, cache_table
+from pocl_core.vocab import check_vocab_compatible
 from tasks.common import Progress, task_logger
 from tasks.load_data import DatasetSplits
 
@@ -148,6 +149,7 @@ def score_difficulty(cfg: PoclConfig, data: DatasetSplits) -> ScoresResult:
         if need_measures or need_cache:
             jobs.append(ShardJob(i, shard, need_measures, need_cache, len(shards)))
     if jobs:
+        check_before_scoring(cfg, jobs, cache_prov.get("temperatures", []))
         log.info("scoring %d of %d shards with %s (%d worker(s))", len(jobs), len(shards), _scorer(cfg)[0],
                  cfg.scoring.num_workers)
         run = _run_in_process if cfg.scoring.num_workers == 1 else _run_on_ray
@@ -176,6 +178,32 @@ def score_difficulty(cfg: PoclConfig, data: DatasetSplits) -> ScoresResult:
         offset += len(shard)
     log.info("wrote %d score shards (%d samples) to %s", len(shards), len(ids), paths.scores_dir)
     return ScoresResult(str(paths.scores_dir), len(shards), key, cache_dir)
+
+
+def check_before_scoring(cfg: PoclConfig, jobs: Sequence[ShardJob], temperatures: Sequence[float] = ()) -> None:
+    """ConfigErrors found from the tokenizers, model configs and token counts alone, before the model pass
+    spends its time: a teacher that does not share the run's tokenizer (training would refuse it after
+    scoring), and a shard whose teacher cache would exceed ``CACHE_SHARD_VALUES`` (found mid-pass, the
+    shards already written would go stale when shard_size is lowered); ``temperatures``: those whose
+    tail log-sum-exps the cache stores."""
+    tokenizer = load_tokenizer(cfg.models.tokenizer_source, cfg.models.trust_remote_code)
+    try:
+        check_vocab_compatible(load_tokenizer(cfg.models.teacher, cfg.models.trust_remote_code), tokenizer,
+                               config_vocab_size(cfg.models.teacher, cfg.models.trust_remote_code),
+                               config_vocab_size(cfg.models.student, cfg.models.trust_remote_code))
+    except ValueError as exc:
+        raise ConfigError(f"models.teacher {cfg.models.teacher} / models.student {cfg.models.student}: {exc}") from None
+    topk = cfg.scoring.teacher_cache_topk
+    per_position = max(topk, len(temperatures))
+    for job in (j for j in jobs if topk and j.cache):
+        positions = sum(encode_sample(tokenizer, s, cfg.data.prompt_template, cfg.data.max_prompt_length,
+                                      cfg.data.max_length).n_response for s in job.samples)
+        if positions * per_position >= CACHE_SHARD_VALUES:
+            fits = max(1, len(job.samples) * (CACHE_SHARD_VALUES - 1) // (positions * per_position))
+            raise ConfigError(
+                f"scoring.teacher_cache_topk={topk}: shard {job.index}'s teacher cache would hold {positions} response "
+                f"positions × {per_position} values, over the {CACHE_SHARD_VALUES} a Parquet shard holds: set "
+                f"scoring.shard_size to at most {fits} (now {cfg.scoring.shard_size}) or lower teacher_cache_topk")
 
 
 def load_scorer(cfg: PoclConfig) -> tuple[ScoringContext, int]:

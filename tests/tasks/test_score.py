@@ -329,3 +329,35 @@ def test_ray_scoring_with_two_workers_equals_in_process(baseline, local_ray, tin
                         np.testing.assert_allclose(g[key], w[key], rtol=1e-5, atol=1e-5, err_msg=f"{sub}/{name} {key}")
                     else:
                         assert g[key] == w[key], f"{sub}/{name} {key}"
+
+
+def test_a_teacher_with_another_tokenizer_is_refused_before_the_scoring_pass(tiny_models, tiny_data_path, tmp_path):
+    """Training would refuse it only after the whole teacher pass (and its cache) was spent."""
+    teacher = tmp_path / "teacher"
+    shutil.copytree(tiny_models.teacher, teacher)
+    tokenizer = load_tokenizer(str(teacher))
+    tokenizer.add_tokens(["<an-extra-token>"])
+    tokenizer.save_pretrained(str(teacher))
+    cfg = config(tiny_models, tmp_path, tiny_data_path, "run_name=mismatch", f"models.teacher={teacher}")
+    with pytest.raises(ConfigError, match=r"models.teacher .+ / models.student .+: teacher and student tokenizers "
+                                          r"differ in size \(\d+ vs \d+ tokens\)"):
+        run_scoring(cfg)
+    assert not RunPaths.of(cfg.run_dir).measures_shard(0).exists()
+
+
+def test_a_cache_shard_over_the_parquet_limit_is_refused_before_any_shard_with_a_size_that_fits(
+        tiny_models, tiny_data_path, tmp_path, monkeypatch):
+    """The limit (2^31 values per list column, lowered here) is checked on the shards' token counts up
+    front: found mid-pass, lowering shard_size as advised would make the shards already written stale."""
+    monkeypatch.setattr(score_mod, "CACHE_SHARD_VALUES", 800)
+    cfg = config(tiny_models, tmp_path, tiny_data_path, "run_name=big", "scoring.teacher_cache_topk=8")
+    with pytest.raises(ConfigError, match=r"shard 0's teacher cache would hold \d+ response positions × 8 values, over "
+                                          r"the 800 .*set scoring.shard_size to at most (\d+) \(now 32\)") as err:
+        run_scoring(cfg)
+    assert not list((RunPaths.of(cfg.run_dir).root).rglob("part-*.parquet"))
+    fits = int(err.value.args[0].split("at most ")[1].split(" ")[0])
+    assert 0 < fits < 32
+    smaller = config(tiny_models, tmp_path, tiny_data_path, "run_name=big", "scoring.teacher_cache_topk=8",
+                     f"scoring.shard_size={max(1, fits // 2)}")
+    run_scoring(smaller)  # the same run folder, half the advised size: every shard fits (lengths vary by shard)
+    assert list((RunPaths.of(smaller.run_dir).teacher_cache_dir).glob("part-*.parquet"))

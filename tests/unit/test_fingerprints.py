@@ -44,6 +44,11 @@ def test_model_fingerprint_keeps_its_format_and_ignores_other_files(tmp_path):
     (tmp_path / "README.md").write_text("notes")
     assert model_fingerprint(str(tmp_path)) == expected
     assert model_fingerprint("org/some-model") == "hub:org/some-model"
+    # modelling code that trust_remote_code would run is part of the model
+    (tmp_path / "modeling_custom.py").write_text("SCALE = 1.0\n")
+    with_code = model_fingerprint(str(tmp_path))
+    (tmp_path / "modeling_custom.py").write_text("SCALE = 2.0\n")
+    assert len({expected, with_code, model_fingerprint(str(tmp_path))}) == 3
 
 
 def test_tokenizer_fingerprint_reads_only_tokenizer_files(tmp_path):
