@@ -89,7 +89,8 @@ def _evaluate_model(cfg: PoclConfig, name: str, path: str, tokenizer, samples: l
                             batch_size=cfg.eval.batch_size, **common)
     rouge, rouge_std = summarize_rouge(gens, "sampled" if cfg.eval.do_sample else "greedy")
     greedy, _ = summarize_rouge(gens, "greedy")
-    task_logger().info("%s: ROUGE-L %.2f ± %.2f (greedy %.2f), NLL %.3f", name, rouge, rouge_std, greedy, nll)
+    spread = f" ± {rouge_std:.2f} over {len(cfg.eval.seeds)} seeds" if len(cfg.eval.seeds) > 1 else ""
+    task_logger().info("%s: ROUGE-L %.2f%s (greedy %.2f), NLL %.3f", name, rouge, spread, greedy, nll)
     row = {"model": name, "rouge_l": rouge, "rouge_l_std": rouge_std,
            "rouge_l_greedy": None if math.isnan(greedy) else greedy, "nll": nll,
            "stage": _stage_of(name), "num_samples": len(samples), "num_seeds": len(cfg.eval.seeds)}

@@ -71,3 +71,10 @@ def test_the_stage_plan_is_what_trains_for_curriculum_and_the_plain_kd_baseline(
     baseline = plan_rows("curriculum.strategy=none", "curriculum.epochs_per_stage=2")
     assert len(baseline) == 1 and baseline[0].startswith("| 0 | 0..3 | 100 |")  # one stage over all buckets
     assert baseline[0].split(" | ")[4] == "52"  # the curriculum's 52 steps, the same sample budget
+    # the evaluation table: a spread over seeds only where there are several
+    metrics = [{"model": "teacher", "rouge_l": 30.0, "rouge_l_std": 0.0, "rouge_l_greedy": 31.5, "nll": 1.5,
+                "num_seeds": 1},
+               {"model": "student", "rouge_l": 20.0, "rouge_l_std": 1.25, "rouge_l_greedy": None, "nll": 2.5,
+                "num_seeds": 3}]
+    text = render_report(cfg, metrics, [], path)
+    assert "| teacher | 30.00 | – | 31.50 | 1.500 |" in text and "| student | 20.00 | 1.25 | – | 2.500 |" in text
