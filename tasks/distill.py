@@ -120,6 +120,9 @@ RAY_TRAIN_ENV_DEFAULTS = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1"}
 # fit, which also logs a core_worker error line at creation) has nothing to watch.
 LOCAL_RAY_TRAIN_ENV_DEFAULTS = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 WORKER_SETUP_HOOK = "tasks.ray_worker_setup.quiet_ray_train_helpers"
+# Every Ray worker of the run's job: no tokenizer thread pools beside torch's, and no progress bars for
+# model loads (a worker's stderr is a log forwarded to the driver, where each bar became one long line)
+WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
 
 
 def ray_address(address: str | None) -> str:
@@ -164,8 +167,7 @@ def ensure_ray(address: str | None) -> None:
     if ray.is_initialized():
         return
     ray.init(address=ray_address(address), include_dashboard=False, log_to_driver=True,
-             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"},
-                          "worker_process_setup_hook": WORKER_SETUP_HOOK})
+             runtime_env={"env_vars": WORKER_ENV, "worker_process_setup_hook": WORKER_SETUP_HOOK})
 
 
 def check_gpus(cfg: PoclConfig, needed: int, job: str) -> None:

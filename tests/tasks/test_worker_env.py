@@ -93,6 +93,21 @@ def test_ensure_ray_gives_the_job_the_setup_hook(monkeypatch):
     # a job-level setting only (Ray ignores it in an actor's runtime_env); its effect on a real job is
     # checked in tests/ops/test_ray_cluster.py
     assert calls[0]["runtime_env"]["worker_process_setup_hook"] == WORKER_SETUP_HOOK
+    assert calls[0]["runtime_env"]["env_vars"] == distill_mod.WORKER_ENV
+
+
+def test_the_workers_environment_turns_off_transformers_progress_bars():
+    import subprocess
+    import sys
+
+    import tasks.distill as distill_mod
+
+    probe = "from transformers.utils import logging; print(logging.is_progress_bar_enabled())"
+    env = {k: v for k, v in os.environ.items() if k not in distill_mod.WORKER_ENV}
+    shown = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
+    hidden = subprocess.run([sys.executable, "-c", probe], env={**env, **distill_mod.WORKER_ENV}, capture_output=True,
+                            text=True, check=True)
+    assert (shown.stdout.strip(), hidden.stdout.strip()) == ("True", "False")
 
 
 def test_environment_defaults_fill_only_unset_variables_and_only_for_the_block(monkeypatch):
