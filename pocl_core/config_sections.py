@@ -348,6 +348,9 @@ class RayConfig(_Section):
     own (``address`` and RAY_ADDRESS unset, or ``local``; once Ray is up in the process, one it
     started) and ``none`` on a cluster, whose cores other jobs may share. Runs sharing one machine,
     each with its own local Ray, pin to the same shares: give them ``none``.
+    train_log_level: the level of Ray Train's own log lines on the console (its ``ray.train`` loggers:
+    ``INFO`` adds a line per report and checkpoint, process-group set-up and the like); its log files
+    in the Ray session folder keep every level, and the run's own lines are not affected.
     """
 
     address: Optional[str] = None
@@ -356,6 +359,7 @@ class RayConfig(_Section):
     max_failures: int = Field(0, ge=-1)
     worker_niceness: Optional[int] = Field(0, ge=0, le=19)
     cpu_affinity: Literal["auto", "spread", "none"] = "auto"
+    train_log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "WARNING"
 
 
 class EvalConfig(SamplingConfig):

@@ -24,7 +24,7 @@ from typing import Iterator
 import ray
 import torch
 from prefect import task
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from pocl_core.checkpoint import load_checkpoint
@@ -259,7 +259,6 @@ def distill(cfg: PoclConfig, data: DatasetSplits, partition_path: str, teacher_c
     if not local_mode:
         ensure_ray(cfg.ray.address)
         check_gpus(cfg, cfg.ray.num_workers, f"training with ray.num_workers={cfg.ray.num_workers}")
-    storage_path, storage_fs = ray_storage(paths.train_storage)
     trainer = TorchTrainer(
         distill_loop,
         train_loop_config={
@@ -275,14 +274,7 @@ def distill(cfg: PoclConfig, data: DatasetSplits, partition_path: str, teacher_c
             "pin_cpus": pin_cpus(cfg),
         },
         scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu),
-        run_config=RunConfig(
-            name=EXPERIMENT_NAME,
-            storage_path=storage_path,
-            storage_filesystem=storage_fs,
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
-            failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
-            worker_runtime_env=worker_runtime_env(cfg.ray),
-        ),
+        run_config=train_run_config(cfg, paths),
     )
     log.info("distilling with %d Ray Train worker(s), storage %s", cfg.ray.num_workers, paths.train_storage)
     # read from this process's environment by fit(), which passes them on to Ray Train's controller
@@ -313,6 +305,21 @@ def distill(cfg: PoclConfig, data: DatasetSplits, partition_path: str, teacher_c
                  len(removed), cfg.train.keep_checkpoints,
                  ", ".join(p.name for p in removed[:5]) + (", ..." if len(removed) > 5 else ""))
     return str(paths.student)
+
+
+def train_run_config(cfg: PoclConfig, paths: RunPaths) -> RunConfig:
+    """Ray Train's RunConfig for the run: its storage (the run folder's ``train/``), checkpoints kept,
+    worker-group restarts, the workers' runtime environment and Ray Train's console log level."""
+    storage_path, storage_fs = ray_storage(paths.train_storage)
+    return RunConfig(
+        name=EXPERIMENT_NAME,
+        storage_path=storage_path,
+        storage_filesystem=storage_fs,
+        checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+        failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
+        worker_runtime_env=worker_runtime_env(cfg.ray),
+        logging_config=LoggingConfig(log_level=cfg.ray.train_log_level),
+    )
 
 
 def planned_steps(cfg: PoclConfig, partition_path: str) -> int:

@@ -52,9 +52,21 @@ from tasks.distill_resume import restore_replay_buffer, restore_rng, resume_chec
 AUTOCAST = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def quiet_report_lines(level: str) -> None:
+    """Give ``ray.train_log_level`` to the logger of Ray Train's report lines ("Reporting training result
+    ..." from every worker at every report): it is named after its source file rather than placed under
+    ``ray.train``, so Ray Train's own LoggingConfig does not reach it. Nothing happens if Ray moves it."""
+    try:
+        from ray.train.v2._internal.execution import context as report_context
+    except ImportError:
+        return
+    logging.getLogger(report_context.__file__).setLevel(level)
+
+
 def distill_loop(loop_config: dict[str, Any]) -> None:
     """Entry point run by every Ray Train worker (``train_loop_per_worker``)."""
     cfg = PoclConfig.model_validate(loop_config["cfg"])
+    quiet_report_lines(cfg.ray.train_log_level)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device() if cfg.ray.use_gpu else torch.device("cpu")

@@ -119,3 +119,37 @@ def test_environment_defaults_fill_only_unset_variables_and_only_for_the_block(m
     with pytest.raises(RuntimeError), environment_defaults({"POCL_TEST_UNSET": "0"}):
         raise RuntimeError("the block failed")
     assert "POCL_TEST_UNSET" not in os.environ
+
+
+def test_ray_trains_run_config_carries_the_runs_settings(make_config):
+    from pocl_core.contracts import RunPaths
+    from tasks.distill import train_run_config
+
+    cfg = make_config("train.keep_checkpoints=2", "ray.max_failures=3", "ray.worker_niceness=5").with_absolute_paths()
+    run_config = train_run_config(cfg, RunPaths.of(cfg.run_dir))
+    assert run_config.logging_config.log_level == "WARNING"  # Ray Train's per-report INFO lines stay in its files
+    assert run_config.checkpoint_config.num_to_keep == 2 and run_config.failure_config.max_failures == 3
+    assert run_config.worker_runtime_env == {"env_vars": {"RAY_worker_niceness": "5"}}
+    assert run_config.storage_path == str(RunPaths.of(cfg.run_dir).train_storage)
+    verbose = make_config("ray.train_log_level=INFO").with_absolute_paths()
+    assert train_run_config(verbose, RunPaths.of(verbose.run_dir)).logging_config.log_level == "INFO"
+
+
+def test_ray_trains_report_lines_follow_the_train_log_level():
+    """Its per-report line comes from a logger named after the source file (outside ``ray.train``)."""
+    import logging
+
+    from ray.train.v2._internal.execution import context
+
+    from tasks.distill_loop import quiet_report_lines
+
+    report_logger = logging.getLogger(context.__file__)
+    assert report_logger is context.logger  # the logger Ray Train's report line goes through
+    before = report_logger.level
+    try:
+        quiet_report_lines("WARNING")
+        assert not report_logger.isEnabledFor(logging.INFO) and report_logger.isEnabledFor(logging.WARNING)
+        quiet_report_lines("INFO")
+        assert report_logger.isEnabledFor(logging.INFO)
+    finally:
+        report_logger.setLevel(before)
