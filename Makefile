@@ -53,10 +53,10 @@ bench: bench-losses bench-scoring bench-training bench-flops bench-orchestration
 bench-losses: $(STAMP)
 	$(PY) -m benchmarks.bench_losses
 
-bench-scoring: $(STAMP)
+bench-scoring: $(STAMP) quickstart-models
 	$(PY) -m benchmarks.bench_scoring
 
-bench-training: $(STAMP)
+bench-training: $(STAMP) quickstart-models
 	$(PY) -m benchmarks.bench_training
 
 bench-orchestration: $(STAMP)
@@ -71,9 +71,11 @@ bench-flops: $(STAMP) quickstart-models
 # Wheels for the GPU checks on an offline PyTorch CUDA machine (Python 3.12): every runtime dependency
 # its image lacks, Ray and Prefect slimmed (see devtools/offline_wheels.py); there, run
 # `devtools/gpu_check.sh OUTDIR` from the repository root.
-gpu-wheels: $(STAMP)
+gpu-wheels: $(STAMP) quickstart-models
 	$(PY) -m devtools.offline_wheels --have devtools/cuda_image_packages.txt --python-version 3.12.3 \
 		--skip datasets --slim --out .whl
+	tar -cJf .whl/tokenizer-smollm2.tar.xz -C .cache/models/smollm2-135m-instruct \
+		tokenizer.json tokenizer_config.json chat_template.jinja
 
 clean:
 	rm -rf $(VENV) .cache runs

@@ -47,10 +47,15 @@ if [ "$device" = cuda ]; then gpu_flag=(--gpu) use_gpu=true dtype=bfloat16; fi
 
 if [[ $steps == *" scoring "* ]]; then
   step "scoring benchmark ($device, $dtype): the CPU benchmark's model, then a larger one"
-  "$py" -m benchmarks.bench_scoring "${gpu_flag[@]}" --dtype "$dtype" --json | tee "$out/bench_scoring.json"
+  tok=()  # SmolLM2's tokenizer (the benchmark's default vocabulary), packed by `make gpu-wheels`
+  if [ -f "$wheels/tokenizer-smollm2.tar.xz" ]; then
+    mkdir -p /tmp/pocl-tokenizer && tar -xJf "$wheels/tokenizer-smollm2.tar.xz" -C /tmp/pocl-tokenizer
+    tok=(--tokenizer /tmp/pocl-tokenizer)
+  fi
+  "$py" -m benchmarks.bench_scoring "${gpu_flag[@]}" "${tok[@]}" --dtype "$dtype" --json | tee "$out/bench_scoring.json"
   if [ "$device" = cuda ]; then  # hours on one CPU thread
-    "$py" -m benchmarks.bench_scoring --gpu --dtype "$dtype" --json --samples 512 --layers 8 --hidden 1024 \
-      --batch-size 32 | tee "$out/bench_scoring_large.json"
+    "$py" -m benchmarks.bench_scoring --gpu "${tok[@]}" --dtype "$dtype" --json --samples 512 --layers 8 \
+      --hidden 1024 --batch-size 32 | tee "$out/bench_scoring_large.json"
   fi
 fi
 
