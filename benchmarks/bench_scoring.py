@@ -48,7 +48,9 @@ no ROUGE); ``naive`` adds ``generate`` on each prompt alone, decoding and ROUGE-
 Other processes' load only ever slows a run down, and on a shared machine it comes in bursts, so
 each path keeps its best: ``ours`` its fastest whole run; ``bare`` and ``naive`` the sum over their
 batches (samples) of each one's fastest time across repeats, which favours the baselines (the
-ratios are conservative). Throughput = tokens (prompt + response, no padding) / seconds.
+ratios are conservative). Throughput = tokens (prompt + response, no padding) / seconds. Every path
+that computes NLLs saves them per sample; the largest relative difference of ours' and bare_nll's from
+the naive loop's is printed (the same results, not only the same tokens).
 Goals: ours >= 0.90x bare and >= 5x naive.
 """
 
@@ -132,6 +134,7 @@ def _load(root: Path):
 
 def run_worker(args: argparse.Namespace) -> list[float]:
     """One path, once, in this (fresh) process; returns its lap times in seconds."""
+    import pyarrow.parquet as pq
     import torch
     import torch.nn.functional as F
 
@@ -167,6 +170,9 @@ def run_worker(args: argparse.Namespace) -> list[float]:
             score_difficulty.fn(cfg.model_copy(update={"run_name": name}), data)
             sync()
             times.append(time.perf_counter() - t0)
+        scores = pq.read_table(root / "runs" / f"bench-{args.rep}" / "scores", partitioning=None)
+        _save_nll(root, "ours", args.rep, dict(zip(scores.column("sample_id").to_pylist(),
+                                                  scores.column("nll").to_pylist())))
         return times
 
     model = load_causal_lm(str(root / "model"), args.dtype, device=device).eval()
@@ -175,6 +181,7 @@ def run_worker(args: argparse.Namespace) -> list[float]:
     gen_kwargs = dict(max_new_tokens=args.max_new_tokens, do_sample=True, temperature=0.01, top_k=0, top_p=1.0,
                       no_repeat_ngram_size=6, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
     laps = []
+    values: dict[str, float] = {}  # per-sample NLL, to check that every path computes the same numbers
     with torch.inference_mode():
         if path == "bare":
             groups = list(length_sorted_batches(encoded, args.batch_size))
@@ -199,7 +206,8 @@ def run_worker(args: argparse.Namespace) -> list[float]:
                 logits = model.lm_head(hidden[rows, cols])[:, :columns].float()
                 nll = F.cross_entropy(logits, b["input_ids"][rows, cols + 1], reduction="none")
                 per_sample = torch.zeros(len(group), device=device).index_add_(0, rows, nll)
-                (per_sample / torch.bincount(rows, minlength=len(group))).tolist()
+                means = (per_sample / torch.bincount(rows, minlength=len(group))).tolist()
+                values.update(zip((e.sample_id for e in group), means))
                 if generate:
                     ids, attn = _left_padded([e.input_ids[:e.n_prompt] for e in group], pad)
                     model.generate(input_ids=ids.to(device), attention_mask=attn.to(device), **gen_kwargs)
@@ -213,7 +221,7 @@ def run_worker(args: argparse.Namespace) -> list[float]:
                 ids = torch.tensor([e.input_ids], device=device)
                 logp = F.log_softmax(model(input_ids=ids).logits[0, :-1].float(), dim=-1)
                 nll = -logp.gather(-1, ids[0, 1:, None])[e.n_prompt - 1:, 0]
-                float(nll.mean())
+                values[e.sample_id] = float(nll.mean())
                 if generate:
                     out = model.generate(input_ids=ids[:, :e.n_prompt], **gen_kwargs)
                     answer = tokenizer.decode(out[0, e.n_prompt:], skip_special_tokens=True)
@@ -221,7 +229,25 @@ def run_worker(args: argparse.Namespace) -> list[float]:
                 laps.append(time.perf_counter() - t0)
         else:
             raise ValueError(f"unknown path '{path}'; choose one of {PATHS}")
+    if values:
+        _save_nll(root, path, args.rep, values)
     return laps[1:]
+
+
+def _save_nll(root: Path, path: str, rep: int, values: dict[str, float]) -> None:
+    (root / f"nll-{path}-{rep}.json").write_text(json.dumps(values))
+
+
+def nll_agreement(root: Path) -> dict[str, float]:
+    """Largest relative difference of each path's per-sample NLL from the naive loop's (first repeat)."""
+    naive = json.loads((root / "nll-naive-0.json").read_text())
+    out = {}
+    for path in ("ours", "bare_nll"):
+        other = json.loads((root / f"nll-{path}-0.json").read_text())
+        if other.keys() != naive.keys():
+            raise RuntimeError(f"benchmark path '{path}' scored other samples than the naive loop")
+        out[path] = max(abs(other[k] - naive[k]) / max(abs(naive[k]), 1e-12) for k in naive)
+    return out
 
 
 def _left_padded(prompts: list[list[int]], pad: int):
@@ -290,6 +316,7 @@ def main(argv: list[str] | None = None) -> None:
                     cold.append(times[0])
                     times = times[1:]
                 laps[name].append(times)
+        agreement = nll_agreement(root)
     finally:
         if args.keep:
             print(f"inputs kept in {root}")
@@ -309,6 +336,7 @@ def main(argv: list[str] | None = None) -> None:
         "run_seconds": {k: [round(sum(r), 3) for r in runs] for k, runs in laps.items()},
         "tokens_per_s": {k: round(v, 1) for k, v in rate.items()},
         "ours_cold_seconds": [round(c, 3) for c in cold],
+        "nll_max_rel_diff_vs_naive": {k: float(f"{v:.2e}") for k, v in agreement.items()},
         "ours_vs_bare": round(rate["ours"] / rate["bare"], 2), "ours_vs_naive": round(rate["ours"] / rate["naive"], 2),
         "ours_vs_bare_nll": round(rate["ours"] / rate["bare_nll"], 2),
         "ours_cold_vs_bare": round(best["bare"] / min(cold), 2),
@@ -329,6 +357,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"ours / naive = {result['ours_vs_naive']:.2f}x (goal >= {GOAL_NAIVE}x: {'met' if ok_naive else 'NOT met'})")
     print(f"ours / bare_nll (the same arithmetic) = {result['ours_vs_bare_nll']:.2f}x; ours' first call in its "
           f"process took {min(cold):.2f} s (ours_cold / bare = {result['ours_cold_vs_bare']:.2f}x)")
+    print("per-sample NLL vs the naive loop's, largest relative difference: "
+          + ", ".join(f"{k} {v:.1e}" for k, v in agreement.items()))
     print(f"total {result['wall_seconds']} s")
 
 
