@@ -3,7 +3,8 @@
 A sample is ``(sample_id, prompt, response)``. Loaders accept Dolly (``instruction``, ``context``,
 ``response``), Alpaca (``instruction``, ``input``, ``output``) and plain (``prompt``, ``response``)
 records from JSONL, Parquet, or a Hugging Face dataset folder (``Dataset.save_to_disk``); an ``id`` or
-``sample_id`` field is kept as the id, otherwise the id is a hash of prompt + response. Bad rows
+``sample_id`` field is kept as the id (``sample_id`` first; a null one defers to ``id``), otherwise
+the id is a hash of prompt + response. Bad rows
 (unparseable, missing or non-string fields, empty texts, duplicate ids) name their file and row and
 are either an error or dropped and counted (``on_bad_rows``).
 
@@ -94,11 +95,12 @@ def _record_to_sample(rec: Any, where: str) -> Sample:
         raise DataError(f"{where}: empty response")
     if extra.strip():
         prompt = f"{prompt}\n\n{extra}"
-    raw_id = rec.get("sample_id", rec.get("id"))
+    id_field = "sample_id" if rec.get("sample_id") is not None else "id"  # a null sample_id defers to id
+    raw_id = rec.get(id_field)
     if raw_id is not None and not isinstance(raw_id, (str, int)):
         raise DataError(f"{where}: id must be a string or integer, got {type(raw_id).__name__}")
     if isinstance(raw_id, str):
-        _unicode_text(raw_id, where, "sample_id" if "sample_id" in rec else "id")
+        _unicode_text(raw_id, where, id_field)
     sample_id = str(raw_id) if raw_id is not None else stable_sample_id(prompt, response)
     return Sample(sample_id, prompt, response)
 

@@ -17,9 +17,12 @@ def test_dolly_alpaca_and_plain_fields(tmp_path):
         {"instruction": "Sum", "context": "1 and 2", "response": "3"},
         {"instruction": "Greet", "input": "", "output": "hi", "id": 7},
         {"prompt": "Q", "response": "A", "sample_id": "x"},
+        {"prompt": "Q2", "response": "A2", "sample_id": None, "id": "y"},  # a null sample_id defers to id
+        {"prompt": "Q3", "response": "A3", "sample_id": None},
     ])
     samples, dropped = load_samples(p)
     assert dropped == 0
+    assert samples[3].sample_id == "y" and samples[4].sample_id == stable_sample_id("Q3", "A3")
     assert samples[0] == Sample(stable_sample_id("Sum\n\n1 and 2", "3"), "Sum\n\n1 and 2", "3")
     assert samples[1].sample_id == "7" and samples[1].prompt == "Greet" and samples[1].response == "hi"
     assert samples[2].sample_id == "x"
