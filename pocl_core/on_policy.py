@@ -70,8 +70,8 @@ def generation_seed(seed: int, global_step: int, rank: int) -> int:
 
 @torch.no_grad()
 def sample_responses(lm: torch.nn.Module, prompts: Sequence[Sequence[int]], budgets: Sequence[int], *,
-                     temperature: float, eos_id: int | None, pad_id: int, generator: torch.Generator,
-                     vocab_columns: int | None = None) -> list[list[int]]:
+                     temperature: float, eos_id: int | Sequence[int] | None, pad_id: int,
+                     generator: torch.Generator, vocab_columns: int | None = None) -> list[list[int]]:
     """Sample one continuation per prompt from a Hugging Face causal LM.
 
     Args:
@@ -80,14 +80,15 @@ def sample_responses(lm: torch.nn.Module, prompts: Sequence[Sequence[int]], budg
         prompts: token ids of each prompt (non-empty).
         budgets: the most tokens to generate for each prompt (>= 1).
         temperature: softmax temperature; 0 picks the most likely token (greedy).
-        eos_id: a row stops after emitting it (it is kept); None runs every row to its budget.
+        eos_id: a row stops after emitting it, or any of several (the tokenizer's and the model's own end
+            tokens; it is kept); None runs every row to its budget.
         pad_id: id used for left padding (masked out, never read).
         generator: the only source of randomness; on the model's device.
         vocab_columns: sample only among the first this many columns (the tokenizer's width; padded
             embedding rows are never sampled).
 
     Returns:
-        The generated ids per prompt: ``budgets[i]`` tokens, or fewer ending with ``eos_id``.
+        The generated ids per prompt: ``budgets[i]`` tokens, or fewer ending with a stop token.
     """
     if len(prompts) != len(budgets) or not prompts:
         raise ValueError(f"sample_responses: {len(prompts)} prompts and {len(budgets)} budgets (need equal, > 0)")
@@ -96,6 +97,8 @@ def sample_responses(lm: torch.nn.Module, prompts: Sequence[Sequence[int]], budg
     if temperature < 0:
         raise ValueError(f"sample_responses: temperature must be >= 0, got {temperature}")
     device = next(lm.parameters()).device
+    stops = [] if eos_id is None else [eos_id] if isinstance(eos_id, int) else list(eos_id)
+    stop_ids = torch.tensor(stops, dtype=torch.long, device=device)
     ids, attn = left_pad(prompts, pad_id, device)
     positions = (attn.cumsum(-1) - 1).clamp(min=0)
     budget = torch.tensor(list(budgets), device=device)
@@ -114,8 +117,8 @@ def sample_responses(lm: torch.nn.Module, prompts: Sequence[Sequence[int]], budg
             nxt = torch.multinomial(torch.softmax(logits / temperature, dim=-1), 1, generator=generator).squeeze(-1)
         steps.append(nxt)
         done |= t + 1 >= budget
-        if eos_id is not None:
-            done |= nxt == eos_id
+        if stops:
+            done |= torch.isin(nxt, stop_ids)
         if bool(done.all()):
             break
         # Finished rows keep running (batch shape) on padding; their tokens are cut below.
@@ -125,14 +128,15 @@ def sample_responses(lm: torch.nn.Module, prompts: Sequence[Sequence[int]], budg
     out = []
     for row, b in zip(torch.stack(steps, dim=1).tolist(), budgets):
         row = row[:b]
-        if eos_id is not None and eos_id in row:
-            row = row[:row.index(eos_id) + 1]
+        ends = [i for i, token in enumerate(row) if token in stops]
+        if ends:
+            row = row[:ends[0] + 1]
         out.append(row)
     return out
 
 
 def generate_on_policy(lm: torch.nn.Module, samples: Sequence[EncodedSample], *, max_new_tokens: int,
-                       max_length: int, temperature: float, eos_id: int | None, pad_id: int,
+                       max_length: int, temperature: float, eos_id: int | Sequence[int] | None, pad_id: int,
                        generator: torch.Generator, vocab_columns: int | None = None) -> list[EncodedSample]:
     """Replace each sample's response with the student's own, sampled from its prompt.
 
@@ -189,7 +193,7 @@ class OnPolicyMixer:
     """
 
     def __init__(self, lm: torch.nn.Module, *, fraction: float, max_new_tokens: int, temperature: float,
-                 replay_buffer_size: int, seed: int, rank: int, max_length: int, eos_id: int | None,
+                 replay_buffer_size: int, seed: int, rank: int, max_length: int, eos_id: int | Sequence[int] | None,
                  pad_id: int, vocab_columns: int | None = None) -> None:
         self.lm = lm
         self.fraction = fraction

@@ -42,6 +42,7 @@ from pocl_core.on_policy import OnPolicyMixer
 from pocl_core.parallel import (full_state, grad_sync, load_optimizer_state, shard_fsdp, transformer_blocks,
                                 unwrap)
 from pocl_core.partition import bucket_sizes, stage_members
+from pocl_core.sampling import stop_token_ids
 from pocl_core.schedule import plan_stages, stage_batches
 from pocl_core.storage import Location, ObjectPath, append_text, location, write_dir_atomic
 from pocl_core.teacher_cache import TeacherCache
@@ -243,8 +244,8 @@ def _on_policy_mixer(cfg: PoclConfig, student: torch.nn.Module, rank: int, token
     inner = student.module.lm if hasattr(student, "module") else student.lm
     return OnPolicyMixer(inner, fraction=cfg.loss.on_policy_fraction, max_new_tokens=cfg.loss.on_policy_max_new_tokens,
                          temperature=cfg.loss.on_policy_temperature, replay_buffer_size=cfg.loss.replay_buffer_size,
-                         seed=cfg.seed, rank=rank, max_length=cfg.data.max_length, eos_id=tokenizer.eos_token_id,
-                         pad_id=pad, vocab_columns=columns)
+                         seed=cfg.seed, rank=rank, max_length=cfg.data.max_length,
+                         eos_id=stop_token_ids(inner, tokenizer), pad_id=pad, vocab_columns=columns)
 
 
 def _gather(value: Any, world: int) -> list[Any]:
@@ -305,7 +306,8 @@ class _Window:
         total, kd, ce, weight, ce_weight = sums
         w = max(weight, 1e-12)
         row = {**fields, "kd_weight": self.kd_weight_sum / max(self.steps, 1), "loss": total / w, "kd_loss": kd / w,
-               "ce_loss": ce / ce_weight if ce_weight > 0 else None, "tokens_per_s": self.tokens / max(self.seconds, 1e-9), "seconds": self.seconds,
+               "ce_loss": ce / ce_weight if ce_weight > 0 else None,
+               "tokens_per_s": self.tokens / max(self.seconds, 1e-9), "seconds": self.seconds,
                "on_policy_fraction": self.on_policy_steps / max(self.steps, 1)}
         self.__init__()
         return row

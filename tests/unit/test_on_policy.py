@@ -75,6 +75,10 @@ def test_generated_batch_layout_masks_exactly_the_generated_tokens(student, enco
             expected = expected[:expected.index(stop) + 1]
         assert o.input_ids[o.n_prompt:] == expected and len(o.input_ids) <= max_length
     assert len(out[longest].input_ids) - out[longest].n_prompt <= 5
+    # several stop tokens (the tokenizer's and the model's own): a row ends at the first it emits
+    first_two = sample_responses(student, prompts[:1], [12], temperature=0.0, eos_id=[greedy[0][5], stop], pad_id=0,
+                                 generator=torch.Generator())
+    assert first_two[0] == greedy[0][:min(greedy[0].index(greedy[0][5]), cut - 1) + 1]
     batch = collate(out, pad_id=0)
     for i, o in enumerate(out):
         n = len(o.input_ids)
