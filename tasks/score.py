@@ -98,7 +98,11 @@ def scoring_provenance(cfg: PoclConfig, data: DatasetSplits) -> dict[str, Any]:
     # token measures read the logits of the tokenizer's columns only (not a padded embedding's extra rows)
     measurer: dict[str, Any] = {"measures": cfg.scoring.measures, "logit_columns": "tokenizer", **_tokenization(cfg)}
     if GENERATIVE_MEASURES.intersection(cfg.scoring.measures):
-        measurer["generation"] = cfg.scoring.generation.model_dump(mode="json")
+        generation = cfg.scoring.generation.model_dump(mode="json")
+        if not generation["do_sample"]:  # greedy decoding reads none of the sampling settings
+            for unused in ("temperature", "top_k", "top_p", "seed"):
+                generation.pop(unused)
+        measurer["generation"] = generation
     return {**_pass_provenance(cfg, data), "measurer": measurer}
 
 

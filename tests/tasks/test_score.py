@@ -361,3 +361,23 @@ def test_a_cache_shard_over_the_parquet_limit_is_refused_before_any_shard_with_a
                      f"scoring.shard_size={max(1, fits // 2)}")
     run_scoring(smaller)  # the same run folder, half the advised size: every shard fits (lengths vary by shard)
     assert list((RunPaths.of(smaller.run_dir).teacher_cache_dir).glob("part-*.parquet"))
+
+
+def test_greedy_rouge_l_scores_depend_on_no_sampling_setting(tiny_models, tiny_data_path, tmp_path):
+    """Greedy decoding reads no sampling setting, so changing one does not make its scores stale;
+    with sampling on, each one counts."""
+    from tasks.load_data import DatasetSplits
+    from tasks.score import scoring_provenance
+
+    data = DatasetSplits(str(tiny_data_path), str(tiny_data_path), "fp", "", 1, 0)
+
+    def provenance(*overrides: str) -> dict:
+        cfg = config(tiny_models, tmp_path, tiny_data_path, "scoring.measures=[nll, rouge_l]", *overrides)
+        return scoring_provenance(cfg, data)["measurer"]
+
+    greedy = "scoring.generation.do_sample=false"
+    assert provenance(greedy) == provenance(greedy, "scoring.generation.temperature=0.7",
+                                            "scoring.generation.top_k=5", "scoring.generation.seed=3")
+    assert provenance(greedy) != provenance(greedy, "scoring.generation.max_new_tokens=9")
+    assert provenance() != provenance("scoring.generation.temperature=0.7")
+    assert provenance()["generation"] == load_config(TINY_CONFIG).scoring.generation.model_dump(mode="json")
