@@ -94,6 +94,7 @@ class SamplingConfig(_Section):
     do_sample False decodes greedily (the sampling settings are then ignored); otherwise ancestral
     sampling at ``temperature`` with ``top_k`` (0: off) and ``top_p`` (1: off).
     no_repeat_ngram_size: 0 turns it off. max_new_tokens: generated tokens per prompt.
+    ``pocl_core.sampling.decoding_kwargs`` turns them into ``generate``'s arguments.
     """
 
     do_sample: bool = True
@@ -102,16 +103,6 @@ class SamplingConfig(_Section):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     no_repeat_ngram_size: int = Field(6, ge=0)
     max_new_tokens: int = Field(64, gt=0)
-
-    def generate_kwargs(self, pad_id: int, eos_id: int | None, do_sample: bool | None = None) -> dict[str, Any]:
-        """Keyword arguments of Hugging Face ``generate``; ``do_sample`` overrides the setting."""
-        sample = self.do_sample if do_sample is None else do_sample
-        kwargs: dict[str, Any] = {"max_new_tokens": self.max_new_tokens, "pad_token_id": pad_id,
-                                  "eos_token_id": eos_id, "no_repeat_ngram_size": self.no_repeat_ngram_size or None,
-                                  "do_sample": sample}
-        if sample:
-            kwargs.update(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p)
-        return kwargs
 
 
 class ScoringGenerationConfig(SamplingConfig):

@@ -2,8 +2,8 @@
 
 DDP comes from the training engine (Ray Train's ``prepare_model``); FSDP is for students whose
 gradients and optimizer state do not fit one device beside the weights (each worker still loads the
-whole float32 student before ``shard_fsdp``): every transformer block is a shard unit, and the root (embeddings, final norm, LM head) is one more. It runs on CUDA (NCCL) and on CPU
-(gloo). Helpers here treat both wrappers (and an unwrapped module, for one worker) alike:
+whole float32 student before ``shard_fsdp``): every transformer block is a shard unit, and the root
+(embeddings, final norm, LM head) is one more. It runs on CUDA (NCCL) and on CPU (gloo). Helpers here treat both wrappers (and an unwrapped module, for one worker) alike:
 
 * ``grad_sync(model, enabled)``: skip the gradient all-reduce / reduce-scatter on accumulation
   micro-batches;

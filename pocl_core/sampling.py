@@ -81,7 +81,9 @@ def decoding_kwargs(cfg: SamplingConfig, pad_id: int, eos_ids: int | list[int] |
     from transformers import LogitsProcessorList  # here: the config imports this module's users early
 
     sample = cfg.do_sample if sample is None else sample
-    kwargs = cfg.generate_kwargs(pad_id, eos_ids, do_sample=False)
+    # generate itself always decodes greedily: with sampling, the drawn token is the only finite score
+    kwargs: dict[str, Any] = {"max_new_tokens": cfg.max_new_tokens, "pad_token_id": pad_id, "eos_token_id": eos_ids,
+                              "no_repeat_ngram_size": cfg.no_repeat_ngram_size or None, "do_sample": False}
     if sample:
         kwargs["logits_processor"] = LogitsProcessorList(
             [PerSampleSampling(seeds, cfg.temperature, cfg.top_k, cfg.top_p)])

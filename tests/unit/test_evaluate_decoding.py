@@ -73,11 +73,16 @@ def _f1(row: Generation) -> float:
 
 
 def test_generate_kwargs_sample_or_greedy():
+    from pocl_core.sampling import PerSampleSampling, decoding_kwargs
+
     cfg = EvalConfig(temperature=0.7, top_k=5, top_p=0.9, no_repeat_ngram_size=0, max_new_tokens=12)
-    assert cfg.generate_kwargs(pad_id=1, eos_id=2) == {
-        "max_new_tokens": 12, "pad_token_id": 1, "eos_token_id": 2, "no_repeat_ngram_size": None,
-        "do_sample": True, "temperature": 0.7, "top_k": 5, "top_p": 0.9}
-    greedy = cfg.generate_kwargs(pad_id=1, eos_id=2, do_sample=False)  # sampling settings dropped
+    sampled = decoding_kwargs(cfg, pad_id=1, eos_ids=2, seeds=[3, 4])
+    (sampler,) = sampled.pop("logits_processor")
+    assert sampled == {"max_new_tokens": 12, "pad_token_id": 1, "eos_token_id": 2, "no_repeat_ngram_size": None,
+                       "do_sample": False}  # generate picks the token the sampler drew
+    assert isinstance(sampler, PerSampleSampling) and sampler.seeds == [3, 4]
+    assert (sampler.temperature, sampler.top_k, sampler.top_p) == (0.7, 5, 0.9)
+    greedy = decoding_kwargs(cfg, pad_id=1, eos_ids=2, seeds=[3, 4], sample=False)  # sampling settings dropped
     assert greedy == {"max_new_tokens": 12, "pad_token_id": 1, "eos_token_id": 2, "no_repeat_ngram_size": None,
                       "do_sample": False}
 
