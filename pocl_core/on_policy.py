@@ -31,23 +31,17 @@ would (``pocl_core.checkpoint``, ``replay_buffer.json``).
 
 from __future__ import annotations
 
-import hashlib
 from collections import deque
 from typing import Iterable, Sequence
 
 import torch
 
 from pocl_core.data import EncodedSample, left_pad
+from pocl_core.sampling import stable_seed
 
 _DECISION_TAG = "pocl-gkd-on-policy"
 _GENERATION_TAG = "pocl-gkd-generation"
 _REPLAY_TAG = "pocl-gkd-replay"
-
-
-def _hash_int(*parts: object) -> int:
-    """A 63-bit integer from the parts, identical on every machine and Python process."""
-    blob = ":".join(str(p) for p in parts).encode()
-    return int(hashlib.sha256(blob).hexdigest()[:16], 16) >> 1
 
 
 def on_policy_step(seed: int, global_step: int, fraction: float) -> bool:
@@ -60,12 +54,12 @@ def on_policy_step(seed: int, global_step: int, fraction: float) -> bool:
         return False
     if fraction >= 1.0:
         return True
-    return _hash_int(_DECISION_TAG, seed, global_step) / float(1 << 63) < fraction
+    return stable_seed(_DECISION_TAG, seed, global_step) / float(1 << 63) < fraction
 
 
 def generation_seed(seed: int, global_step: int, rank: int) -> int:
     """Seed of rank ``rank``'s sampling generator at step ``global_step`` (differs per rank and step)."""
-    return _hash_int(_GENERATION_TAG, seed, global_step, rank)
+    return stable_seed(_GENERATION_TAG, seed, global_step, rank)
 
 
 @torch.no_grad()
@@ -222,5 +216,5 @@ class OnPolicyMixer:
         if self.buffer is None:
             return fresh, True
         self.buffer.add(fresh)
-        pick = torch.Generator().manual_seed(_hash_int(_REPLAY_TAG, self.seed, global_step, self.rank))
+        pick = torch.Generator().manual_seed(stable_seed(_REPLAY_TAG, self.seed, global_step, self.rank))
         return self.buffer.draw(len(local), pick), True

@@ -21,9 +21,15 @@ from torch import Tensor
 from pocl_core.config_sections import SamplingConfig
 
 
+def stable_seed(*parts: object) -> int:
+    """A 63-bit integer from the parts, identical on every machine and Python process (a seed)."""
+    blob = ":".join(str(p) for p in parts).encode()
+    return int(hashlib.sha256(blob).hexdigest()[:16], 16) >> 1
+
+
 def sample_seed(base_seed: int, sample_id: str) -> int:
-    """A sampling seed (60 bits) for one sample, from the run's ``base_seed`` and the sample's id."""
-    return int(hashlib.sha256(f"{base_seed}\x00{sample_id}".encode()).hexdigest()[:15], 16)
+    """A sampling seed for one sample, from the run's ``base_seed`` and the sample's id."""
+    return stable_seed("sample", base_seed, sample_id)
 
 
 def warp_logits(scores: Tensor, temperature: float, top_k: int, top_p: float) -> Tensor:

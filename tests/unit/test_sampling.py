@@ -66,7 +66,7 @@ def test_a_rows_draws_depend_only_on_its_seed():
 
 def test_seeds_and_stop_tokens():
     assert sample_seed(10, "a") == sample_seed(10, "a") != sample_seed(11, "a") != sample_seed(10, "b")
-    assert 0 <= sample_seed(10, "a") < 2**60
+    assert 0 <= sample_seed(10, "a") < 2**63  # within what torch.Generator.manual_seed takes
     model = SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=[7, 2]))
     assert stop_token_ids(model, SimpleNamespace(eos_token_id=2)) == [2, 7]
     assert stop_token_ids(SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=None)),
