@@ -307,9 +307,9 @@ class TrainConfig(_Section):
     top-k columns plus one tail bucket, exact at every stage temperature (docs/losses.md).
     parallel_strategy: ``ddp`` (every worker holds the whole student; Ray Train's prepare_model) or
     ``fsdp`` (FSDP2: weights, gradients and optimizer state sharded across workers, one shard unit
-    per transformer block; CUDA or CPU; needs ``ray.num_workers`` ≥ 1). Each worker loads the whole
-    float32 student before sharding it, so FSDP saves the gradient and optimizer memory (3 of the 4
-    float32 copies), not the load.
+    per transformer block; CUDA or CPU; needs ``ray.num_workers`` ≥ 1). Only rank 0 reads the
+    weights (into host memory); the others build the model on the meta device and receive their
+    shards, so no device holds the whole student (docs/operations.md §5).
     """
 
     checkpoint_every_steps: int = Field(0, ge=0)

@@ -95,6 +95,26 @@ def load_causal_lm(name_or_path: str, dtype: str = "float32", trust_remote_code:
     return model
 
 
+def causal_lm_skeleton(name_or_path: str, dtype: str = "float32", trust_remote_code: bool = False) -> torch.nn.Module:
+    """The model ``load_causal_lm`` would return, built on the meta device: its config and generation
+    config from ``name_or_path``, no weight file read and no memory held for parameters or buffers.
+
+    For ranks that receive their weights from rank 0 after sharding (``parallel.materialize_from_rank0``).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype '{dtype}'; choose one of {sorted(DTYPES)}")
+    config = _from_pretrained(AutoConfig, name_or_path, "model", trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+    try:  # what from_pretrained reads beside the weights (end-of-sequence ids for generation)
+        model.generation_config = GenerationConfig.from_pretrained(name_or_path)
+    except OSError:
+        pass  # no generation_config.json: from_config's, derived from config.json, is what loading gives too
+    return model
+
+
 def decode_only_as_configured(model: torch.nn.Module) -> torch.nn.Module:
     """Give ``model`` a generation config holding only its special-token ids, in place; returns it.
 

@@ -1,15 +1,19 @@
 """Sharded data parallelism for the student (FSDP2 ``fully_shard``), and what training needs around it.
 
 DDP comes from the training engine (Ray Train's ``prepare_model``); FSDP is for students whose
-gradients and optimizer state do not fit one device beside the weights (each worker still loads the
-whole float32 student before ``shard_fsdp``): every transformer block is a shard unit, and the root
-(embeddings, final norm, LM head) is one more. It runs on CUDA (NCCL) and on CPU (gloo). Helpers here treat both wrappers (and an unwrapped module, for one worker) alike:
+weights, gradients and optimizer state do not fit one device: every transformer block is a shard
+unit, and the root (embeddings, final norm, LM head) is one more. Only rank 0 reads the weights (into
+host memory); the other ranks build the model on the meta device, and after sharding each rank
+receives its shard from rank 0 (``materialize_from_rank0``), so the full student is never on a
+device and is in host memory once per job. It runs on CUDA (NCCL) and on CPU (gloo). Helpers here
+treat both wrappers (and an unwrapped module, for one worker) alike:
 
 * ``grad_sync(model, enabled)``: skip the gradient all-reduce / reduce-scatter on accumulation
   micro-batches;
 * ``full_state(model, optimizer)``: the full (unsharded) student weights and optimizer state, on
   rank 0 (None elsewhere); a collective under FSDP, so every rank must call it;
-* ``load_optimizer_state(model, optimizer, state)``: the inverse for the optimizer.
+* ``load_optimizer_state(model, optimizer, state)``: the inverse for the optimizer (under FSDP
+  rank 0's full state is sent to the others, which pass an empty dict).
 Under FSDP the optimizer state is keyed by parameter name (``torch.distributed.checkpoint``'s
 format); under DDP it is ``optimizer.state_dict()``. A checkpoint is only resumed with the strategy
 that wrote it (the strategy is part of the training key).
@@ -40,7 +44,9 @@ def transformer_blocks(lm: torch.nn.Module) -> list[torch.nn.Module]:
 def shard_fsdp(model: torch.nn.Module, blocks: list[torch.nn.Module], device: torch.device) -> torch.nn.Module:
     """Apply FSDP2 to ``model`` in place: each of ``blocks`` a unit, then the root; returns ``model``.
 
-    Needs an initialised process group (Ray Train sets it up). The model must already be on ``device``.
+    Needs an initialised process group (Ray Train sets it up). ``model`` may be on the CPU (each
+    unit's parameters move to ``device`` as it is sharded, one unit at a time) or on the meta device
+    (then ``materialize_from_rank0`` fills it).
     """
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -50,6 +56,29 @@ def shard_fsdp(model: torch.nn.Module, blocks: list[torch.nn.Module], device: to
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
     return model
+
+
+def materialize_from_rank0(model: torch.nn.Module, full_weights: dict[str, torch.Tensor] | None,
+                           device: torch.device) -> None:
+    """Give every rank of a ``shard_fsdp`` model its shard of rank 0's weights, and rank 0's buffers.
+
+    Rank 0 passes its full weights (the model's ``state_dict`` names, taken before sharding, on any
+    device); the other ranks built their model on the meta device and pass None. Buffers (not all of
+    them in a state dict: rotary frequencies are non-persistent) are broadcast as they are on rank 0.
+    Collective: every rank calls it.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    rank = dist.get_rank()
+    if rank != 0:
+        model.to_empty(device=device)
+    elif full_weights is None:
+        raise ValueError("materialize_from_rank0: rank 0 must pass the full weights")
+    set_model_state_dict(model, full_weights if rank == 0 else {},
+                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    with torch.no_grad():
+        for _, buffer in model.named_buffers():
+            dist.broadcast(buffer, src=0)
 
 
 def is_fsdp(model: torch.nn.Module) -> bool:
@@ -102,11 +131,17 @@ def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
 
 
 def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
-    """Load an optimizer state written by ``full_state`` under the same strategy (every rank, full state)."""
+    """Load an optimizer state written by ``full_state`` under the same strategy.
+
+    DDP: every rank passes the full state. FSDP: rank 0 passes the full state and the other ranks an
+    empty dict; each receives its shard from rank 0 (collective).
+    """
     if is_fsdp(model):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
+        # torch creates the empty local state to receive into only when no parameter holds a gradient
+        optimizer.zero_grad(set_to_none=True)
         set_optimizer_state_dict(model, optimizer, optim_state_dict=state,
-                                 options=StateDictOptions(full_state_dict=True))
+                                 options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     else:
         optimizer.load_state_dict(state)

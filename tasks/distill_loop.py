@@ -37,10 +37,10 @@ from pocl_core.config import PoclConfig
 from pocl_core.contracts import STUDENT_PROVENANCE, RunPaths, read_table
 from pocl_core.cpu_affinity import pin_to_share
 from pocl_core.data import EncodedSample, collate, encode_sample, pad_id_of, table_to_samples
-from pocl_core.models import load_causal_lm, load_tokenizer, warn_if_slow_dtype, weights_digest
+from pocl_core.models import causal_lm_skeleton, load_causal_lm, load_tokenizer, warn_if_slow_dtype, weights_digest
 from pocl_core.on_policy import OnPolicyMixer
-from pocl_core.parallel import (full_state, grad_sync, load_optimizer_state, shard_fsdp, transformer_blocks,
-                                unwrap)
+from pocl_core.parallel import (full_state, grad_sync, load_optimizer_state, materialize_from_rank0, shard_fsdp,
+                                transformer_blocks, unwrap)
 from pocl_core.partition import bucket_sizes, stage_members
 from pocl_core.sampling import stop_token_ids
 from pocl_core.schedule import plan_stages, stage_batches
@@ -90,7 +90,10 @@ def distill_loop(loop_config: dict[str, Any]) -> None:
     plans = plan_stages(cfg.curriculum, bucket_sizes(len(buckets), cfg.curriculum.num_stages),
                         cfg.optim.global_batch_size)
 
-    student_lm = load_causal_lm(cfg.models.student, "float32", cfg.models.trust_remote_code)
+    # under FSDP rank 0 alone reads the student (and its checkpoints); the others receive their shards
+    reads_weights = rank == 0 or cfg.train.parallel_strategy != "fsdp"
+    student_lm = (load_causal_lm if reads_weights else causal_lm_skeleton)(
+        cfg.models.student, "float32", cfg.models.trust_remote_code)
     teacher, cache = _load_teacher(cfg, loop_config, device)
     if cache is not None:
         cache.check_temperatures([p.temperature for p in plans])
@@ -102,9 +105,9 @@ def distill_loop(loop_config: dict[str, Any]) -> None:
         student_lm.get_input_embeddings().weight.requires_grad_(False)
 
     # --- resume: the newest checkpoint that passes its checksums
-    resumed = resume_checkpoint(loop_config, student_lm, cfg)
+    resumed = resume_checkpoint(loop_config, student_lm if reads_weights else None, cfg)
     position = resumed.position if resumed is not None else Position(0, 0, 0, 0)
-    student = _wrap_student(cfg, ResponseLogitsLM(student_lm.to(device)), device)
+    student = _wrap_student(cfg, ResponseLogitsLM(student_lm), device, rank)
     mixer = _on_policy_mixer(cfg, student, rank, tokenizer, pad, columns)
     if mixer is not None and mixer.buffer is not None and resumed is not None:
         restore_replay_buffer(mixer, resumed, rank, world)
@@ -208,11 +211,18 @@ def distill_loop(loop_config: dict[str, Any]) -> None:
         position = Position(plan.stage + 1, 0, global_step, samples_seen)
 
 
-def _wrap_student(cfg: PoclConfig, model: ResponseLogitsLM, device: torch.device) -> torch.nn.Module:
-    """DDP through Ray Train's prepare_model, or FSDP2 sharding per transformer block (train.parallel_strategy)."""
+def _wrap_student(cfg: PoclConfig, model: ResponseLogitsLM, device: torch.device, rank: int) -> torch.nn.Module:
+    """DDP through Ray Train's prepare_model, or FSDP2 sharding per transformer block (train.parallel_strategy).
+
+    FSDP: ``model`` is on the CPU on rank 0 and on the meta device elsewhere; it is sharded unit by
+    unit onto ``device``, then every rank receives its shard of rank 0's weights.
+    """
     if cfg.train.parallel_strategy == "fsdp":
-        return shard_fsdp(model, transformer_blocks(model.lm), device)
-    return ray.train.torch.prepare_model(model)
+        weights = {k: v.detach() for k, v in model.state_dict().items()} if rank == 0 else None
+        shard_fsdp(model, transformer_blocks(model.lm), device)
+        materialize_from_rank0(model, weights, device)
+        return model
+    return ray.train.torch.prepare_model(model.to(device))
 
 
 def _student_state(student: torch.nn.Module, optimizer: torch.optim.Optimizer | None,

@@ -38,8 +38,11 @@ class Resumed:
     grad_scaler_state: dict[str, Any] | None = None  # float16 autocast's loss scale, growth tracker
 
 
-def resume_checkpoint(loop_config: dict[str, Any], student_lm: torch.nn.Module, cfg: PoclConfig) -> Resumed | None:
+def resume_checkpoint(loop_config: dict[str, Any], student_lm: torch.nn.Module | None, cfg: PoclConfig) -> Resumed | None:
     """Load the newest valid checkpoint's weights into ``student_lm``; None when there is none.
+
+    ``student_lm`` None: an FSDP rank other than 0, which receives weights and optimizer state from
+    rank 0 after sharding; it reads neither (its ``optimizer_state`` is an empty dict to receive into).
 
     Candidates, newest first: every complete checkpoint folder in the run's storage (Ray Train
     registers a reported checkpoint only at its next poll, so a run killed right after a report can
@@ -85,7 +88,8 @@ def resume_checkpoint(loop_config: dict[str, Any], student_lm: torch.nn.Module, 
         continues_optimizer = position.step_in_stage > 0 or not cfg.curriculum.fresh_optimizer_per_stage
         return Resumed(
             name=str(chosen), position=position,
-            optimizer_state=read_optimizer_state(folder, verify=False) if continues_optimizer else None,
+            optimizer_state=(read_optimizer_state(folder, verify=False) if student_lm is not None else {})
+            if continues_optimizer else None,
             scheduler_state=torch.load(folder / "scheduler.pt", weights_only=True) if continues_optimizer else None,
             rng_states=read_rng_states(folder, verify=False),
             replay_buffers=read_replay_buffers(folder, verify=False),

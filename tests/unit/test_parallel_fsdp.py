@@ -1,0 +1,85 @@
+"""FSDP on two CPU processes (gloo): rank 0 alone reads the weights, rank 1 builds the model on the
+meta device and receives its shard; the sharded model then computes what the unsharded one does, and
+an optimizer state round-trips through rank 0."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from pocl_core.models import causal_lm_skeleton, load_causal_lm
+from pocl_core.parallel import full_state, load_optimizer_state, materialize_from_rank0, shard_fsdp, transformer_blocks
+
+
+def _save_tiny_llama(folder: Path) -> None:
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(3)
+    config = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         rope_theta=500.0, tie_word_embeddings=False, eos_token_id=2)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    GenerationConfig(eos_token_id=[2, 7], bos_token_id=1).save_pretrained(folder)  # differs from config.json's
+
+
+def _worker(rank: int, port: int, folder: str, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        device = torch.device("cpu")
+        reference = load_causal_lm(folder)  # what every rank should end up computing
+        if rank == 0:
+            model = load_causal_lm(folder)
+            weights = {k: v.detach() for k, v in model.state_dict().items()}
+        else:
+            model = causal_lm_skeleton(folder)
+            assert all(p.is_meta for p in model.parameters()) and all(b.is_meta for b in model.buffers())
+            assert model.generation_config.eos_token_id == [2, 7]
+            weights = None
+        shard_fsdp(model, transformer_blocks(model), device)
+        materialize_from_rank0(model, weights, device)
+
+        for (name, buffer), (_, expected) in zip(model.named_buffers(), reference.named_buffers()):
+            assert torch.equal(buffer, expected), name  # rotary frequencies are not in any state dict
+        ids = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(rank))
+        with torch.no_grad():
+            torch.testing.assert_close(model(ids).logits, reference(ids).logits, rtol=0, atol=1e-6)
+        full, _ = full_state(model, None, rank)
+        if rank == 0:
+            for name, value in reference.state_dict().items():
+                assert torch.equal(full[name], value), name
+
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        model(ids, labels=ids).loss.backward()
+        optimizer.step()
+        _, state = full_state(model, optimizer, rank)
+        fresh = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        load_optimizer_state(model, fresh, state if rank == 0 else {})
+        _, again = full_state(model, fresh, rank)
+        if rank == 0:
+            torch.save({"before": state, "after": again}, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_rank_zero_alone_reads_weights_and_every_rank_computes_the_same(tmp_path):
+    folder = tmp_path / "tiny"
+    _save_tiny_llama(folder)
+    out = tmp_path / "optimizer.pt"
+    mp.spawn(_worker, args=(_free_port(), str(folder), str(out)), nprocs=2, join=True)
+
+    saved = torch.load(out, weights_only=True)
+    before, after = saved["before"]["state"], saved["after"]["state"]
+    assert before.keys() == after.keys() and len(before) > 0
+    for name in before:
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(torch.as_tensor(before[name][key]), torch.as_tensor(after[name][key])), (name, key)
