@@ -36,7 +36,7 @@ from prefect.runtime import flow_run
 from pocl_core.config import ConfigError, PoclConfig, load_config
 from pocl_core.contracts import RunPaths, StaleOutputError, dotted_differences, write_text_atomic
 from pocl_core.data import DataError, check_data_paths, relative_path_note
-from pocl_core.storage import ObjectPath, location, remove_tree
+from pocl_core.storage import ObjectPath, is_remote, location, remove_tree
 from tasks.distill import check_local_gpus, check_ray_address, distill
 from tasks.evaluate import evaluate
 from tasks.load_data import load_dataset
@@ -126,10 +126,13 @@ def _looks_local(value: str) -> bool:
 
 def check_inputs(cfg: PoclConfig) -> None:
     """ConfigError for a model folder or data file that is not there, a data path that is a URI
-    (data files are read from the local disk; a model may be a hub id), GPUs a local Ray lacks
-    (``check_local_gpus``), or a Ray address that nothing answers on (``check_ray_address``)."""
+    (data files are read from the local disk; a model may be a hub id), a runs_root that is a file,
+    GPUs a local Ray lacks (``check_local_gpus``), or a Ray address that is malformed or that nothing
+    answers on (``check_ray_address``)."""
     check_local_gpus(cfg)
     check_ray_address(cfg)
+    if not is_remote(cfg.runs_root) and Path(cfg.runs_root).exists() and not Path(cfg.runs_root).is_dir():
+        raise ConfigError(f"runs_root {cfg.runs_root} is a file, not a folder; runs are written under it")
     for key in ("teacher", "student", "tokenizer"):
         value = getattr(cfg.models, key)
         if value is not None and _looks_local(value) and not Path(value).expanduser().exists():

@@ -18,7 +18,7 @@ from typing import Any, Union, get_args, get_origin
 from urllib.parse import unquote, urlsplit
 
 import yaml
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from pocl_core import storage as run_storage
 from pocl_core.config_sections import (  # noqa: F401  (re-exported: the config's public names)
@@ -31,6 +31,7 @@ from pocl_core.config_sections import (  # noqa: F401  (re-exported: the config'
     OptimConfig,
     RayConfig,
     SamplingConfig,
+    Seed,
     ScoringConfig,
     ScoringGenerationConfig,
     StorageConfig,
@@ -40,7 +41,7 @@ from pocl_core.config_sections import (  # noqa: F401  (re-exported: the config'
 
 
 # A run's (or a comparison's) folder name under runs_root.
-FOLDER_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+FOLDER_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 
 
 class ConfigError(ValueError):
@@ -60,7 +61,7 @@ class PoclConfig(_Section):
 
     run_name: str = Field("pocl-run", min_length=1, pattern=FOLDER_NAME)
     runs_root: str = Field("runs", min_length=1)
-    seed: int = 10
+    seed: Seed = 10
     models: ModelsConfig
     data: DataConfig
     scoring: ScoringConfig = Field(default_factory=ScoringConfig)
@@ -125,6 +126,10 @@ class PoclConfig(_Section):
                 run_storage.split_uri(self.runs_root)
             except ValueError as exc:
                 raise ValueError(f"runs_root: {exc}") from None
+        elif re.match(r"^[A-Za-z][A-Za-z0-9+.-]+:/(?!/)", self.runs_root):
+            scheme, _, rest = self.runs_root.partition(":/")
+            raise ValueError(f"runs_root {self.runs_root}: a URI needs two slashes ({scheme}://{rest}); a local "
+                             "folder name has no ':/'")
         return self
 
     @model_validator(mode="after")
@@ -203,7 +208,7 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
             key = ""
         elif e["type"] == "string_pattern_mismatch" and key == "run_name":
             msg = (f"{e.get('input')!r} is not a folder name: use letters, digits, '.', '_' and '-', starting with "
-                   "a letter or digit")
+                   "a letter or digit, at most 128 characters")
         elif e["type"] == "string_type" and isinstance(e.get("input"), (bool, int, float, datetime.date)):
             value = e["input"]
             shown = value.isoformat() if isinstance(value, datetime.date) else repr(value)
@@ -223,19 +228,46 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
         elif not isinstance(child, dict):
             raise ConfigError(f"override {dotted}: '{'.'.join(parts[: i + 1])}' is not a section")
         node = child
-    node[parts[-1]] = value
+    old = node.get(parts[-1])
+    if isinstance(value, dict) and isinstance(old, dict) and _is_section(dotted):
+        _merge_section(old, value, dotted)  # ``optim={lr: 1e-3}`` keeps the section's other settings
+    else:
+        node[parts[-1]] = value
 
 
-def _is_text_field(dotted: str) -> bool:
-    """True when ``dotted`` names a plain-text setting (``run_name``, ``models.teacher``, ...)."""
+def _merge_section(node: dict[str, Any], value: dict[str, Any], dotted: str) -> None:
+    """Set ``value``'s keys in the section ``node`` (named ``dotted``), recursing into sub-sections;
+    free-form mappings such as ``loss.params`` are replaced, not merged."""
+    for key, item in value.items():
+        sub = f"{dotted}.{key}"
+        if isinstance(item, dict) and isinstance(node.get(key), dict) and _is_section(sub):
+            _merge_section(node[key], item, sub)
+        else:
+            node[key] = item
+
+
+def _field(dotted: str) -> Any:
+    """The pydantic field ``dotted`` names in PoclConfig (``optim.lr``), or None for an unknown key."""
     model: Any = PoclConfig
     field = None
     for part in dotted.split("."):
         fields = getattr(model, "model_fields", None)
         if not fields or part not in fields:
-            return False
+            return None
         field = fields[part]
         model = field.annotation
+    return field
+
+
+def _is_section(dotted: str) -> bool:
+    """True when ``dotted`` names a section of settings (``optim``, ``scoring.generation``)."""
+    field = _field(dotted)
+    return field is not None and isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
+
+
+def _is_text_field(dotted: str) -> bool:
+    """True when ``dotted`` names a plain-text setting (``run_name``, ``models.teacher``, ...)."""
+    field = _field(dotted)
     annotation = field.annotation if field is not None else None
     if get_origin(annotation) in (Union, UnionType):  # Optional[str]
         return [a for a in get_args(annotation) if a is not type(None)] == [str]

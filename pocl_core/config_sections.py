@@ -6,9 +6,12 @@ forbids unknown keys, so a typo is an error naming the key.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal, Optional
+from typing import Annotated, Any, ClassVar, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+# A seed: what torch, numpy and the per-sample hashes all accept (0 ≤ seed < 2^63).
+Seed = Annotated[int, Field(ge=0, le=2**63 - 1)]
 
 Dtype = Literal["float32", "bfloat16", "float16"]
 
@@ -118,7 +121,7 @@ class ScoringGenerationConfig(SamplingConfig):
 
     temperature: float = Field(0.01, gt=0.0)
     max_new_tokens: int = Field(256, gt=0)
-    seed: int = 10
+    seed: Seed = 10
 
 
 class ScoringConfig(_Section):
@@ -178,7 +181,8 @@ class CurriculumConfig(_Section):
     stage's subset. temperatures / kd_weights: explicit per-stage lists; when absent, linear from
     temperature_start to temperature_end (kd_weight_start to kd_weight_end) over the stages.
     fresh_optimizer_per_stage: new AdamW and LR schedule at each stage (the reference recipe).
-    shuffle_seed: seeds the within-stage shuffles and random buckets.
+    shuffle_seed: seeds the within-stage shuffles and random buckets (like every seed here, an
+    integer from 0 to 2^63 − 1).
     """
 
     strategy: Literal["curriculum", "anti", "random", "none"] = "curriculum"
@@ -191,7 +195,7 @@ class CurriculumConfig(_Section):
     kd_weight_end: float = Field(1.0, ge=0.0, le=1.0)
     kd_weights: Optional[list[float]] = None
     fresh_optimizer_per_stage: bool = True
-    shuffle_seed: int = 10
+    shuffle_seed: Seed = 10
     baseline_temperature: float = Field(1.0, gt=0.0)
     baseline_kd_weight: float = Field(1.0, ge=0.0, le=1.0)
 
@@ -366,7 +370,7 @@ class EvalConfig(SamplingConfig):
     final student); training then saves those students under ``<run>/stages/``.
     """
 
-    seeds: list[int] = Field(default_factory=lambda: [10], min_length=1)
+    seeds: list[Seed] = Field(default_factory=lambda: [10], min_length=1)
     batch_size: int = Field(16, gt=0)
     greedy: bool = True
     at_stage_boundaries: bool = False

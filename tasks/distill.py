@@ -185,14 +185,22 @@ def check_gpus(cfg: PoclConfig, needed: int, job: str) -> None:
 
 
 def check_ray_address(cfg: PoclConfig, timeout_s: float = 5.0) -> None:
-    """ConfigError when the run's Ray (``ray_address``) is a ``host:port`` or ``ray://host:port`` that
-    nothing answers on within ``timeout_s``: ``ray.init`` would retry for minutes, after scoring, before
-    failing. ``local``, ``auto``, other forms and a Ray already initialised here are not checked."""
+    """ConfigError when the run's Ray (``ray_address``) is not an address ``ray.init`` takes (``local``,
+    ``auto``, ``host:port``, ``scheme://...``), or is a ``host:port`` or ``ray://host:port`` that nothing
+    answers on within ``timeout_s``: ``ray.init`` would fail or retry for minutes, after scoring. Other
+    schemes' addresses and a Ray already initialised here are not checked."""
     address = ray_address(cfg.ray.address)
-    host, sep, port = address.split("://", 1)[-1].rpartition(":")
-    if address in ("local", "auto") or ray.is_initialized() or not sep or not host or not port.isdigit():
+    if address in ("local", "auto") or ray.is_initialized():
         return
     source = "ray.address" if cfg.ray.address else "RAY_ADDRESS"
+    scheme, has_scheme, rest = address.rpartition("://")
+    host, sep, port = rest.rpartition(":")
+    if not has_scheme and not (sep and host and port.isdigit()):
+        raise ConfigError(f"{source} {address!r}: not a Ray address; give host:port (a `ray start --head` node, e.g. "
+                          "127.0.0.1:6379), ray://host:port (Ray Client), auto (the cluster on this machine) or "
+                          "local (a new Ray in this process)")
+    if (has_scheme and scheme != "ray") or not sep or not host or not port.isdigit():
+        return
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
     except OSError as exc:

@@ -234,4 +234,11 @@ def test_a_ray_address_nothing_answers_on_is_refused_before_any_work(tmp_path, m
         resolve_config(TINY, [f"runs_root={tmp_path}", *models], None, None)
     assert resolve_config(TINY, [f"runs_root={tmp_path}", *models], None, "auto").ray.address == "auto"
     assert resolve_config(TINY, [f"runs_root={tmp_path}", *models], None, f"ray://{listening_address}")
+    monkeypatch.delenv("RAY_ADDRESS")
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(ConfigError, match="runs_root .*a-file is a file, not a folder"):
+        resolve_config(TINY, [f"runs_root={tmp_path / 'a-file'}", *models], None, None)
+    for malformed in ("foo", "10.0.0.5", "127.0.0.1:abc"):  # ray.init: "Invalid address format", after scoring
+        with pytest.raises(ConfigError, match=rf"ray.address '{malformed}': not a Ray address; give host:port"):
+            resolve_config(TINY, [f"runs_root={tmp_path}", *models], None, malformed)
     assert not list(tmp_path.glob("tiny*"))  # no run folder

@@ -36,6 +36,12 @@ def test_unknown_keys_are_named(override, key):
     ("ray.num_workers=-2", "ray.num_workers"),
     ("curriculum.strategy=sideways", "curriculum.strategy"),
     ("run_name=has/slash", "run_name"),
+    ("run_name=" + "a" * 129, "run_name"),  # a file name's limit is 255 bytes; the run adds suffixes
+    ("seed=-1", "seed"),
+    ("curriculum.shuffle_seed=99999999999999999999", "curriculum.shuffle_seed"),  # torch: "Overflow"
+    ("eval.seeds=[1, -2]", "eval.seeds"),
+    ("runs_root=s3:/bucket/x", "s3://bucket/x"),  # would be the local folder ./s3:/bucket/x
+    ("scoring.generation.seed=-3", "scoring.generation.seed"),
     ("loss.name=fkll", "unknown KD loss 'fkll'; valid names: fkl"),
     ("loss.params={bogus: 1}", "got unknown parameter(s) 'bogus'"),
     ("scoring.measures=[nll, bleu]", "scoring.measures: unknown measure(s) 'bleu'; available: nll, rouge_l"),
@@ -200,8 +206,8 @@ def test_integers_read_as_yaml_1_2_in_overrides_and_files(tmp_path):
     p.write_text("seed: 012\nmodels: {teacher: a, student: b}\ndata: {train_path: x}\noptim: {lr: -1.5e-3}\n")
     with pytest.raises(ConfigError, match="optim.lr"):
         load_config(p)
-    p.write_text("seed: -012\nmodels: {teacher: a, student: b}\ndata: {train_path: x}\n")
-    assert load_config(p).seed == -12
+    p.write_text("seed: +012\nmodels: {teacher: a, student: b}\ndata: {train_path: x}\n")
+    assert load_config(p).seed == 12
 
 
 def test_unreadable_config_files_and_an_untouched_base(tmp_path):
@@ -227,3 +233,22 @@ def test_a_text_setting_yaml_read_as_a_number_date_or_bool_says_to_quote_it(tmp_
     p.write_text("run_name: 2026-12-03\nmodels: {teacher: a, student: b}\ndata: {train_path: x}\n")
     with pytest.raises(ConfigError, match="YAML read the unquoted value as date 2026-12-03; quote it"):
         load_config(p)
+
+
+def test_a_mapping_override_merges_into_its_section_and_replaces_free_form_mappings():
+    """``optim={global_batch_size: 16}`` keeps the file's other optim settings (it replaced the section,
+    silently resetting lr to its default); ``loss.params`` is the loss's own mapping: replaced whole."""
+    base = load_config(TINY_CONFIG)
+    cfg = load_config(TINY_CONFIG, ["optim={global_batch_size: 16}", "scoring={generation: {max_new_tokens: 5}}"])
+    assert cfg.optim.global_batch_size == 16
+    assert cfg.optim.model_dump(exclude={"global_batch_size"}) == base.optim.model_dump(exclude={"global_batch_size"})
+    assert cfg.scoring.generation.max_new_tokens == 5
+    assert cfg.scoring.generation.model_dump(exclude={"max_new_tokens"}) == \
+        base.scoring.generation.model_dump(exclude={"max_new_tokens"})
+    assert cfg.scoring.model_dump(exclude={"generation"}) == base.scoring.model_dump(exclude={"generation"})
+    assert base.optim.lr != type(base.optim).model_fields["lr"].default  # the case that was lost
+    switched = load_config(TINY_CONFIG, ["loss={name: srkl, params: {alpha: 0.3}}",
+                                         "loss={name: akl, params: {mu: 0.6}}"])  # merged: akl would get alpha
+    assert (switched.loss.name, switched.loss.params) == ("akl", {"mu": 0.6})
+    with pytest.raises(ConfigError, match="optim.lrr"):
+        load_config(TINY_CONFIG, ["optim={lrr: 1}"])
