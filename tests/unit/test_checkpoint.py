@@ -36,11 +36,16 @@ def test_roundtrip_restores_weights_optimizer_scheduler_rng_and_position(tmp_pat
     expect = (torch.rand(1), np.random.rand(), random.random())
 
     model2, opt2, sched2 = _state(1)
+    for _ in range(3):  # the target's scheduler is elsewhere: only a restore brings it back
+        opt2.step()
+        sched2.step()
+    assert sched2.last_epoch == 4 != sched.last_epoch == 1
     pos = load_checkpoint(tmp_path, model=model2, optimizer=opt2, scheduler=sched2, restore_rng=True)
     assert pos == Position(2, 3, 17, 136)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), model2.state_dict().values()))
     assert torch.equal(opt.state_dict()["state"][0]["exp_avg"], opt2.state_dict()["state"][0]["exp_avg"])
-    assert sched2.state_dict()["last_epoch"] == sched.state_dict()["last_epoch"]
+    assert sched2.state_dict()["last_epoch"] == sched.state_dict()["last_epoch"] == 1
+    assert sched2.get_last_lr() == pytest.approx([0.05])  # StepLR(gamma 0.5) one step after lr 0.1
     assert (torch.rand(1), np.random.rand(), random.random()) == expect
 
 

@@ -1,4 +1,5 @@
 import json
+import math
 
 import pytest
 import torch
@@ -69,7 +70,11 @@ def test_split_and_cap_do_not_depend_on_order(tiny_data_path):
     train, held = split_holdout(samples, 0.1)
     train2, held2 = split_holdout(list(reversed(samples)), 0.1)
     assert {s.sample_id for s in held} == {s.sample_id for s in held2}
-    assert 0 < len(held) < len(samples) // 4 and len(train) + len(held) == len(samples)
+    assert len(train) + len(held) == len(samples)
+    n = len(samples)  # each id is held out with probability 0.1: binomial, mean 0.1·n, sd sqrt(0.09·n)
+    assert abs(len(held) - 0.1 * n) <= 4 * math.sqrt(0.09 * n)
+    many = [Sample(f"id-{i}", "p", "r") for i in range(5000)]  # 500 ± 4·21
+    assert abs(len(split_holdout(many, 0.1)[1]) - 500) <= 4 * math.sqrt(450)
     assert {s.sample_id for s in cap_samples(train, 10)} == {s.sample_id for s in cap_samples(train2, 10)}
     assert dataset_fingerprint(train) == dataset_fingerprint(train2)
     assert dataset_fingerprint(train) != dataset_fingerprint(train[1:])

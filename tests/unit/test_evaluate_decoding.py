@@ -1,4 +1,5 @@
-"""Evaluation passes: sampled per seed plus one greedy pass, and their separate summaries."""
+"""Evaluation passes: sampled per seed plus one greedy pass, and their separate summaries; the
+reference responses' NLL."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import torch
 
 from pocl_core.config import DataConfig, EvalConfig
 from pocl_core.data import load_samples
-from pocl_core.evaluate import Generation, evaluate_generations, generate_responses, summarize_rouge
+from pocl_core.evaluate import (Generation, evaluate_generations, generate_responses, mean_response_nll,
+                                summarize_rouge)
 from pocl_core.models import load_causal_lm, load_tokenizer
 from tests.conftest import TINY_DATA
 
@@ -44,6 +46,10 @@ def test_greedy_pass_is_added_once_and_is_seed_independent(tiny_student):
     rows = evaluate_generations(model, tokenizer, samples, cfg=cfg, **common)
     assert [(r.decoding, r.seed) for r in rows[::6]] == [("sampled", 1), ("sampled", 2), ("greedy", 0)]
     greedy = [r.generation for r in rows if r.decoding == "greedy"]
+    by_seed = {seed: [r.generation for r in rows if (r.decoding, r.seed) == ("sampled", seed)] for seed in (1, 2)}
+    # an untrained student sampled at temperature 1: each seed draws its own texts, unlike the greedy ones
+    assert sum(a != b for a, b in zip(by_seed[1], by_seed[2])) >= len(greedy) // 2
+    assert sum(a != g and b != g for a, b, g in zip(by_seed[1], by_seed[2], greedy)) >= len(greedy) // 2
     # greedy decoding ignores the seed: another seed gives the same texts
     assert greedy == generate_responses(model, tokenizer, samples, cfg=cfg, seed=99, sample=False, **common)
     assert all(r.rouge_l == pytest.approx(_f1(r)) for r in rows)
@@ -64,6 +70,32 @@ def test_greedy_pass_is_added_once_and_is_seed_independent(tiny_student):
 
     without = evaluate_generations(model, tokenizer, samples, cfg=cfg.model_copy(update={"greedy": False}), **common)
     assert {r.decoding for r in without} == {"sampled"} and len(without) == 12
+
+
+def test_response_nll_is_weighted_by_tokens_not_by_samples(tiny_models):
+    """Sum of the response tokens' NLL (EOS included) over their count, from a plain full forward of
+    each unpadded sample."""
+    model = load_causal_lm(str(tiny_models.teacher)).eval()
+    tokenizer = load_tokenizer(str(tiny_models.teacher))
+    samples, _ = load_samples(TINY_DATA)
+    samples = samples[:6]
+    template = DataConfig.model_fields["prompt_template"].default
+    total, count, per_sample = 0.0, 0, []
+    with torch.no_grad():
+        for s in samples:
+            prompt = tokenizer(template.format(prompt=s.prompt))["input_ids"]
+            response = tokenizer(s.response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            ids = torch.tensor([prompt + response])
+            logp = torch.log_softmax(model(input_ids=ids).logits[0, :, :len(tokenizer)].double(), dim=-1)
+            nll = [-logp[t - 1, ids[0, t]].item() for t in range(len(prompt), ids.shape[1])]
+            total, count = total + sum(nll), count + len(nll)
+            per_sample.append(sum(nll) / len(nll))
+    assert len({len(s.response) for s in samples}) > 3  # responses of unequal length
+    expected = total / count
+    got = mean_response_nll(model, tokenizer, samples, template=template, max_prompt_length=256, max_length=512,
+                            batch_size=4, device=torch.device("cpu"))
+    assert got == pytest.approx(expected, rel=1e-4)
+    assert abs(sum(per_sample) / len(per_sample) - expected) > 0.01  # the per-sample mean is another number
 
 
 def _f1(row: Generation) -> float:

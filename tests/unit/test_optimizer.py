@@ -1,11 +1,15 @@
-"""build_optimizer: decoupled-weight-decay Adam checked against the update rule written out by hand."""
+"""build_optimizer: decoupled-weight-decay Adam checked against the update rule written out by hand;
+build_lr_scheduler: warm-up and cosine decay checked against the closed form."""
 
 from __future__ import annotations
 
+import math
+
+import pytest
 import torch
 
 from pocl_core.config import OptimConfig
-from pocl_core.train_step import build_optimizer
+from pocl_core.train_step import build_lr_scheduler, build_optimizer
 
 
 def _adamw_reference(p: torch.Tensor, grads: list[torch.Tensor], lr: float, wd: float,
@@ -79,3 +83,40 @@ def test_fused_kernel_on_cpu_and_the_same_steps_as_the_per_tensor_loop():
 def test_parameters_off_cpu_and_cuda_get_the_default_kernel():
     optimizer = build_optimizer(torch.nn.Linear(2, 2, device="meta"), OptimConfig())
     assert not any(g["fused"] for g in optimizer.param_groups)
+
+
+def _lrs(cfg: OptimConfig, total_steps: int, steps: int) -> list[float]:
+    """The learning rate of optimizer steps 0..steps-1 under build_lr_scheduler."""
+    optimizer = build_optimizer(torch.nn.Linear(2, 2), cfg)
+    scheduler = build_lr_scheduler(optimizer, cfg, total_steps)
+    out = []
+    for _ in range(steps):
+        out.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return out
+
+
+def test_lr_warms_up_linearly_then_follows_a_cosine_down_to_min_lr():
+    # warm-up steps s < W run at lr·(s+1)/W; then lr(s) = min_lr + (lr − min_lr)·(1 + cos(π·(s−W)/(T−W)))/2,
+    # held at min_lr from T on. lr 1e-3, min_lr 1e-4, W = 4, T = 16: the cosine spans steps 4..16.
+    cfg = OptimConfig(lr=1e-3, min_lr=1e-4, warmup_steps=4)
+    lrs = _lrs(cfg, total_steps=16, steps=22)
+    assert lrs[0] == pytest.approx(2.5e-4)  # lr / 4
+    assert lrs[1] == pytest.approx(5e-4)
+    assert lrs[3] == pytest.approx(1e-3)  # last warm-up step reaches lr
+    assert lrs[4] == pytest.approx(1e-3)  # the cosine starts at lr
+    assert lrs[7] == pytest.approx(1e-4 + 9e-4 * (1 + math.sqrt(0.5)) / 2)  # a quarter of the way: cos(π/4)
+    assert lrs[10] == pytest.approx(5.5e-4)  # halfway: (lr + min_lr) / 2
+    assert lrs[16] == pytest.approx(1e-4)  # end of the horizon
+    assert lrs[17:] == pytest.approx([1e-4] * 5)  # beyond it: stays at the floor
+    assert all(a > b for a, b in zip(lrs[4:16], lrs[5:17]))  # strictly decreasing through the decay
+
+
+def test_lr_without_warm_up_starts_at_lr():
+    cfg = OptimConfig(lr=2e-3, min_lr=2e-4, warmup_steps=0)
+    lrs = _lrs(cfg, total_steps=10, steps=13)
+    assert lrs[0] == pytest.approx(2e-3)
+    assert lrs[1] == pytest.approx(2e-4 + 1.8e-3 * (1 + math.cos(math.pi / 10)) / 2)
+    assert lrs[5] == pytest.approx(1.1e-3)  # halfway: (lr + min_lr) / 2
+    assert lrs[10:] == pytest.approx([2e-4] * 3)

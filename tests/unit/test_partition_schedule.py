@@ -90,6 +90,11 @@ def test_stage_batches_cover_members_every_epoch_and_resume_midway():
     assert all(np.array_equal(a, b) for (_, a), (_, b) in zip(resumed, batches[4:]))
     other_stage = list(stage_batches(members, num_steps=3, global_batch=8, seed=5, stage=2))
     assert not np.array_equal(other_stage[0][1], batches[0][1])
+    # each epoch is a fresh shuffle (the first 23 of its 24 slots are its order), and the seed moves it
+    orders = [np.concatenate([idx for _, idx in batches[e * 3:(e + 1) * 3]])[:23] for e in range(2)]
+    assert sorted(orders[0]) == sorted(orders[1]) == list(members) and not np.array_equal(orders[0], orders[1])
+    other_seed = list(stage_batches(members, num_steps=6, global_batch=8, seed=6, stage=1))
+    assert all(not np.array_equal(a, b) for (_, a), (_, b) in zip(other_seed, batches))
 
 
 def test_plan_stages_counts_and_the_plain_kd_baseline_has_the_same_budget():

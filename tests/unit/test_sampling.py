@@ -3,6 +3,10 @@ distribution, and a row's draws depend only on its seed."""
 
 from __future__ import annotations
 
+import hashlib
+import os
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import numpy as np
@@ -11,7 +15,9 @@ import torch
 from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from pocl_core.config_sections import SamplingConfig
-from pocl_core.sampling import PerSampleSampling, decoding_kwargs, sample_seed, stop_token_ids, warp_logits
+from pocl_core.sampling import (PerSampleSampling, decoding_kwargs, sample_seed, stable_seed, stop_token_ids,
+                                warp_logits)
+from tests.conftest import REPO
 
 
 @pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 5, 1.0), (1.3, 0, 0.8), (0.5, 12, 0.6),
@@ -62,6 +68,26 @@ def test_a_rows_draws_depend_only_on_its_seed():
     assert torch.equal(torch.get_rng_state(), state)  # the global RNG is not used
     with pytest.raises(ValueError, match="2 seeds for a batch of 3 rows"):
         PerSampleSampling(seeds[:2], 1.0)(None, scores)
+
+
+def _sha256_seed(text: str) -> int:
+    """The top 63 of the first 64 bits of SHA-256 of the text (the parts joined by ':')."""
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") >> 1
+
+
+def test_seeds_are_sha256_of_the_parts_in_every_process():
+    assert sample_seed(10, "a") == 6447615715945536778  # sha256("sample:10:a") = b2f510aa5a51ba14..., >> 1
+    assert sample_seed(10, "a") == _sha256_seed("sample:10:a")
+    assert stable_seed("x", 3, "ü", 2.5) == _sha256_seed("x:3:ü:2.5")
+    assert stable_seed() == _sha256_seed("")
+    here = [sample_seed(10, "a"), stable_seed("x", 3, "ü", 2.5)]
+    code = ("from pocl_core.sampling import sample_seed, stable_seed; "
+            "print(sample_seed(10, 'a'), stable_seed('x', 3, 'ü', 2.5))")
+    # str and bytes hashes are salted per process: another PYTHONHASHSEED than this process's
+    hash_seed = "2" if os.environ.get("PYTHONHASHSEED") == "1" else "1"
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONHASHSEED": hash_seed, "PYTHONIOENCODING": "utf-8"})
+    assert [int(v) for v in out.stdout.split()] == here
 
 
 def test_seeds_and_stop_tokens():
