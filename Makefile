@@ -16,7 +16,7 @@ export TOKENIZERS_PARALLELISM ?= false
 # Prefect's temporary server can take longer than its 20 s default to start on a busy 2-core machine.
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 
-.PHONY: setup run test test-fast bench bench-losses bench-scoring bench-training bench-orchestration bench-ray-report bench-flops clean tiny-models quickstart-models gpu-wheels
+.PHONY: setup run test test-fast bench bench-losses bench-scoring bench-training bench-orchestration bench-ray-report bench-flops bench-fsdp-load clean tiny-models quickstart-models gpu-wheels
 
 setup: $(STAMP)
 
@@ -48,7 +48,7 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" tests
 
-bench: bench-losses bench-scoring bench-training bench-flops bench-orchestration bench-ray-report
+bench: bench-losses bench-scoring bench-training bench-flops bench-orchestration bench-ray-report bench-fsdp-load
 
 bench-losses: $(STAMP)
 	$(PY) -m benchmarks.bench_losses
@@ -67,6 +67,9 @@ bench-ray-report: $(STAMP)
 
 bench-flops: $(STAMP) quickstart-models
 	$(PY) -m benchmarks.bench_flops
+
+bench-fsdp-load: $(STAMP) quickstart-models
+	$(PY) -m benchmarks.bench_fsdp_load
 
 # Wheels for the GPU checks on an offline PyTorch CUDA machine (Python 3.12): every runtime dependency
 # its image lacks, Ray and Prefect slimmed (see devtools/offline_wheels.py); there, run

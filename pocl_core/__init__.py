@@ -4,4 +4,4 @@ Losses, difficulty measurers, partitioning, the stage schedule, data loading, th
 evaluation, usable from a notebook without Prefect or Ray.
 """
 
-__version__ = "0.4.0"
+__version__ = "0.4.1"
