@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Literal, Sequence
@@ -30,6 +31,7 @@ import torch
 
 BadRowPolicy = Literal["error", "drop"]
 CHAT_TEMPLATE = "chat"
+DROPPED_ROWS_SHOWN = 3  # dropped rows named in the warning of load_samples
 
 
 class DataError(ValueError):
@@ -166,8 +168,9 @@ def load_samples(path: str | Path, on_bad_rows: BadRowPolicy = "error") -> tuple
     """Read a JSONL file, Parquet file or Hugging Face dataset folder into samples.
 
     Returns (samples, number of dropped rows). With ``on_bad_rows='error'`` the first bad row raises
-    DataError naming file and row; with ``'drop'`` bad rows are skipped and counted. Duplicate ids
-    are bad rows (the first occurrence is kept). Zero usable samples is always an error.
+    DataError naming file and row; with ``'drop'`` bad rows are skipped, counted and the first few
+    named in a warning (logger ``pocl``). Duplicate ids are bad rows (the first occurrence is kept).
+    Zero usable samples is always an error; after dropping, it says why the first row was dropped.
     """
     if on_bad_rows not in ("error", "drop"):
         raise ValueError(f"on_bad_rows must be 'error' or 'drop', got {on_bad_rows!r}")
@@ -176,6 +179,7 @@ def load_samples(path: str | Path, on_bad_rows: BadRowPolicy = "error") -> tuple
         raise DataError(f"data file not found: {path}")
     samples: list[Sample] = []
     seen: dict[str, str] = {}
+    reasons: list[str] = []  # the first DROPPED_ROWS_SHOWN dropped rows' errors
     dropped = 0
     for where, rec in _iter_records(path):
         try:
@@ -184,15 +188,22 @@ def load_samples(path: str | Path, on_bad_rows: BadRowPolicy = "error") -> tuple
             sample = _record_to_sample(rec, where)
             if sample.sample_id in seen:
                 raise DataError(f"{where}: duplicate sample id '{sample.sample_id}' (first at {seen[sample.sample_id]})")
-        except DataError:
+        except DataError as exc:
             if on_bad_rows == "error":
                 raise
             dropped += 1
+            if len(reasons) < DROPPED_ROWS_SHOWN:
+                reasons.append(str(exc))
             continue
         seen[sample.sample_id] = where
         samples.append(sample)
     if not samples:
-        raise DataError(f"{path}: no usable samples ({dropped} bad rows dropped)")
+        first = f"; the first: {reasons[0]}" if reasons else ""
+        raise DataError(f"{path}: no usable samples ({dropped} bad rows dropped{first})")
+    if dropped:
+        more = f"; and {dropped - len(reasons)} more" if dropped > len(reasons) else ""
+        logging.getLogger("pocl").warning("%s: dropped %d bad row(s) (data.on_bad_rows=drop): %s%s", path, dropped,
+                                          "; ".join(reasons), more)
     return samples, dropped
 
 

@@ -1,4 +1,5 @@
 import json
+import logging
 import math
 
 import pytest
@@ -63,6 +64,26 @@ def test_zero_usable_samples_and_missing_file(tmp_path):
         load_samples(p, on_bad_rows="drop")
     with pytest.raises(DataError, match="not found"):
         load_samples(tmp_path / "absent.jsonl")
+
+
+def test_dropped_rows_are_named_in_the_no_samples_error_and_in_a_warning(tmp_path, caplog):
+    p = write_jsonl(tmp_path / "fields.jsonl", [{"text": f"t{i}"} for i in range(20)])
+    with pytest.raises(DataError) as err:
+        load_samples(p, on_bad_rows="drop")
+    assert str(err.value) == (f"{p}: no usable samples (20 bad rows dropped; the first: {p}:1: no known fields "
+                              "(expected Dolly instruction/context/response, Alpaca instruction/input/output, or "
+                              "prompt/response); found ['text'])")
+    rows = [{"prompt": "a", "response": "b"}, *[{"prompt": f"p{i}"} for i in range(5)]]
+    q = write_jsonl(tmp_path / "some.jsonl", rows)
+    with caplog.at_level(logging.WARNING, logger="pocl"):
+        assert load_samples(q, on_bad_rows="drop")[1] == 5
+    [warning] = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warning.startswith(f"{q}: dropped 5 bad row(s) (data.on_bad_rows=drop): {q}:2: missing field 'response'; "
+                              f"{q}:3: missing field 'response'; {q}:4: missing field 'response'; and 2 more")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="pocl"):
+        load_samples(write_jsonl(tmp_path / "clean.jsonl", [{"prompt": "a", "response": "b"}]), on_bad_rows="drop")
+    assert not caplog.records
 
 
 def test_split_and_cap_do_not_depend_on_order(tiny_data_path):

@@ -78,7 +78,8 @@ def test_parquet_non_string_column_and_corrupt_file(tmp_path):
     pq.write_table(pa.table({"prompt": ["a", "b"], "response": [1, 2]}), tmp_path / "ints.parquet")
     with pytest.raises(DataError, match=r"ints.parquet: row 0: field 'response' must be a string, got int"):
         load_samples(tmp_path / "ints.parquet")
-    with pytest.raises(DataError, match=r"no usable samples \(2 bad rows dropped\)"):
+    with pytest.raises(DataError, match=r"no usable samples \(2 bad rows dropped; the first: .*ints.parquet: row 0: "
+                                         r"field 'response' must be a string, got int\)"):
         load_samples(tmp_path / "ints.parquet", on_bad_rows="drop")
     (tmp_path / "junk.parquet").write_bytes(b"not parquet at all")
     with pytest.raises(DataError, match="junk.parquet: cannot read the Parquet file"):
