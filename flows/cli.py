@@ -70,8 +70,14 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    """Print the stage plan (samples, steps, T, λ per stage) without loading any model."""
-    from pocl_core.data import cap_samples, check_data_paths, load_samples, split_holdout
+    """Print the stage plan (samples, steps, T, λ per stage) without loading any model.
+
+    Without ``--num-samples`` the config's data files are read as the run reads them (``load_splits``):
+    the held-out split or file, dropped bad rows and long prompts (with ``data.long_prompts: drop``
+    the tokenizer is loaded to measure them), the caps, and the same errors.
+    """
+    from pocl_core.data import check_data_paths, load_splits
+    from pocl_core.models import load_tokenizer
     from pocl_core.partition import bucket_sizes
     from pocl_core.schedule import plan_stages
 
@@ -89,10 +95,13 @@ def _cmd_plan(args: argparse.Namespace) -> int:
             check_data_paths(cfg.data)
         except ConfigError as exc:
             raise ConfigError(f"{exc}; or pass --num-samples N to plan without the data") from None
-        samples, dropped = load_samples(cfg.data.train_path, cfg.data.on_bad_rows)
-        train = samples if cfg.data.eval_path else split_holdout(samples, cfg.data.eval_fraction)[0]
-        n = len(cap_samples(train, cfg.data.max_train_samples))
-        source = cfg.data.train_path + (f", {dropped} bad row(s) dropped by data.on_bad_rows=drop" if dropped else "")
+        models = cfg.models
+        splits = load_splits(cfg.data, lambda: load_tokenizer(models.tokenizer_source, models.trust_remote_code))
+        n = len(splits.train)
+        notes = [f"{splits.bad_rows} bad row(s) dropped by data.on_bad_rows=drop"] if splits.bad_rows else []
+        if splits.long_train:
+            notes.append(f"{splits.long_train} sample(s) with a long prompt dropped by data.long_prompts=drop")
+        source = ", ".join([cfg.data.train_path, *notes])
     gb = cfg.optim.global_batch_size
     plans = plan_stages(cfg.curriculum, bucket_sizes(n, cfg.curriculum.num_stages), gb)
     print(f"{cfg.run_name}: {n} training samples ({source}), strategy {cfg.curriculum.strategy}, "

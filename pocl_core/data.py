@@ -1,4 +1,4 @@
-"""Instruction data: loading records into samples, stable ids, the held-out split, tokenization, batching.
+"""Instruction data: loading records into samples, stable ids, the splits a run uses, tokenization, batching.
 
 A sample is ``(sample_id, prompt, response)``. Loaders accept Dolly (``instruction``, ``context``,
 ``response``), Alpaca (``instruction``, ``input``, ``output``) and plain (``prompt``, ``response``)
@@ -23,7 +23,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Literal, Sequence
+from typing import Any, Callable, Iterable, Literal, Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -252,6 +252,72 @@ def cap_samples(samples: Sequence[Sample], limit: int | None) -> list[Sample]:
     if limit is None or len(samples) <= limit:
         return list(samples)
     return sorted(samples, key=lambda s: _unit_hash(s.sample_id))[:limit]
+
+
+@dataclass(frozen=True)
+class Splits:
+    """The samples a run trains and evaluates on, and how many were dropped on the way."""
+
+    train: list[Sample]
+    held: list[Sample]
+    bad_rows: int  # rows dropped by on_bad_rows=drop, both files together
+    long_train: int  # training samples dropped by long_prompts=drop
+    long_held: int  # held-out samples dropped by long_prompts=drop
+
+
+def _empty_split(data: Any, split: str, path: str, read: int, in_split: int, long_dropped: int) -> DataError:
+    """The DataError for a split left without samples: the file, what was read and where it went."""
+    what = "training" if split == "train" else "held-out"
+    counts = [f"{read} samples read"]
+    if not data.eval_path:
+        counts.append(f"{in_split} of them in the {what} split (data.eval_fraction={data.eval_fraction})")
+    if data.long_prompts == "drop" and in_split:
+        counts.append(f"{long_dropped} of those dropped by data.long_prompts=drop (templated prompt longer than "
+                      f"data.max_prompt_length={data.max_prompt_length} tokens)")
+    if long_dropped:
+        fix = "raise data.max_prompt_length or set data.long_prompts=truncate"
+    elif split == "train":
+        fix = "lower data.eval_fraction, or give the held-out samples their own file in data.eval_path"
+    else:
+        fix = "raise data.eval_fraction, or give the held-out samples their own file in data.eval_path"
+    return DataError(f"{path}: no {what} samples left ({', '.join(counts)}); {fix}")
+
+
+def load_splits(data: Any, tokenizer: Callable[[], Any]) -> Splits:
+    """The training and held-out samples of a ``DataConfig``, as a run uses them.
+
+    Reads ``train_path`` and ``eval_path`` (without one, holds out ``eval_fraction`` of the training
+    file by id hash), refuses held-out samples that are also training samples, drops over-long
+    prompts with ``long_prompts: drop`` (``tokenizer()`` is called only then) and applies the caps.
+    DataError for a split left empty, naming the file, the counts and the setting to change.
+    """
+    samples, bad_rows = load_samples(data.train_path, data.on_bad_rows)
+    if data.eval_path:
+        train = samples
+        held, bad_eval = load_samples(data.eval_path, data.on_bad_rows)
+        bad_rows += bad_eval
+        both = shared_samples(train, held)
+        if both:
+            raise DataError(f"{data.eval_path}: {len(both)} of its {len(held)} held-out samples are also in "
+                            f"{data.train_path} (same prompt and response; the first is id {both[0].sample_id!r}): "
+                            "a held-out score would include trained samples; remove them from one of the files")
+        read_held = len(held)
+    else:
+        train, held = split_holdout(samples, data.eval_fraction)
+        read_held = len(samples)
+    split_train, split_held = len(train), len(held)
+    long_train = long_held = 0
+    if data.long_prompts == "drop":
+        args = (tokenizer(), data.prompt_template, data.max_prompt_length)
+        (train, long_train), (held, long_held) = drop_long_prompts(train, *args), drop_long_prompts(held, *args)
+    # the caps (> 0) never empty a split: an empty one lost its samples to the split or the long prompts
+    train = cap_samples(train, data.max_train_samples)
+    held = cap_samples(held, data.max_eval_samples)
+    if not train:
+        raise _empty_split(data, "train", data.train_path, len(samples), split_train, long_train)
+    if not held:
+        raise _empty_split(data, "eval", data.eval_path or data.train_path, read_held, split_held, long_held)
+    return Splits(train, held, bad_rows, long_train, long_held)
 
 
 def samples_to_table(samples: Sequence[Sample]) -> pa.Table:

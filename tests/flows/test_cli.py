@@ -158,9 +158,49 @@ def test_plan_says_how_many_bad_rows_it_dropped(tmp_path, capsys):
     (tmp_path / "train.jsonl").write_text("\n".join(rows[:4] + ['{"prompt": "no response"}', "not json"] + rows[4:]) + "\n")
     args = ["plan", "--config", "configs/tiny.yaml", f"data.train_path={tmp_path / 'train.jsonl'}"]
     assert main([*args, "data.on_bad_rows=error"]) == 2
-    assert main([*args, "data.on_bad_rows=drop"]) == 0
-    assert f" training samples ({tmp_path / 'train.jsonl'}, 2 bad row(s) dropped by data.on_bad_rows=drop)" \
+    assert main([*args, "data.on_bad_rows=drop"]) == 2  # as the run: 10% of these 10 samples hold out none
+    assert "no held-out samples left (10 samples read, 0 of them in the held-out split" in capsys.readouterr().err
+    assert main([*args, "data.on_bad_rows=drop", "data.eval_fraction=0.3"]) == 0
+    assert f"8 training samples ({tmp_path / 'train.jsonl'}, 2 bad row(s) dropped by data.on_bad_rows=drop)" \
         in capsys.readouterr().out
+
+
+def test_plan_refuses_what_the_run_refuses_and_reads_the_eval_file(tmp_path, capsys):
+    assert main(["plan", "--config", "configs/tiny.yaml", "data.eval_fraction=0.9999"]) == 2
+    assert ("data/tiny/instructions.jsonl: no training samples left (360 samples read, 0 of them in the training "
+            "split (data.eval_fraction=0.9999)); lower data.eval_fraction") in capsys.readouterr().err
+    eval_file = tmp_path / "eval.jsonl"
+    eval_file.write_text('{"prompt": "q", "response": "a"}\n{"prompt": "no response"}\n')
+    args = ["plan", "--config", "configs/tiny.yaml", f"data.eval_path={eval_file}"]
+    assert main(args) == 2
+    assert f"{eval_file}:2: missing field 'response'" in capsys.readouterr().err
+    assert main([*args, "data.on_bad_rows=drop"]) == 0  # the whole training file trains: the eval file holds out
+    assert ("360 training samples (data/tiny/instructions.jsonl, 1 bad row(s) dropped by data.on_bad_rows=drop)"
+            in capsys.readouterr().out)
+    first = Path("data/tiny/instructions.jsonl").read_text().splitlines()[0]
+    eval_file.write_text(first + "\n")
+    assert main(args) == 2
+    assert f"{eval_file}: 1 of its 1 held-out samples are also in data/tiny/instructions.jsonl" in \
+        capsys.readouterr().err
+
+
+def test_plan_counts_the_samples_long_prompts_drop_removes(tiny_models, capsys):
+    from transformers import AutoTokenizer
+
+    from pocl_core.data import drop_long_prompts, load_samples, split_holdout
+
+    train = split_holdout(load_samples("data/tiny/instructions.jsonl")[0], 0.1)[0]
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models.student)
+    cfg = load_config("configs/tiny.yaml")
+    kept, dropped = drop_long_prompts(train, tokenizer, cfg.data.prompt_template, 20)
+    assert 0 < dropped < len(train)
+    args = ["plan", "--config", "configs/tiny.yaml", f"models.student={tiny_models.student}",
+            "data.max_prompt_length=20"]
+    assert main(args) == 0
+    assert f"{len(train)} training samples (data/tiny/instructions.jsonl)" in capsys.readouterr().out
+    assert main([*args, "data.long_prompts=drop"]) == 0
+    assert (f"{len(kept)} training samples (data/tiny/instructions.jsonl, {dropped} sample(s) with a long prompt "
+            "dropped by data.long_prompts=drop)") in capsys.readouterr().out
 
 
 def test_plan_names_a_missing_data_file_and_the_way_around_it(capsys):
