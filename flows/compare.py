@@ -10,20 +10,27 @@ and evaluation. ``comparison.md`` (also a Prefect artifact) tabulates mean ± st
 folder's ``config.yaml`` says what ran there: a rerun with other settings replaces it only once that
 folder finished (one refused as stale leaves it as it was).
 ``runs_root`` may be an ``s3://`` URI, as for a single run.
+
+Errors behave as in the single-run flow: a ConfigError or DataError is one logged message without the
+library traceback; a rerun refused as stale names the settings that differ from the refused folder's
+config.yaml; a comparison folder this call created is removed again when its data fails to load.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 import statistics
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Optional
+from typing import Iterator, Optional
 
 from prefect import flow
 
+from flows.pipeline import changed_settings, parameter_errors_logged
 from pocl_core.config import FOLDER_NAME, ConfigError, PoclConfig, load_config, validate_config
-from pocl_core.contracts import RunPaths, read_table, write_text_atomic
-from pocl_core.storage import join, location
+from pocl_core.contracts import RunPaths, StaleOutputError, read_table, write_text_atomic
+from pocl_core.storage import Location, join, location, remove_tree
 from tasks.common import publish_markdown, publish_table
 from tasks.distill import distill
 from tasks.evaluate import evaluate
@@ -135,12 +142,41 @@ def render_comparison(name: str, reference: list[dict], summary: list[dict], com
 
 def record_config(cfg: PoclConfig, finished: bool = False) -> None:
     """Keep a folder's config.yaml saying what ran, as the single-run flow does: a folder without one
-    gets it at once; a rerun with other settings replaces it only once that folder ``finished`` (so a
-    rerun refused as stale leaves the settings that did run)."""
+    gets it when its work starts (``shared/`` once its data loaded); a rerun with other settings
+    replaces it only once that folder ``finished`` (so a rerun refused as stale leaves the settings
+    that did run)."""
     path = RunPaths.of(cfg.run_dir, cfg.storage).config
     text = cfg.to_yaml()
     if not path.is_file() or (finished and path.read_text() != text):
         write_text_atomic(path, text)
+
+
+@contextmanager
+def _removed_on_failure(folder: Location) -> Iterator[None]:
+    """Remove ``folder`` when the block fails and the folder did not exist before it, so a failed start
+    leaves nothing behind (a failing removal is a warning: the block's error is the one to report)."""
+    new = not folder.exists()
+    try:
+        yield
+    except BaseException:
+        if new:
+            try:
+                remove_tree(folder)
+            except OSError as cleanup:
+                logging.getLogger("pocl").warning("could not remove the new folder %s: %s", folder, cleanup)
+        raise
+
+
+def _stale_hint(cfg: PoclConfig) -> str:
+    """What to add to a StaleOutputError of ``cfg``'s folder: the settings that differ from its config.yaml."""
+    paths = RunPaths.of(cfg.run_dir, cfg.storage)
+    changed = changed_settings(paths, cfg)
+    if changed:
+        return f". Settings that differ from {paths.config}: {', '.join(changed)}"
+    if paths.config.is_file():
+        return (f". No setting differs from {paths.config} (a changed input file, or a folder made by an earlier "
+                "version)")
+    return ""
 
 
 @flow(name="pocl-compare", log_prints=True)
@@ -152,28 +188,37 @@ def pocl_compare(config_path: str = "configs/quickstart.yaml", overrides: Option
     Each variant sets its run name, strategy, loss and seed (``seed`` and ``curriculum.shuffle_seed``);
     the config's ``seed`` and loss are the defaults of ``seeds`` and ``losses``; overriding the others
     is a ConfigError (see ``check_compare_request``)."""
-    check_compare_request(list(overrides or []), strategies, losses, seeds, compare_name)
-    base = load_config(config_path, list(overrides or [])).with_absolute_paths()
-    variants = plan_variants(base, strategies, losses, seeds)
-    strategies, losses, seeds = ([*dict.fromkeys(getattr(v, f) for v in variants)] for f in ("strategy", "loss", "seed"))
-    root = join(base.runs_root, compare_name)
-    shared = PoclConfig.model_validate({**base.model_dump(), "runs_root": root, "run_name": "shared"})
-    record_config(shared)
-    data = load_dataset(shared)
-    scores = score_difficulty(shared, data)
-    reference_path = evaluate(shared, data, None, models={"teacher": base.models.teacher,
-                                                          "initial_student": base.models.student})
-    record_config(shared, finished=True)
-    rows = []
-    for v in variants:
-        cfg = variant_config(base, root, v)
-        record_config(cfg)
-        student = distill(cfg, data, partition(cfg, scores), scores.teacher_cache_dir)
-        metrics_path = evaluate(cfg, data, student, models={"final_student": student})
-        record_config(cfg, finished=True)
-        metrics = read_table(location(metrics_path, cfg.storage)).to_pylist()[0]
-        rows.append({"strategy": v.strategy, "loss": v.loss, "seed": v.seed, "rouge_l": metrics["rouge_l"],
-                     "rouge_l_greedy": metrics["rouge_l_greedy"], "nll": metrics["nll"]})
+    with parameter_errors_logged():
+        check_compare_request(list(overrides or []), strategies, losses, seeds, compare_name)
+        base = load_config(config_path, list(overrides or [])).with_absolute_paths()
+        variants = plan_variants(base, strategies, losses, seeds)
+        strategies, losses, seeds = ([*dict.fromkeys(getattr(v, f) for v in variants)]
+                                     for f in ("strategy", "loss", "seed"))
+        root = join(base.runs_root, compare_name)
+        shared = PoclConfig.model_validate({**base.model_dump(), "runs_root": root, "run_name": "shared"})
+        current = shared  # the config of the folder being worked on
+        try:
+            # nothing of a new comparison exists before its data loaded: a data error leaves no new folder
+            with _removed_on_failure(location(root, base.storage)), \
+                    _removed_on_failure(RunPaths.of(shared.run_dir, shared.storage).root):
+                data = load_dataset(shared)
+            record_config(shared)
+            scores = score_difficulty(shared, data)
+            reference_path = evaluate(shared, data, None, models={"teacher": base.models.teacher,
+                                                                  "initial_student": base.models.student})
+            record_config(shared, finished=True)
+            rows = []
+            for v in variants:
+                current = cfg = variant_config(base, root, v)
+                record_config(cfg)
+                student = distill(cfg, data, partition(cfg, scores), scores.teacher_cache_dir)
+                metrics_path = evaluate(cfg, data, student, models={"final_student": student})
+                record_config(cfg, finished=True)
+                metrics = read_table(location(metrics_path, cfg.storage)).to_pylist()[0]
+                rows.append({"strategy": v.strategy, "loss": v.loss, "seed": v.seed, "rouge_l": metrics["rouge_l"],
+                             "rouge_l_greedy": metrics["rouge_l_greedy"], "nll": metrics["nll"]})
+        except StaleOutputError as exc:
+            raise StaleOutputError(f"{exc}{_stale_hint(current)}") from None
     summary = summarize(rows)
     command = (f"pocl compare --config {config_path} --strategies {' '.join(strategies)} --losses {' '.join(losses)} "
                f"--seeds {' '.join(map(str, seeds))} --name {compare_name} {' '.join(overrides or [])}").strip()

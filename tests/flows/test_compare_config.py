@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -10,7 +11,9 @@ import pytest
 import yaml
 
 import flows.compare as compare
+from pocl_core.config import ConfigError
 from pocl_core.contracts import EVAL_METRICS_SCHEMA, StaleOutputError, write_table_atomic
+from pocl_core.data import DataError
 from tests.conftest import TINY_CONFIG
 
 
@@ -58,10 +61,45 @@ def test_a_rerun_refused_as_stale_leaves_config_yaml_describing_what_ran(stand_i
     assert lr_in(variant) == 0.001 and lr_in(tmp_path / "cmp" / "shared") == 0.001
 
     stand_ins.stale = {"curriculum-fkl-s10"}
-    with pytest.raises(StaleOutputError):
+    with pytest.raises(StaleOutputError) as err:
         run(0.5)
     assert lr_in(variant) == 0.001  # the settings that ran, not the refused ones
+    assert str(err.value) == (f"{variant}/train: produced from different inputs. Settings that differ from "
+                              f"{variant}/config.yaml: optim.lr: 0.001 → 0.5")
+    assert err.value.__cause__ is None and err.value.__suppress_context__
 
     stand_ins.stale = set()
     run(0.5)
     assert lr_in(variant) == 0.5  # replaced once the variant finished
+
+
+def compare_fn(tmp_path: Path, *overrides: str) -> str:
+    return compare.pocl_compare.fn(config_path=str(TINY_CONFIG), overrides=[f"runs_root={tmp_path}", *overrides],
+                                   strategies=["curriculum"], losses=["fkl"], seeds=[10], compare_name="cmp")
+
+
+def test_a_data_error_leaves_no_new_folder_and_is_one_logged_message(stand_ins, monkeypatch, tmp_path, caplog):
+    def bad_data(cfg):
+        (Path(cfg.run_dir) / "data").mkdir(parents=True)  # what a load may have written before it failed
+        raise DataError("data/x.jsonl:3: missing field 'response'")
+
+    monkeypatch.setattr(compare, "load_dataset", bad_data)
+    with caplog.at_level(logging.ERROR), pytest.raises(DataError) as err:
+        compare_fn(tmp_path)
+    assert str(err.value) == "data/x.jsonl:3: missing field 'response'"
+    assert err.value.__cause__ is None and err.value.__suppress_context__
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR] == [str(err.value)]
+    assert not (tmp_path / "cmp").exists()
+    # a comparison folder that was there keeps what it held; only the new shared/ goes
+    (tmp_path / "cmp" / "curriculum-fkl-s10").mkdir(parents=True)
+    with pytest.raises(DataError):
+        compare_fn(tmp_path)
+    assert [p.name for p in (tmp_path / "cmp").iterdir()] == ["curriculum-fkl-s10"]
+
+
+def test_a_config_error_in_the_flow_is_one_logged_message(stand_ins, tmp_path, caplog):
+    with caplog.at_level(logging.ERROR), pytest.raises(ConfigError, match="curriculum.num_stagez: unknown key") as err:
+        compare_fn(tmp_path, "curriculum.num_stagez=3")
+    assert err.value.__cause__ is None and err.value.__suppress_context__
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR] == [str(err.value)]
+    assert not (tmp_path / "cmp").exists()
