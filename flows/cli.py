@@ -121,15 +121,25 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _cmd_build_tiny(args: argparse.Namespace) -> int:
+    """Build the tiny pair into ``--out`` unless a complete build from the same data and settings is there."""
     from pocl_core.data import load_samples
-    from pocl_core.tiny import build_tiny_models
+    from pocl_core.model_prep import check_output_folder
+    from pocl_core.tiny import build_tiny_models, existing_tiny_models, remove_tiny_models
 
     out = Path(args.out)
-    if (out / "teacher" / "config.json").is_file() and (out / "student" / "config.json").is_file() and not args.force:
-        print(f"tiny models already in {out} (use --force to rebuild)")
-        return 0
+    check_output_folder(out, f"--out {args.out}")
     samples, _ = load_samples(args.data)
     texts = [f"### Instruction:\n{s.prompt}\n\n### Response:\n{s.response}" for s in samples]
+    if args.force:
+        remove_tiny_models(out)
+    else:
+        try:
+            built = existing_tiny_models(out, texts, teacher_warmup_steps=args.warmup_steps)
+        except ModelPrepError as exc:
+            raise ModelPrepError(f"{exc}; or pass --force to rebuild it") from None
+        if built is not None:
+            print(f"tiny models already in {out} (use --force to rebuild)")
+            return 0
     paths = build_tiny_models(out, texts, teacher_warmup_steps=args.warmup_steps)
     print(f"teacher: {paths.teacher}\nstudent: {paths.student}")
     return 0

@@ -81,8 +81,22 @@ def _existing(out_dir: Path, expected: dict[str, Any]) -> Path | None:
     return out_dir
 
 
+def check_output_folder(path: Path, name: str | None = None) -> None:
+    """ModelPrepError when ``path`` or a folder above it is a file, so nothing can be written there.
+
+    name: what to call ``path`` in the message (e.g. ``--out x``; default: the path).
+    """
+    path = Path(path)
+    for folder in (path, *path.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise ModelPrepError(f"{name or path}: {folder} is a file, not a folder; choose another output folder")
+            return
+
+
 def _build_atomically(out_dir: Path, expected: dict[str, Any], write: Callable[[Path], None]) -> Path:
     """Run ``write(tmp)`` into a temporary sibling of ``out_dir``, record ``expected``, then rename."""
+    check_output_folder(out_dir.parent)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     with_default_mode(tmp)

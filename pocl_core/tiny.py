@@ -4,16 +4,23 @@
 and a smaller Llama student sharing it, optionally warms the teacher up with a few steps of
 supervised training on the texts (so distillation has something to transfer), and saves all three
 with ``save_pretrained`` (safetensors). They load back through ``AutoModelForCausalLM``.
+
+Each model folder is written beside its place and renamed into it once complete, with a
+``pocl_prep.json`` recording what it was built from (as ``pocl_core.model_prep`` does): an
+interrupted build leaves no folder, and a complete one from the same inputs is kept as it is.
 """
 
 from __future__ import annotations
 
-import json
+import hashlib
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+
+from pocl_core.model_prep import _build_atomically, _existing
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>"]
 
@@ -74,24 +81,68 @@ def _warm_up(model: torch.nn.Module, tokenizer, texts: Sequence[str], steps: int
     model.eval()
 
 
+def _build_records(texts: Sequence[str], vocab_size: int, teacher_layers: int, teacher_hidden: int,
+                   student_layers: int, student_hidden: int, teacher_warmup_steps: int, seed: int) -> dict[str, dict]:
+    """What each folder is built from, as its ``pocl_prep.json`` records it."""
+    common = {"kind": "tiny", "texts": hashlib.sha256("\x00".join(texts).encode()).hexdigest()[:16],
+              "vocab_size": vocab_size, "seed": seed}
+    return {"teacher": {**common, "role": "teacher", "layers": teacher_layers, "hidden": teacher_hidden,
+                        "warmup_steps": teacher_warmup_steps},
+            "student": {**common, "role": "student", "layers": student_layers, "hidden": student_hidden}}
+
+
+def existing_tiny_models(out_dir: str | Path, texts: Sequence[str], *, vocab_size: int = 512,
+                         teacher_layers: int = 4, teacher_hidden: int = 64, student_layers: int = 2,
+                         student_hidden: int = 32, teacher_warmup_steps: int = 0, seed: int = 0) -> TinyPaths | None:
+    """The pair in ``out_dir`` when both folders hold complete builds with these arguments (those of
+    ``build_tiny_models``), else None; ModelPrepError for a folder there that is not such a build
+    (no ``pocl_prep.json``: an interrupted or older build, or other inputs)."""
+    out = Path(out_dir)
+    records = _build_records(texts, vocab_size, teacher_layers, teacher_hidden, student_layers, student_hidden,
+                             teacher_warmup_steps, seed)
+    found = [_existing(out / name, record) for name, record in records.items()]
+    return TinyPaths(out / "teacher", out / "student") if all(found) else None
+
+
+def remove_tiny_models(out_dir: str | Path) -> None:
+    """Delete ``out_dir/teacher`` and ``out_dir/student`` (for a rebuild); absent ones are skipped."""
+    for name in ("teacher", "student"):
+        path = Path(out_dir) / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+
+
 def build_tiny_models(out_dir: str | Path, texts: Sequence[str], *, vocab_size: int = 512,
                       teacher_layers: int = 4, teacher_hidden: int = 64, student_layers: int = 2,
                       student_hidden: int = 32, teacher_warmup_steps: int = 0, seed: int = 0) -> TinyPaths:
     """Build and save ``out_dir/teacher`` and ``out_dir/student`` (each with the shared tokenizer).
 
-    Returns their paths. Rebuilding with the same arguments gives the same weights (seeded).
+    Returns their paths. A folder already holding the build with these arguments is kept (only a
+    missing one is built); one holding anything else is a ModelPrepError (``remove_tiny_models``
+    clears the way). Rebuilding with the same arguments gives the same weights and tokenizer (seeded).
     """
     out = Path(out_dir)
+    records = _build_records(texts, vocab_size, teacher_layers, teacher_hidden, student_layers, student_hidden,
+                             teacher_warmup_steps, seed)
+    paths = TinyPaths(out / "teacher", out / "student")
+    missing = [name for name in records if _existing(getattr(paths, name), records[name]) is None]
+    if not missing:
+        return paths
     tokenizer = train_tokenizer(texts, vocab_size=vocab_size)
     vocab = len(tokenizer)
-    teacher = _llama(vocab, teacher_hidden, teacher_layers, heads=4, seed=seed)
-    student = _llama(vocab, student_hidden, student_layers, heads=2, seed=seed + 1)
-    if teacher_warmup_steps:
-        _warm_up(teacher, tokenizer, texts, teacher_warmup_steps, seed)
-    paths = TinyPaths(out / "teacher", out / "student")
-    for model, path in ((teacher, paths.teacher), (student, paths.student)):
-        model.save_pretrained(path, safe_serialization=True)
-        tokenizer.save_pretrained(path)
-    (out / "tiny.json").write_text(json.dumps({"vocab_size": vocab, "teacher_warmup_steps": teacher_warmup_steps,
-                                               "seed": seed}, indent=2))
+    for name in missing:
+        if name == "teacher":
+            model = _llama(vocab, teacher_hidden, teacher_layers, heads=4, seed=seed)
+            if teacher_warmup_steps:
+                _warm_up(model, tokenizer, texts, teacher_warmup_steps, seed)
+        else:
+            model = _llama(vocab, student_hidden, student_layers, heads=2, seed=seed + 1)
+
+        def write(tmp: Path, model: torch.nn.Module = model) -> None:
+            model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+
+        _build_atomically(getattr(paths, name), records[name], write)
     return paths

@@ -226,3 +226,56 @@ def test_a_run_name_that_is_not_a_folder_name_says_so(capsys):
             "or digit") in capsys.readouterr().err
     assert main(["plan", "--config", "configs/tiny.yaml", "--num-samples", "10", "seed=5"]) == 0
     assert "loss fkl, global batch 16" in capsys.readouterr().out  # no stray space without loss params
+
+
+@pytest.fixture
+def tiny_data(tmp_path) -> Path:
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(f'{{"prompt": "say {i}", "response": "{i} {i}"}}\n' for i in range(20)))
+    return data
+
+
+def test_build_tiny_refuses_a_file_as_out(tmp_path, tiny_data, capsys):
+    taken = tmp_path / "file"
+    taken.write_text("")
+    for out in (taken, taken / "sub"):
+        assert main(["build-tiny", "--out", str(out), "--data", str(tiny_data)]) == 2
+        err = capsys.readouterr().err
+        assert f"--out {out}: {taken} is a file, not a folder; choose another output folder" in err
+        assert "Traceback" not in err
+
+
+def test_an_interrupted_build_tiny_is_not_taken_for_a_finished_one(tmp_path, tiny_data, monkeypatch, capsys):
+    from transformers import PreTrainedModel
+
+    data = tiny_data
+    out, args = tmp_path / "tiny", ["--data", str(data), "--warmup-steps", "0"]
+    save = PreTrainedModel.save_pretrained
+    saved = []
+
+    def cut_short(self, folder, **kwargs):  # the second model: its config.json is written, then the disk fills
+        saved.append(folder)
+        if len(saved) == 1:
+            return save(self, folder, **kwargs)
+        self.config.save_pretrained(folder)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", cut_short)
+    with pytest.raises(OSError, match="No space left"):
+        main(["build-tiny", "--out", str(out), *args])
+    assert sorted(p.name for p in out.iterdir()) == ["teacher"]  # no student folder, no temporary folder
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", save)
+    assert main(["build-tiny", "--out", str(out), *args]) == 0  # builds the student only
+    assert capsys.readouterr().out == f"teacher: {out / 'teacher'}\nstudent: {out / 'student'}\n"
+    assert main(["build-tiny", "--out", str(out), *args]) == 0
+    assert capsys.readouterr().out == f"tiny models already in {out} (use --force to rebuild)\n"
+    assert main(["build-tiny", "--out", str(out), "--data", str(data), "--warmup-steps", "3"]) == 2
+    assert "teacher was built from other inputs (warmup_steps: 0 != 3)" in capsys.readouterr().err
+
+    # a folder with a config.json and no build record (an earlier version's build, perhaps cut short) is not built
+    (out / "student" / "pocl_prep.json").unlink()
+    (out / "student" / "model.safetensors").unlink()
+    assert main(["build-tiny", "--out", str(out), *args]) == 2
+    assert f"{out / 'student'} exists but is not a model folder" in capsys.readouterr().err
+    assert main(["build-tiny", "--out", str(out), *args, "--force"]) == 0
+    assert (out / "student" / "model.safetensors").is_file() and (out / "student" / "pocl_prep.json").is_file()
