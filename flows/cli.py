@@ -133,8 +133,12 @@ def _cmd_build_tiny(args: argparse.Namespace) -> int:
     check_output_folder(out, f"--out {args.out}")
     samples, _ = load_samples(args.data)
     texts = [f"### Instruction:\n{s.prompt}\n\n### Response:\n{s.response}" for s in samples]
-    if args.force:
+    legacy = out / "tiny.json"  # written last by builds before build records: the pair there is ours, complete
+    if args.force or (legacy.is_file() and not any(out.glob("*/pocl_prep.json"))):
+        if not args.force:
+            print(f"rebuilding the tiny models in {out}: they predate build records (the same weights come out)")
         remove_tiny_models(out)
+        legacy.unlink(missing_ok=True)
     else:
         try:
             built = existing_tiny_models(out, texts, teacher_warmup_steps=args.warmup_steps)

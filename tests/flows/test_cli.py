@@ -312,3 +312,13 @@ def test_an_interrupted_build_tiny_is_not_taken_for_a_finished_one(tmp_path, tin
     assert f"{out / 'student'} exists but is not a model folder" in capsys.readouterr().err
     assert main(["build-tiny", "--out", str(out), *args, "--force"]) == 0
     assert (out / "student" / "model.safetensors").is_file() and (out / "student" / "pocl_prep.json").is_file()
+
+    # a complete build of an earlier version (its tiny.json written last, no build records) is rebuilt
+    weights = (out / "teacher" / "model.safetensors").read_bytes()
+    for name in ("teacher", "student"):
+        (out / name / "pocl_prep.json").unlink()
+    (out / "tiny.json").write_text("{}")
+    capsys.readouterr()
+    assert main(["build-tiny", "--out", str(out), *args]) == 0
+    assert "predate build records" in capsys.readouterr().out and not (out / "tiny.json").exists()
+    assert (out / "teacher" / "pocl_prep.json").is_file() and (out / "teacher" / "model.safetensors").read_bytes() == weights
