@@ -35,7 +35,8 @@ from prefect.runtime import flow_run
 
 from pocl_core.config import ConfigError, PoclConfig, load_config
 from pocl_core.contracts import RunPaths, StaleOutputError, dotted_differences, write_text_atomic
-from pocl_core.data import DataError, check_data_paths, relative_path_note
+from pocl_core.data import DataError, check_data_paths, load_splits, relative_path_note
+from pocl_core.models import load_tokenizer
 from pocl_core.storage import ObjectPath, is_remote, location, remove_tree
 from tasks.distill import check_local_gpus, check_ray_address, distill
 from tasks.evaluate import evaluate
@@ -61,7 +62,8 @@ def resolve_config(config_path: Optional[str], overrides: Optional[list[str]], r
     text. With ``resume=False`` an existing run folder is a ConfigError naming it, unless this flow run
     created it (a Retry of the flow run re-runs it from the top with ``resume=False``); for an ``s3://``
     run folder, a missing bucket or an unreachable store is a ConfigError too; so is a model folder
-    or data file that is not there (unless ``verify_inputs`` is False: the config alone is checked).
+    or data file that is not there, and a data file a new run cannot use is a DataError
+    (``check_data``; unless ``verify_inputs`` is False: the config alone is checked).
     """
     extra = list(overrides or [])
     if run_name:
@@ -77,7 +79,17 @@ def resolve_config(config_path: Optional[str], overrides: Optional[list[str]], r
                           f"run_name (e.g. {cfg.run_name}-2), or set resume=true to continue that run")
     if verify_inputs:
         check_inputs(cfg)
+        check_data(cfg)
     return cfg
+
+
+def check_data(cfg: PoclConfig) -> None:
+    """DataError for data files a new run cannot use (a bad row, an empty split, held-out samples that
+    are also training samples), read as the run reads them, before any engine starts; skipped once
+    the run folder holds its loaded data (the load step then reuses it or refuses changed files)."""
+    if RunPaths.of(cfg.run_dir, cfg.storage).train_data.exists():
+        return
+    load_splits(cfg.data, lambda: load_tokenizer(cfg.models.tokenizer_source, cfg.models.trust_remote_code))
 
 
 SCHEDULED = "{scheduled}"

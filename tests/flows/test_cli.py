@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -50,6 +51,27 @@ def test_run_no_resume_refuses_an_existing_run_folder_before_any_engine(tmp_path
     assert main(args) == 2
     err = capsys.readouterr().err
     assert f"run folder {tmp_path / 'demo'} already exists and resume is false" in err and "Traceback" not in err
+
+
+def test_run_refuses_a_bad_data_row_before_any_engine(tmp_path, monkeypatch, capsys):
+    """The row is named in one line before Prefect or Ray start (no flow is called, no run folder made)."""
+    import flows.pipeline
+
+    monkeypatch.setattr(flows.pipeline, "pocl_distill", lambda **_: pytest.fail("the flow was started"))
+    models = []
+    for name in ("teacher", "student"):
+        (tmp_path / name).mkdir()
+        models.append(f"models.{name}={tmp_path / name}")
+    rows = [json.dumps({"id": f"s{i}", "prompt": f"p{i}", "response": f"r{i}"}) for i in range(40)]
+    rows[22] = json.dumps({"id": "s22", "prompt": "p22"})
+    data = tmp_path / "rows.jsonl"
+    data.write_text("\n".join(rows) + "\n")
+    args = ["run", "--config", "configs/tiny.yaml", f"runs_root={tmp_path / 'runs'}", *models,
+            f"data.train_path={data}"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"{data}:23" in err and "response" in err and "Traceback" not in err
+    assert not (tmp_path / "runs").exists()
 
 
 def test_run_flags_become_the_flow_parameters(tmp_path, monkeypatch, listening_address):
