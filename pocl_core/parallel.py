@@ -22,6 +22,7 @@ that wrote it (the strategy is part of the training key).
 from __future__ import annotations
 
 import contextlib
+import itertools
 from typing import Any, Iterator
 
 import torch
@@ -56,6 +57,17 @@ def shard_fsdp(model: torch.nn.Module, blocks: list[torch.nn.Module], device: to
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
     return model
+
+
+def same_structure_as_rank0(model: torch.nn.Module) -> bool:
+    """True when ``model`` has rank 0's parameters and buffers: names, shapes and dtypes, a tied parameter
+    once (a model loaded with untied weights has one parameter more than one built from a config
+    that ties them). Collective: every rank calls it; rank 0's answer is True."""
+    mine = [(name, tuple(t.shape), str(t.dtype))
+            for name, t in itertools.chain(model.named_parameters(), model.named_buffers())]
+    box: list[Any] = [mine if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0] == mine
 
 
 def materialize_from_rank0(model: torch.nn.Module, full_weights: dict[str, torch.Tensor] | None,

@@ -39,8 +39,8 @@ from pocl_core.cpu_affinity import pin_to_share
 from pocl_core.data import EncodedSample, collate, encode_sample, pad_id_of, table_to_samples
 from pocl_core.models import causal_lm_skeleton, load_causal_lm, load_tokenizer, warn_if_slow_dtype, weights_digest
 from pocl_core.on_policy import OnPolicyMixer
-from pocl_core.parallel import (full_state, grad_sync, load_optimizer_state, materialize_from_rank0, shard_fsdp,
-                                transformer_blocks, unwrap)
+from pocl_core.parallel import (full_state, grad_sync, load_optimizer_state, materialize_from_rank0,
+                                same_structure_as_rank0, shard_fsdp, transformer_blocks, unwrap)
 from pocl_core.partition import bucket_sizes, stage_members
 from pocl_core.sampling import stop_token_ids
 from pocl_core.schedule import plan_stages, stage_batches
@@ -94,6 +94,12 @@ def distill_loop(loop_config: dict[str, Any]) -> None:
     reads_weights = rank == 0 or cfg.train.parallel_strategy != "fsdp"
     student_lm = (load_causal_lm if reads_weights else causal_lm_skeleton)(
         cfg.models.student, "float32", cfg.models.trust_remote_code)
+    if cfg.train.parallel_strategy == "fsdp" and world > 1 and not same_structure_as_rank0(student_lm):
+        # e.g. weights saved untied while config.json ties them: loading unties them, a build from the config does not
+        logging.getLogger("pocl").warning(
+            "rank %d: the student built from its config differs from the one rank 0 loaded (%s); this rank "
+            "reads the whole student too", rank, cfg.models.student)
+        student_lm = load_causal_lm(cfg.models.student, "float32", cfg.models.trust_remote_code)
     teacher, cache = _load_teacher(cfg, loop_config, device)
     if cache is not None:
         cache.check_temperatures([p.temperature for p in plans])

@@ -4,18 +4,23 @@ an optimizer state round-trips through rank 0."""
 
 from __future__ import annotations
 
+import json
 import socket
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from pocl_core.models import causal_lm_skeleton, load_causal_lm
-from pocl_core.parallel import full_state, load_optimizer_state, materialize_from_rank0, shard_fsdp, transformer_blocks
+from pocl_core.parallel import (full_state, load_optimizer_state, materialize_from_rank0, same_structure_as_rank0,
+                                shard_fsdp, transformer_blocks)
 
 
-def _save_tiny_llama(folder: Path) -> None:
+def _save_tiny_llama(folder: Path, untied_under_a_tying_config: bool = False) -> None:
+    """A 2-layer Llama; optionally saved with separate embedding and head weights while its config.json
+    says to tie them (loading keeps them apart; a build from the config ties them)."""
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(3)
@@ -24,6 +29,9 @@ def _save_tiny_llama(folder: Path) -> None:
                          rope_theta=500.0, tie_word_embeddings=False, eos_token_id=2)
     LlamaForCausalLM(config).save_pretrained(folder)
     GenerationConfig(eos_token_id=[2, 7], bos_token_id=1).save_pretrained(folder)  # differs from config.json's
+    if untied_under_a_tying_config:
+        saved = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**saved, "tie_word_embeddings": True}))
 
 
 def _worker(rank: int, port: int, folder: str, out: str) -> None:
@@ -33,12 +41,15 @@ def _worker(rank: int, port: int, folder: str, out: str) -> None:
         reference = load_causal_lm(folder)  # what every rank should end up computing
         if rank == 0:
             model = load_causal_lm(folder)
-            weights = {k: v.detach() for k, v in model.state_dict().items()}
         else:
             model = causal_lm_skeleton(folder)
             assert all(p.is_meta for p in model.parameters()) and all(b.is_meta for b in model.buffers())
             assert model.generation_config.eos_token_id == [2, 7]
-            weights = None
+        same = same_structure_as_rank0(model)
+        if not same:  # what the distill loop does then: this rank reads the whole model too
+            model = load_causal_lm(folder)
+        Path(f"{out}.rank{rank}.same").write_text(str(same))
+        weights = {k: v.detach() for k, v in model.state_dict().items()} if rank == 0 else None
         shard_fsdp(model, transformer_blocks(model), device)
         materialize_from_rank0(model, weights, device)
 
@@ -71,12 +82,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_rank_zero_alone_reads_weights_and_every_rank_computes_the_same(tmp_path):
+@pytest.mark.parametrize("untied_under_a_tying_config", [False, True])
+def test_rank_zero_alone_reads_weights_and_every_rank_computes_the_same(tmp_path, untied_under_a_tying_config):
+    """With a model whose loaded and config-built forms differ, rank 1 notices and reads it too."""
     folder = tmp_path / "tiny"
-    _save_tiny_llama(folder)
+    _save_tiny_llama(folder, untied_under_a_tying_config)
     out = tmp_path / "optimizer.pt"
     mp.spawn(_worker, args=(_free_port(), str(folder), str(out)), nprocs=2, join=True)
 
+    assert (tmp_path / "optimizer.pt.rank0.same").read_text() == "True"
+    assert (tmp_path / "optimizer.pt.rank1.same").read_text() == str(not untied_under_a_tying_config)
     saved = torch.load(out, weights_only=True)
     before, after = saved["before"]["state"], saved["after"]["state"]
     assert before.keys() == after.keys() and len(before) > 0
