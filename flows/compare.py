@@ -23,12 +23,12 @@ import re
 import statistics
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional
 
 from prefect import flow
 
 from flows.pipeline import changed_settings, parameter_errors_logged
-from pocl_core.config import FOLDER_NAME, ConfigError, PoclConfig, load_config, validate_config
+from pocl_core.config import FOLDER_NAME, ConfigError, PoclConfig, load_config, parse_overrides, validate_config
 from pocl_core.contracts import RunPaths, StaleOutputError, read_table, write_text_atomic
 from pocl_core.storage import Location, join, location, remove_tree
 from tasks.common import publish_markdown, publish_table
@@ -65,16 +65,23 @@ VARIANT_SETTINGS = {"run_name": "--name", "curriculum.strategy": "--strategies",
 COMPARE_NAME = re.compile(FOLDER_NAME)
 
 
+def _dotted_keys(key: str, value: Any) -> list[str]:
+    """The settings an override sets: ``key``, or for a mapping every dotted key beneath it."""
+    if not isinstance(value, dict) or not value:
+        return [key]
+    return [k for sub, item in value.items() for k in _dotted_keys(f"{key}.{sub}", item)]
+
+
 def check_compare_request(overrides: list[str], strategies: Optional[list[str]], losses: Optional[list[str]],
                           seeds: Optional[list[int]], compare_name: str) -> None:
     """ConfigError for what a comparison would otherwise ignore or misplace: an override of a setting
     the variants set (``VARIANT_SETTINGS``; ``seed`` too when ``seeds`` are given), a value listed
     twice, or a name that is not one folder."""
     for item in overrides:
-        key = item.split("=", 1)[0].strip()
-        if key in VARIANT_SETTINGS or (key == "seed" and seeds):
-            raise ConfigError(f"override {item!r}: each variant sets {key} itself; use "
-                              f"{VARIANT_SETTINGS.get(key, '--seeds')}")
+        for key in _dotted_keys(*parse_overrides([item])[0]):  # curriculum={strategy: anti} sets one too
+            if key in VARIANT_SETTINGS or (key == "seed" and seeds):
+                raise ConfigError(f"override {item!r}: each variant sets {key} itself; use "
+                                  f"{VARIANT_SETTINGS.get(key, '--seeds')}")
     for option, values in (("--strategies", strategies), ("--losses", losses), ("--seeds", seeds)):
         repeated = [v for i, v in enumerate(values or []) if v in (values or [])[:i]]
         if repeated:

@@ -189,6 +189,7 @@ def test_compare_overrides_after_a_list_option_are_overrides(argv):
                                    "use --strategies"),
     (["run_name=mine"], "each variant sets run_name itself; use --name"),
     (["curriculum.shuffle_seed=5"], "use --seeds"),
+    (["curriculum={strategy: anti, num_stages: 3}"], "each variant sets curriculum.strategy itself; use --strategies"),
     (["--seeds", "10", "20", "seed=5"], "override 'seed=5': each variant sets seed itself; use --seeds"),
     (["--seeds", "10", "10"], "--seeds lists 10 more than once"),
     (["--strategies", "none", "curriculum", "none"], "--strategies lists none more than once"),
