@@ -218,6 +218,16 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
+def _unshared(value: Any) -> Any:
+    """A copy of a YAML tree in which no mapping or list appears twice (a YAML alias shares one object
+    between its places; an override of one place must not change the others)."""
+    if isinstance(value, dict):
+        return {k: _unshared(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_unshared(v) for v in value]
+    return value
+
+
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     parts = dotted.split(".")
     node = tree
@@ -368,7 +378,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"{p}: cannot read: {exc.strerror}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{p}: top level must be a mapping of sections")
-        tree.update(loaded)
+        tree.update(_unshared(loaded))
     for key, value in parse_overrides(overrides or []):
         _set_dotted(tree, key, value)
         source += f" + {key}"

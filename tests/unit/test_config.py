@@ -252,3 +252,16 @@ def test_a_mapping_override_merges_into_its_section_and_replaces_free_form_mappi
     assert (switched.loss.name, switched.loss.params) == ("akl", {"mu": 0.6})
     with pytest.raises(ConfigError, match="optim.lrr"):
         load_config(TINY_CONFIG, ["optim={lrr: 1}"])
+
+
+def test_an_override_of_one_place_of_a_yaml_alias_leaves_the_others(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text(textwrap.dedent("""
+        models: {teacher: a, student: b}
+        data: {train_path: x}
+        scoring: {generation: &decode {temperature: 0.5, max_new_tokens: 8}}
+        eval: *decode
+    """))
+    cfg = load_config(p, ["eval={temperature: 0.7}", "eval.max_new_tokens=4"])
+    assert (cfg.eval.temperature, cfg.eval.max_new_tokens) == (0.7, 4)
+    assert (cfg.scoring.generation.temperature, cfg.scoring.generation.max_new_tokens) == (0.5, 8)
