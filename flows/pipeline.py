@@ -143,8 +143,13 @@ def check_inputs(cfg: PoclConfig) -> None:
     answers on (``check_ray_address``)."""
     check_local_gpus(cfg)
     check_ray_address(cfg)
-    if not is_remote(cfg.runs_root) and Path(cfg.runs_root).exists() and not Path(cfg.runs_root).is_dir():
-        raise ConfigError(f"runs_root {cfg.runs_root} is a file, not a folder; runs are written under it")
+    if not is_remote(cfg.runs_root):
+        root = Path(cfg.runs_root)
+        for folder in (root, *root.parents):  # the nearest one that exists must be a folder
+            if folder.exists():
+                if not folder.is_dir():
+                    raise ConfigError(f"runs_root {root}: {folder} is a file, not a folder; runs are written under it")
+                break
     for key in ("teacher", "student", "tokenizer"):
         value = getattr(cfg.models, key)
         if value is not None and _looks_local(value) and not Path(value).expanduser().exists():

@@ -236,8 +236,9 @@ def test_a_ray_address_nothing_answers_on_is_refused_before_any_work(tmp_path, m
     assert resolve_config(TINY, [f"runs_root={tmp_path}", *models], None, f"ray://{listening_address}")
     monkeypatch.delenv("RAY_ADDRESS")
     (tmp_path / "a-file").write_text("")
-    with pytest.raises(ConfigError, match="runs_root .*a-file is a file, not a folder"):
-        resolve_config(TINY, [f"runs_root={tmp_path / 'a-file'}", *models], None, None)
+    for root in (tmp_path / "a-file", tmp_path / "a-file" / "below"):
+        with pytest.raises(ConfigError, match=f"runs_root {root}: {tmp_path / 'a-file'} is a file, not a folder"):
+            resolve_config(TINY, [f"runs_root={root}", *models], None, None)
     for malformed in ("foo", "10.0.0.5", "127.0.0.1:abc"):  # ray.init: "Invalid address format", after scoring
         with pytest.raises(ConfigError, match=rf"ray.address '{malformed}': not a Ray address; give host:port"):
             resolve_config(TINY, [f"runs_root={tmp_path}", *models], None, malformed)
