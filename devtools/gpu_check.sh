@@ -4,12 +4,13 @@
 # folder, then runs, from the repository root,
 #   1. the scoring benchmark on CUDA in bf16 (ours vs a bare batched forward vs one sample at a time),
 #   2. the tiny flow with ray.use_gpu=true, one Ray Train worker, bf16 autocast,
-# writing logs, the benchmarks' JSON and the run's report into OUTDIR. About 5 minutes on one GPU.
+#   3. the same with train.parallel_strategy=fsdp (rank 0's CPU weights sent into CUDA shards),
+# writing logs, the benchmarks' JSON and the runs' reports into OUTDIR. About 6 minutes on one GPU.
 #
 #   devtools/gpu_check.sh OUTDIR [WHEELHOUSE]      # WHEELHOUSE defaults to .whl
 #
 # POCL_CHECK_DEVICE=cpu runs the same steps without a GPU (to rehearse the offline install);
-# POCL_CHECK_STEPS (default "scoring flow") runs only the steps named.
+# POCL_CHECK_STEPS (default "scoring flow fsdp") runs only the steps named.
 # PYTHON (default python3) is the image's interpreter; POCL_SITE (default /tmp/pocl-site) the install folder.
 set -euo pipefail
 out=${1:?usage: devtools/gpu_check.sh OUTDIR [WHEELHOUSE]}
@@ -17,7 +18,7 @@ wheels=${2:-.whl}
 py=${PYTHON:-python3}
 site=${POCL_SITE:-/tmp/pocl-site}
 device=${POCL_CHECK_DEVICE:-cuda}
-steps=" ${POCL_CHECK_STEPS:-scoring flow} "
+steps=" ${POCL_CHECK_STEPS:-scoring flow fsdp} "
 mkdir -p "$out"
 [ -d "$wheels" ] || { echo "no wheelhouse at $wheels: make one with devtools/offline_wheels.py" >&2; exit 2; }
 
@@ -59,16 +60,19 @@ if [[ $steps == *" scoring "* ]]; then
   fi
 fi
 
-if [[ $steps == *" flow "* ]]; then
+runs=${POCL_RUNS_ROOT:-/tmp/pocl-gpu-runs}
+autocast="$( [ "$dtype" = float32 ] && echo none || echo "$dtype")"
+for strategy in ddp fsdp; do
+  name=$( [ $strategy = ddp ] && echo flow || echo fsdp )
+  [[ $steps == *" $name "* ]] || continue
   step "tiny models"
   "$py" -m flows.cli build-tiny --out .cache/tiny 2>&1 | tail -n 3
-
-  runs=${POCL_RUNS_ROOT:-/tmp/pocl-gpu-runs}
-  step "tiny flow: ray.use_gpu=$use_gpu, 1 worker, autocast $dtype, runs under $runs"
-  "$py" -m flows.cli run --config configs/tiny.yaml --run-name "tiny-$device" runs_root="$runs" \
-    ray.num_workers=1 ray.use_gpu=$use_gpu train.autocast_dtype="$( [ "$dtype" = float32 ] && echo none || echo "$dtype")" \
-    2>&1 | tee "$out/tiny_flow.log"
-  cp "$runs/tiny-$device/report.md" "$out/tiny_report.md"
-  cp "$runs/tiny-$device/train/metrics.jsonl" "$out/tiny_train_metrics.jsonl"
-fi
+  step "tiny flow: ray.use_gpu=$use_gpu, 1 worker, $strategy, autocast $dtype, runs under $runs"
+  run="tiny-$device-$strategy"
+  "$py" -m flows.cli run --config configs/tiny.yaml --run-name "$run" runs_root="$runs" \
+    ray.num_workers=1 ray.use_gpu=$use_gpu train.autocast_dtype="$autocast" train.parallel_strategy=$strategy \
+    2>&1 | tee "$out/${run#tiny-$device-}_tiny_flow.log"
+  cp "$runs/$run/report.md" "$out/${strategy}_tiny_report.md"
+  cp "$runs/$run/train/metrics.jsonl" "$out/${strategy}_tiny_train_metrics.jsonl"
+done
 step "done: $(ls "$out" | tr '\n' ' ')"
