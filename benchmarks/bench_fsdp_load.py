@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import resource
-import socket
 import tempfile
 import time
 from pathlib import Path
@@ -30,6 +29,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from devtools.processes import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = REPO / ".cache" / "models" / "smollm2-135m-instruct"
@@ -74,19 +75,13 @@ def _worker(rank: int, port: int, model_dir: str, rank0_only: bool, out: str) ->
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run(model_dir: Path) -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         weights = {}
         for name, rank0_only in (("every rank loads", False), ("rank 0 loads", True)):
             out = str(Path(tmp) / name.replace(" ", "-"))
-            mp.spawn(_worker, args=(_free_port(), str(model_dir), rank0_only, out), nprocs=2, join=True)
+            mp.spawn(_worker, args=(free_port(), str(model_dir), rank0_only, out), nprocs=2, join=True)
             for rank in (0, 1):
                 rows.append({"variant": name, **json.loads(Path(f"{out}.rank{rank}.json").read_text())})
             weights[name] = torch.load(f"{out}.weights.pt", weights_only=True)

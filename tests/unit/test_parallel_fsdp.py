@@ -5,7 +5,6 @@ an optimizer state round-trips through rank 0."""
 from __future__ import annotations
 
 import json
-import socket
 from pathlib import Path
 
 import pytest
@@ -13,6 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from devtools.processes import free_port
 from pocl_core.models import causal_lm_skeleton, load_causal_lm
 from pocl_core.parallel import (full_state, load_optimizer_state, materialize_from_rank0, same_structure_as_rank0,
                                 shard_fsdp, transformer_blocks)
@@ -76,19 +76,13 @@ def _worker(rank: int, port: int, folder: str, out: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("untied_under_a_tying_config", [False, True])
 def test_rank_zero_alone_reads_weights_and_every_rank_computes_the_same(tmp_path, untied_under_a_tying_config):
     """With a model whose loaded and config-built forms differ, rank 1 notices and reads it too."""
     folder = tmp_path / "tiny"
     _save_tiny_llama(folder, untied_under_a_tying_config)
     out = tmp_path / "optimizer.pt"
-    mp.spawn(_worker, args=(_free_port(), str(folder), str(out)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(free_port(), str(folder), str(out)), nprocs=2, join=True)
 
     assert (tmp_path / "optimizer.pt.rank0.same").read_text() == "True"
     assert (tmp_path / "optimizer.pt.rank1.same").read_text() == str(not untied_under_a_tying_config)
