@@ -26,7 +26,7 @@ import json
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 import torch
@@ -156,11 +156,15 @@ def check_complete(folder: str | Path | ObjectPath) -> None:
         raise CheckpointError(f"{folder}: missing {', '.join(missing)}")
 
 
-def verify_checkpoint(folder: str | Path | ObjectPath) -> None:
+def verify_checkpoint(folder: str | Path | ObjectPath, names: Iterable[str] | None = None) -> None:
     """Raise CheckpointError unless the manifest is readable, lists every required file, and every
-    checksum matches (local or remote)."""
+    checksum matches (local or remote); with ``names``, only the files of ``names`` that the manifest
+    lists are checked (a partial copy; the required files are always listed)."""
     folder = location(folder)
-    for name, digest in _read_manifest(folder).items():
+    manifest = _read_manifest(folder)
+    if names is not None:
+        manifest = {name: digest for name, digest in manifest.items() if name in set(names)}
+    for name, digest in manifest.items():
         path = folder / name
         if not path.is_file():
             raise CheckpointError(f"{folder}: missing {name}")

@@ -13,7 +13,9 @@ treat both wrappers (and an unwrapped module, for one worker) alike:
 * ``full_state(model, optimizer)``: the full (unsharded) student weights and optimizer state, on
   rank 0 (None elsewhere); a collective under FSDP, so every rank must call it;
 * ``load_optimizer_state(model, optimizer, state)``: the inverse for the optimizer (under FSDP
-  rank 0's full state is sent to the others, which pass an empty dict).
+  rank 0's full state is sent to the others, which pass an empty dict);
+* ``decided_by_rank0(decide)``: one answer for every rank (e.g. which checkpoint to resume), computed
+  on rank 0 alone.
 Under FSDP the optimizer state is keyed by parameter name (``torch.distributed.checkpoint``'s
 format); under DDP it is ``optimizer.state_dict()``. A checkpoint is only resumed with the strategy
 that wrote it (the strategy is part of the training key).
@@ -23,12 +25,38 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 import torch
 import torch.distributed as dist
 
 STRATEGIES = ("ddp", "fsdp")
+T = TypeVar("T")
+
+
+def decided_by_rank0(decide: Callable[[], T]) -> T:
+    """``decide()`` run on rank 0 alone, its (picklable) result returned on every rank.
+
+    When it raises, rank 0 re-raises and every other rank raises RuntimeError with rank 0's message, so
+    no rank is left waiting in a later collective. Without an initialised process group of two or more
+    ranks it is just ``decide()``. Collective: every rank calls it.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return decide()
+    if dist.get_rank() == 0:
+        try:
+            value = decide()
+        except Exception as exc:
+            dist.broadcast_object_list([("error", f"{type(exc).__name__}: {exc}")], src=0)
+            raise
+        dist.broadcast_object_list([("ok", value)], src=0)
+        return value
+    box: list[Any] = [None]
+    dist.broadcast_object_list(box, src=0)
+    status, value = box[0]
+    if status == "error":
+        raise RuntimeError(f"rank 0 failed, so rank {dist.get_rank()} stops too: {value}")
+    return value
 
 
 def transformer_blocks(lm: torch.nn.Module) -> list[torch.nn.Module]:

@@ -35,7 +35,7 @@ import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Callable, Iterator, Optional, Union
+from typing import IO, Callable, Iterable, Iterator, Optional, Union
 
 import pyarrow.fs as pafs
 
@@ -320,6 +320,18 @@ def download_dir(src: ObjectPath, dest: Path) -> Path:
     """Copy every object under ``src`` into the local folder ``dest`` (created), keeping relative paths."""
     dest.mkdir(parents=True, exist_ok=True)
     pafs.copy_files(src.key, str(dest), source_filesystem=src.fs, destination_filesystem=pafs.LocalFileSystem())
+    return dest
+
+
+def download_files(src: ObjectPath, dest: Path, names: Iterable[str]) -> Path:
+    """Copy the objects ``src/<name>`` of ``names`` into the local folder ``dest`` (created); a name
+    with no object under ``src`` is skipped. Returns ``dest``."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        obj = src / name
+        if obj.is_file():
+            pafs.copy_files(obj.key, str(dest / name), source_filesystem=src.fs,
+                            destination_filesystem=pafs.LocalFileSystem())
     return dest
 
 

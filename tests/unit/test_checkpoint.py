@@ -62,6 +62,21 @@ def test_tampered_or_incomplete_checkpoint_is_refused(tmp_path):
         verify_checkpoint(tmp_path)
 
 
+def test_a_partial_copy_is_verified_file_by_file(tmp_path):
+    """``names``: only those files are checked (a rank that downloaded the small files alone)."""
+    model, opt, sched = _state(0)
+    save_checkpoint(tmp_path, model, opt, sched, Position(0, 0, 0, 0))
+    (tmp_path / "model.safetensors").unlink()
+    with open(tmp_path / "optimizer.pt", "ab") as fh:
+        fh.write(b"x")
+    verify_checkpoint(tmp_path, names=["position.json", "rng.pt", "scheduler.pt", "replay_buffer.json"])
+    with pytest.raises(CheckpointError, match="checksum mismatch for optimizer.pt"):
+        verify_checkpoint(tmp_path, names=["rng.pt", "optimizer.pt"])
+    (tmp_path / "rng.pt").unlink()
+    with pytest.raises(CheckpointError, match="missing rng.pt"):
+        verify_checkpoint(tmp_path, names=["position.json", "rng.pt"])
+
+
 def test_weights_of_another_architecture_are_refused(tmp_path):
     model, opt, sched = _state(0)
     save_checkpoint(tmp_path, model, opt, sched, Position(0, 0, 0, 0))
