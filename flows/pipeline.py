@@ -35,12 +35,11 @@ from prefect.runtime import flow_run
 
 from pocl_core.config import ConfigError, PoclConfig, load_config
 from pocl_core.contracts import RunPaths, StaleOutputError, dotted_differences, write_text_atomic
-from pocl_core.data import DataError, check_data_paths, load_splits, relative_path_note
-from pocl_core.models import load_tokenizer
+from pocl_core.data import DataError, check_data_paths, relative_path_note
 from pocl_core.storage import ObjectPath, is_remote, location, remove_tree
 from tasks.distill import check_local_gpus, check_ray_address, distill
 from tasks.evaluate import evaluate
-from tasks.load_data import load_dataset
+from tasks.load_data import load_dataset, read_splits
 from tasks.partition import partition
 from tasks.report import report
 from tasks.score import score_difficulty
@@ -89,7 +88,7 @@ def check_data(cfg: PoclConfig) -> None:
     the run folder holds its loaded data (the load step then reuses it or refuses changed files)."""
     if RunPaths.of(cfg.run_dir, cfg.storage).train_data.exists():
         return
-    load_splits(cfg.data, lambda: load_tokenizer(cfg.models.tokenizer_source, cfg.models.trust_remote_code))
+    read_splits(cfg)  # kept for the load step of a flow in this process: the files are read once
 
 
 SCHEDULED = "{scheduled}"

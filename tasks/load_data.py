@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 from prefect import task
 
 from pocl_core.config import PoclConfig
 from pocl_core.contracts import SAMPLES_SCHEMA, RunPaths, check_provenance, read_metadata, write_table_atomic
-from pocl_core.data import DataError, dataset_fingerprint, load_splits, samples_to_table
+from pocl_core.data import DataError, Splits, dataset_fingerprint, load_splits, samples_to_table
 from pocl_core.fingerprints import path_fingerprint
 from pocl_core.models import load_tokenizer, tokenizer_fingerprint
 from tasks.common import task_logger
@@ -47,6 +48,26 @@ def _file_fingerprint(path: str) -> str:
         raise DataError(f"data file not found: {path}") from None
 
 
+_last_read: tuple[str, Splits] | None = None  # this process's last read_splits: (its key, the splits)
+
+
+def read_splits(cfg: PoclConfig) -> Splits:
+    """The config's data files read as a new run reads them (``load_splits``: DataError for a bad row,
+    an empty split, held-out samples that are also training samples).
+
+    The last result is kept in this process, keyed by the data settings, the files' contents and
+    (with ``data.long_prompts: drop``) the tokenizer, so a check before the run (``pocl run``, the
+    flow) and the load step parse and tokenize the files once, and warn about dropped rows once.
+    """
+    global _last_read
+    key = json.dumps(_source_provenance(cfg), sort_keys=True)
+    if _last_read is not None and _last_read[0] == key:
+        return _last_read[1]
+    splits = load_splits(cfg.data, lambda: load_tokenizer(cfg.models.tokenizer_source, cfg.models.trust_remote_code))
+    _last_read = (key, splits)
+    return splits
+
+
 @task(name="load-dataset")
 def load_dataset(cfg: PoclConfig) -> DatasetSplits:
     """Write ``data/train.parquet`` and ``data/eval.parquet``; reuse them when the data config, the data
@@ -60,7 +81,7 @@ def load_dataset(cfg: PoclConfig) -> DatasetSplits:
         log.info("reusing loaded data in %s", paths.train_data.parent)
         return DatasetSplits(str(paths.train_data), str(paths.eval_data), meta_t["dataset_fingerprint"],
                              meta_e["dataset_fingerprint"], meta_t["num_samples"], meta_e["num_samples"])
-    splits = load_splits(cfg.data, lambda: load_tokenizer(cfg.models.tokenizer_source, cfg.models.trust_remote_code))
+    splits = read_splits(cfg)
     train, held = splits.train, splits.held
     if cfg.data.long_prompts == "drop":
         log.info("dropped %d train / %d held-out samples whose prompt exceeds data.max_prompt_length=%d tokens",

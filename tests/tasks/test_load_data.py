@@ -76,3 +76,32 @@ def test_eval_file_whose_prompts_are_all_too_long_is_named_without_asking_for_an
     assert str(err.value) == (f"{held}: no held-out samples left (2 samples read, 2 of those dropped by "
                               "data.long_prompts=drop (templated prompt longer than data.max_prompt_length=64 "
                               "tokens)); raise data.max_prompt_length or set data.long_prompts=truncate")
+
+
+def test_the_check_before_a_run_and_the_load_step_read_the_files_once(tmp_path, monkeypatch, caplog):
+    """flows.pipeline.check_data, then the load step in the same process: one parse, one drop warning;
+    a file changed in between is read again."""
+    import pocl_core.data
+    import tasks.load_data
+    from flows.pipeline import check_data
+
+    reads = []
+    real = pocl_core.data.load_samples
+    monkeypatch.setattr(pocl_core.data, "load_samples", lambda path, *a: reads.append(path) or real(path, *a))
+    data = write_samples(tmp_path / "data.jsonl", [f"Say {i}." for i in range(40)])
+    with data.open("a") as fh:
+        fh.write("not json\n")
+    cfg = config(tmp_path, f"data.train_path={data}", "data.on_bad_rows=drop", "data.eval_fraction=0.25")
+    with caplog.at_level("WARNING", logger="pocl"):
+        check_data(cfg)
+        loaded = load_dataset.fn(cfg)
+    assert reads == [str(data)]
+    assert [r.getMessage().split(": ", 1)[1][:16] for r in caplog.records if "bad row" in r.getMessage()] == \
+        ["dropped 1 bad ro"]
+    assert loaded.num_train + loaded.num_eval == 40
+
+    write_samples(data, [f"Say {i}." for i in range(30)])
+    again = tasks.load_data.read_splits(cfg)
+    assert tasks.load_data.read_splits(cfg) is again
+    assert reads == [str(data), str(data)]
+    assert len(again.train) + len(again.held) == 30
