@@ -18,19 +18,17 @@ config.yaml; a comparison folder this call created is removed again when its dat
 
 from __future__ import annotations
 
-import logging
 import re
 import statistics
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 from prefect import flow
 
-from flows.pipeline import changed_settings, parameter_errors_logged
+from flows.pipeline import check_data, check_inputs, parameter_errors_logged, removed_on_failure, stale_hint
 from pocl_core.config import FOLDER_NAME, ConfigError, PoclConfig, load_config, parse_overrides, validate_config
 from pocl_core.contracts import RunPaths, StaleOutputError, read_table, write_text_atomic
-from pocl_core.storage import Location, join, location, remove_tree
+from pocl_core.storage import join, location
 from tasks.common import publish_markdown, publish_table
 from tasks.distill import distill
 from tasks.evaluate import evaluate
@@ -158,34 +156,6 @@ def record_config(cfg: PoclConfig, finished: bool = False) -> None:
         write_text_atomic(path, text)
 
 
-@contextmanager
-def _removed_on_failure(folder: Location) -> Iterator[None]:
-    """Remove ``folder`` when the block fails and the folder did not exist before it, so a failed start
-    leaves nothing behind (a failing removal is a warning: the block's error is the one to report)."""
-    new = not folder.exists()
-    try:
-        yield
-    except BaseException:
-        if new:
-            try:
-                remove_tree(folder)
-            except OSError as cleanup:
-                logging.getLogger("pocl").warning("could not remove the new folder %s: %s", folder, cleanup)
-        raise
-
-
-def _stale_hint(cfg: PoclConfig) -> str:
-    """What to add to a StaleOutputError of ``cfg``'s folder: the settings that differ from its config.yaml."""
-    paths = RunPaths.of(cfg.run_dir, cfg.storage)
-    changed = changed_settings(paths, cfg)
-    if changed:
-        return f". Settings that differ from {paths.config}: {', '.join(changed)}"
-    if paths.config.is_file():
-        return (f". No setting differs from {paths.config} (a changed input file, or a folder made by an earlier "
-                "version)")
-    return ""
-
-
 @flow(name="pocl-compare", log_prints=True)
 def pocl_compare(config_path: str = "configs/quickstart.yaml", overrides: Optional[list[str]] = None,
                  strategies: Optional[list[str]] = None, losses: Optional[list[str]] = None,
@@ -203,11 +173,13 @@ def pocl_compare(config_path: str = "configs/quickstart.yaml", overrides: Option
                                      for f in ("strategy", "loss", "seed"))
         root = join(base.runs_root, compare_name)
         shared = PoclConfig.model_validate({**base.model_dump(), "runs_root": root, "run_name": "shared"})
+        check_inputs(shared)  # model folders, data files, GPUs and the Ray address, before any engine starts
+        check_data(shared)  # and what the data files hold, for a new comparison
         current = shared  # the config of the folder being worked on
         try:
             # nothing of a new comparison exists before its data loaded: a data error leaves no new folder
-            with _removed_on_failure(location(root, base.storage)), \
-                    _removed_on_failure(RunPaths.of(shared.run_dir, shared.storage).root):
+            with removed_on_failure(location(root, base.storage)), \
+                    removed_on_failure(RunPaths.of(shared.run_dir, shared.storage).root):
                 data = load_dataset(shared)
             record_config(shared)
             scores = score_difficulty(shared, data)
@@ -225,7 +197,7 @@ def pocl_compare(config_path: str = "configs/quickstart.yaml", overrides: Option
                 rows.append({"strategy": v.strategy, "loss": v.loss, "seed": v.seed, "rouge_l": metrics["rouge_l"],
                              "rouge_l_greedy": metrics["rouge_l_greedy"], "nll": metrics["nll"]})
         except StaleOutputError as exc:
-            raise StaleOutputError(f"{exc}{_stale_hint(current)}") from None
+            raise StaleOutputError(f"{exc}{stale_hint(current)}") from None
     summary = summarize(rows)
     command = (f"pocl compare --config {config_path} --strategies {' '.join(strategies)} --losses {' '.join(losses)} "
                f"--seeds {' '.join(map(str, seeds))} --name {compare_name} {' '.join(overrides or [])}").strip()

@@ -36,7 +36,7 @@ from prefect.runtime import flow_run
 from pocl_core.config import ConfigError, PoclConfig, load_config
 from pocl_core.contracts import RunPaths, StaleOutputError, dotted_differences, write_text_atomic
 from pocl_core.data import DataError, check_data_paths, relative_path_note
-from pocl_core.storage import ObjectPath, is_remote, location, remove_tree
+from pocl_core.storage import Location, ObjectPath, is_remote, location, remove_tree
 from tasks.distill import check_local_gpus, check_ray_address, distill
 from tasks.evaluate import evaluate
 from tasks.load_data import load_dataset, read_splits
@@ -167,6 +167,35 @@ def changed_settings(paths: RunPaths, cfg: PoclConfig) -> list[str]:
     return [f"{key}: {a!r} → {b!r}" for key, a, b in dotted_differences(ran, cfg.model_dump(mode="json"))]
 
 
+def stale_hint(cfg: PoclConfig) -> str:
+    """What to add to a StaleOutputError of ``cfg``'s run folder: the settings that differ from its config.yaml."""
+    paths = RunPaths.of(cfg.run_dir, cfg.storage)
+    changed = changed_settings(paths, cfg)
+    if changed:
+        return f". Settings that differ from {paths.config}: {', '.join(changed)}"
+    if paths.config.is_file():
+        return (f". No setting differs from {paths.config} (a changed input file, or a folder made by an earlier "
+                "version)")
+    return ""
+
+
+@contextmanager
+def removed_on_failure(folder: Location, new: Optional[bool] = None) -> Iterator[None]:
+    """Remove ``folder`` when the block fails and the folder is ``new`` (default: it did not exist before
+    the block), so a failed start leaves nothing behind; a failing removal is a warning (the block's
+    error is the one to report)."""
+    new = not folder.exists() if new is None else new
+    try:
+        yield
+    except BaseException:
+        if new:
+            try:
+                remove_tree(folder)
+            except OSError as cleanup:
+                logging.getLogger("pocl").warning("could not remove the new folder %s: %s", folder, cleanup)
+        raise
+
+
 def _check_bucket(run_dir: ObjectPath, cfg: PoclConfig) -> None:
     """ConfigError unless the run folder's bucket exists and answers."""
     bucket = run_dir.key.split("/")[0]
@@ -221,16 +250,9 @@ def pocl_distill(config_path: str = "configs/tiny.yaml", overrides: Optional[lis
         paths = RunPaths.of(cfg.run_dir, cfg.storage)
         created = record_flow_run(paths)
         try:
-            try:
+            # nothing of the run exists before its data loaded: leave no folder that blocks a new run of that name
+            with removed_on_failure(paths.root, new=created):
                 data = load_dataset(cfg)
-            except BaseException:
-                if created:  # nothing of the run exists yet: leave no folder that blocks a new run of that name
-                    try:
-                        remove_tree(paths.root)
-                    except OSError as cleanup:  # the data error is the one to report
-                        logging.getLogger("pocl").warning("could not remove the new run folder %s: %s",
-                                                          paths.root, cleanup)
-                raise
             # config.yaml says what ran: a new run folder gets it once its data loaded; a rerun with
             # changed settings replaces it only after it passed every stale-output check and finished.
             if not paths.config.is_file():
@@ -241,11 +263,7 @@ def pocl_distill(config_path: str = "configs/tiny.yaml", overrides: Optional[lis
             metrics = evaluate(cfg, data, student)
             report_path = report(cfg, metrics, partition_path)
         except StaleOutputError as exc:
-            changed = changed_settings(paths, cfg)
-            hint = f". Settings that differ from the run's config.yaml: {', '.join(changed)}" if changed else \
-                ". No setting differs from the run's config.yaml (a changed input file, or a folder made by an " \
-                "earlier version)" if paths.config.is_file() else ""
-            raise StaleOutputError(f"{exc}{hint}") from None
+            raise StaleOutputError(f"{exc}{stale_hint(cfg)}") from None
         if paths.config.read_text() != cfg.to_yaml():
             write_text_atomic(paths.config, cfg.to_yaml())
     return RunSummary(run_dir=str(paths.root), student=student, report=report_path, metrics=metrics)

@@ -35,6 +35,7 @@ def stand_ins(monkeypatch, tmp_path):
             raise StaleOutputError(f"{cfg.run_dir}/train: produced from different inputs")
         return "student"
 
+    monkeypatch.setattr(compare, "check_inputs", lambda cfg: None)  # the stand-ins need no model folders
     monkeypatch.setattr(compare, "load_dataset", lambda cfg: "data")
     monkeypatch.setattr(compare, "score_difficulty", lambda cfg, data: SimpleNamespace(teacher_cache_dir=None))
     monkeypatch.setattr(compare, "partition", lambda cfg, scores: "partition.parquet")
@@ -102,4 +103,25 @@ def test_a_config_error_in_the_flow_is_one_logged_message(stand_ins, tmp_path, c
         compare_fn(tmp_path, "curriculum.num_stagez=3")
     assert err.value.__cause__ is None and err.value.__suppress_context__
     assert [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR] == [str(err.value)]
+    assert not (tmp_path / "cmp").exists()
+
+
+def test_the_flow_checks_models_and_data_before_any_task(stand_ins, monkeypatch, tmp_path, caplog):
+    """Started from a deployment (no CLI pre-check): a missing model folder or a bad data row is one
+    logged message before the first task, and no folder is left."""
+    from flows.pipeline import check_inputs
+
+    monkeypatch.setattr(compare, "check_inputs", check_inputs)
+    monkeypatch.setattr(compare, "load_dataset", lambda cfg: pytest.fail("the load task ran"))
+    with caplog.at_level(logging.ERROR), pytest.raises(ConfigError) as err:
+        compare_fn(tmp_path, f"models.teacher={tmp_path / 'nowhere'}")
+    assert str(err.value).startswith(f"models.teacher: folder {tmp_path / 'nowhere'} not found")
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR] == [str(err.value)]
+    assert not (tmp_path / "cmp").exists()
+
+    monkeypatch.setattr(compare, "check_inputs", lambda cfg: None)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "Say 1.", "response": "1"}\n{"prompt": "Say 2."}\n')
+    with pytest.raises(DataError, match=f"{bad}:2: .*response"):
+        compare_fn(tmp_path, f"data.train_path={bad}")
     assert not (tmp_path / "cmp").exists()

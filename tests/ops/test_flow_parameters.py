@@ -214,7 +214,7 @@ def test_a_failing_clean_up_does_not_hide_the_data_error(tmp_path, models, monke
     monkeypatch.setenv("PREFECT__RUNTIME__FLOW_RUN__ID", "run-a")
     with caplog.at_level(logging.WARNING, logger="pocl"), pytest.raises(DataError, match="row 3"):
         pocl_distill.fn(config_path=TINY, overrides=[f"runs_root={tmp_path}", *models], run_name="fresh", resume=False)
-    assert "could not remove the new run folder" in caplog.text and "AccessDenied" in caplog.text
+    assert "could not remove the new folder" in caplog.text and "AccessDenied" in caplog.text
 
 
 def test_a_ray_address_nothing_answers_on_is_refused_before_any_work(tmp_path, models, listening_address, monkeypatch):
