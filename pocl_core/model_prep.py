@@ -66,7 +66,7 @@ def _read_marker(folder: Path) -> dict[str, Any] | None:
     return json.loads(marker.read_text())
 
 
-def _existing(out_dir: Path, expected: dict[str, Any]) -> Path | None:
+def existing_build(out_dir: Path, expected: dict[str, Any]) -> Path | None:
     """``out_dir`` when it already holds this build; raises when it holds something else."""
     if not out_dir.exists():
         return None
@@ -95,7 +95,7 @@ def check_output_folder(path: Path, name: str | None = None) -> None:
             return
 
 
-def _build_atomically(out_dir: Path, expected: dict[str, Any], write: Callable[[Path], None]) -> Path:
+def build_atomically(out_dir: Path, expected: dict[str, Any], write: Callable[[Path], None]) -> Path:
     """Run ``write(tmp)`` into a temporary sibling of ``out_dir``, record ``expected``, then rename."""
     check_output_folder(out_dir.parent)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -108,7 +108,7 @@ def _build_atomically(out_dir: Path, expected: dict[str, Any], write: Callable[[
             os.rename(tmp, out_dir)
         except OSError:
             # Another process finished the same build first: keep its folder if it is this build.
-            if _existing(out_dir, expected) is None:
+            if existing_build(out_dir, expected) is None:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -157,7 +157,7 @@ def convert_gguf_to_pretrained(gguf_file: Path, out_dir: Path, dtype: torch.dtyp
         raise ModelPrepError(f"unsupported dtype {dtype}; choose one of {sorted(_DTYPE_NAMES.values())}")
     expected = {"kind": "gguf-conversion", "source": gguf_file.name, "source_bytes": gguf_file.stat().st_size,
                 "dtype": _DTYPE_NAMES[dtype]}
-    if _existing(out_dir, expected) is not None:
+    if existing_build(out_dir, expected) is not None:
         return out_dir
 
     def write(tmp: Path) -> None:
@@ -171,7 +171,7 @@ def convert_gguf_to_pretrained(gguf_file: Path, out_dir: Path, dtype: torch.dtyp
         tokenizer.save_pretrained(tmp)
         _check_reload(tmp, gguf_model, tokenizer, dtype)
 
-    return _build_atomically(out_dir, expected, write)
+    return build_atomically(out_dir, expected, write)
 
 
 def gguf_layer_count(gguf_file: Path) -> int | None:
@@ -229,7 +229,7 @@ def build_layer_subset_student(teacher_dir: Path, out_dir: Path, num_layers: int
     check_layer_count(num_layers, int(config.num_hidden_layers))
     expected = {"kind": "layer-subset", "teacher_fingerprint": model_fingerprint(str(teacher_dir)),
                 "num_layers": num_layers}
-    if _existing(out_dir, expected) is not None:
+    if existing_build(out_dir, expected) is not None:
         return out_dir
 
     def write(tmp: Path) -> None:
@@ -245,7 +245,7 @@ def build_layer_subset_student(teacher_dir: Path, out_dir: Path, num_layers: int
         student.save_pretrained(tmp, safe_serialization=True)
         AutoTokenizer.from_pretrained(teacher_dir).save_pretrained(tmp)
 
-    return _build_atomically(out_dir, expected, write)
+    return build_atomically(out_dir, expected, write)
 
 
 def count_parameters(model: torch.nn.Module) -> int:

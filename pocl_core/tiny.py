@@ -20,7 +20,7 @@ from typing import Any, Sequence
 
 import torch
 
-from pocl_core.model_prep import _build_atomically, _existing
+from pocl_core.model_prep import build_atomically, existing_build
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>"]
 
@@ -100,7 +100,7 @@ def existing_tiny_models(out_dir: str | Path, texts: Sequence[str], *, vocab_siz
     out = Path(out_dir)
     records = _build_records(texts, vocab_size, teacher_layers, teacher_hidden, student_layers, student_hidden,
                              teacher_warmup_steps, seed)
-    found = [_existing(out / name, record) for name, record in records.items()]
+    found = [existing_build(out / name, record) for name, record in records.items()]
     return TinyPaths(out / "teacher", out / "student") if all(found) else None
 
 
@@ -127,7 +127,7 @@ def build_tiny_models(out_dir: str | Path, texts: Sequence[str], *, vocab_size: 
     records = _build_records(texts, vocab_size, teacher_layers, teacher_hidden, student_layers, student_hidden,
                              teacher_warmup_steps, seed)
     paths = TinyPaths(out / "teacher", out / "student")
-    missing = [name for name in records if _existing(getattr(paths, name), records[name]) is None]
+    missing = [name for name in records if existing_build(getattr(paths, name), records[name]) is None]
     if not missing:
         return paths
     tokenizer = train_tokenizer(texts, vocab_size=vocab_size)
@@ -144,5 +144,5 @@ def build_tiny_models(out_dir: str | Path, texts: Sequence[str], *, vocab_size: 
             model.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
 
-        _build_atomically(getattr(paths, name), records[name], write)
+        build_atomically(getattr(paths, name), records[name], write)
     return paths

@@ -126,9 +126,9 @@ def test_files_and_folders_renamed_into_place_get_the_usual_modes(tmp_path):
     assert (tmp_path / "atomic.txt").read_text() == "y"
 
     # folders built in a tempfile.mkdtemp sibling and renamed in (converted models)
-    from pocl_core.model_prep import _build_atomically
+    from pocl_core.model_prep import build_atomically
 
-    _build_atomically(tmp_path / "model", {"v": 1}, lambda folder: (folder / "w").write_text("z"))
+    build_atomically(tmp_path / "model", {"v": 1}, lambda folder: (folder / "w").write_text("z"))
     (tmp_path / "made").mkdir()
     assert stat.S_IMODE((tmp_path / "model").stat().st_mode) == stat.S_IMODE((tmp_path / "made").stat().st_mode)
     assert stat.S_IMODE((tmp_path / "made").stat().st_mode) == 0o777 & ~UMASK
