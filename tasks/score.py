@@ -133,6 +133,10 @@ def cache_temperatures(cfg: PoclConfig, paths: RunPaths, num_shards: int) -> lis
 def score_difficulty(cfg: PoclConfig, data: DatasetSplits) -> ScoresResult:
     """Compute missing shards (measures and teacher cache), then fuse into difficulty + rank."""
     log = task_logger()
+    if cfg.scoring.fusion == "single" and len(cfg.scoring.measures) > 1:
+        log.warning("scoring.fusion=single: the curriculum follows %s alone; %s are computed and stored but do "
+                    "not order it (scoring.fusion=rrf fuses them all)", cfg.scoring.measures[0],
+                    ", ".join(cfg.scoring.measures[1:]))
     paths = RunPaths.of(cfg.run_dir, cfg.storage)
     provenance = scoring_provenance(cfg, data)
     fused_provenance = {**provenance, "fusion": {"fusion": cfg.scoring.fusion, "rrf_k": cfg.scoring.rrf_k}}

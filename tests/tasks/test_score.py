@@ -381,3 +381,19 @@ def test_greedy_rouge_l_scores_depend_on_no_sampling_setting(tiny_models, tiny_d
     assert provenance(greedy) != provenance(greedy, "scoring.generation.max_new_tokens=9")
     assert provenance() != provenance("scoring.generation.temperature=0.7")
     assert provenance()["generation"] == load_config(TINY_CONFIG).scoring.generation.model_dump(mode="json")
+
+
+def test_single_fusion_over_several_measures_warns_and_follows_the_first(tiny_models, tiny_data_path, tmp_path,
+                                                                           caplog):
+    """fusion=single with [nll, rouge_l]: both are computed and stored, the ranks follow nll alone, and
+    a warning says so (rouge_l costs a generation per sample)."""
+    cfg = config(tiny_models, tmp_path, tiny_data_path, "data.max_train_samples=16", "scoring.measures=[nll,rouge_l]",
+                 "scoring.fusion=single", "scoring.generation.max_new_tokens=4")
+    with caplog.at_level("WARNING", logger="pocl"):
+        _, result = run_scoring(cfg)
+    warned = [r.getMessage() for r in caplog.records if "scoring.fusion=single" in r.getMessage()]
+    assert warned == ["scoring.fusion=single: the curriculum follows nll alone; rouge_l are computed and stored but "
+                      "do not order it (scoring.fusion=rrf fuses them all)"]
+    rows = pq.read_table(sorted(Path(result.scores_dir).glob("part-*.parquet"))).to_pylist()
+    by_nll = sorted(rows, key=lambda r: (r["nll"], r["sample_id"]))
+    assert [r["rank"] for r in by_nll] == list(range(len(rows))) and len({r["rouge_l"] for r in rows}) > 1
