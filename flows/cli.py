@@ -28,6 +28,23 @@ from pocl_core.model_prep import ModelPrepError
 STRATEGIES = get_args(CurriculumConfig.model_fields["strategy"].annotation)
 
 
+def check_prefect_api() -> None:
+    """ConfigError when PREFECT_API_URL names a Prefect API that nothing answers on (without it, each flow
+    run starts a temporary server of its own): the flow would fail in Prefect's client, in a traceback."""
+    import httpx
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL
+
+    url = PREFECT_API_URL.value()
+    if not url:
+        return
+    with get_client(sync_client=True) as client:
+        error = client.api_healthcheck()
+    if isinstance(error, httpx.TransportError):
+        raise ConfigError(f"PREFECT_API_URL {url}: no Prefect API answers there ({error or type(error).__name__}); "
+                          "start the server (`prefect server start`) or unset PREFECT_API_URL for a temporary one")
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from flows.pipeline import expand_run_name, pocl_distill, resolve_config
 
@@ -39,6 +56,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     params = dict(config_path=args.config, overrides=args.overrides, run_name=run_name,
                   ray_address=args.ray_address, resume=args.resume)
     cfg = resolve_config(**params)  # fail fast, before any engine starts
+    check_prefect_api()
     summary = pocl_distill(**params)
 
     print()
@@ -64,6 +82,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     check_inputs(cfg.with_absolute_paths())  # model folders and data files, before any engine starts
     plan_variants(cfg, args.strategies, args.losses, args.seeds)  # every variant valid, too
+    check_prefect_api()
     out = pocl_compare(config_path=args.config, overrides=args.overrides, strategies=args.strategies,
                        losses=args.losses, seeds=args.seeds, compare_name=args.name)
     print()
@@ -129,6 +148,8 @@ def _cmd_build_tiny(args: argparse.Namespace) -> int:
     from pocl_core.model_prep import check_output_folder
     from pocl_core.tiny import build_tiny_models, existing_tiny_models, remove_tiny_models
 
+    if args.warmup_steps < 0:
+        raise ConfigError(f"--warmup-steps must be 0 or more teacher pre-training steps, got {args.warmup_steps}")
     out = Path(args.out)
     check_output_folder(out, f"--out {args.out}")
     samples, _ = load_samples(args.data)

@@ -19,6 +19,7 @@ config.yaml; a comparison folder this call created is removed again when its dat
 from __future__ import annotations
 
 import re
+import shlex
 import statistics
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -131,6 +132,13 @@ def _pm(mean: float | None, std: float | None, digits: int = 2) -> str:
     return "–" if mean is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
+def compare_command(config_path: str, overrides: list[str], strategies: list[str], losses: list[str],
+                    seeds: list[int], compare_name: str) -> str:
+    """The ``pocl compare`` command line of a comparison, quoted for a shell (``'loss.params={alpha: 2}'``)."""
+    return shlex.join(["pocl", "compare", "--config", config_path, "--strategies", *strategies, "--losses", *losses,
+                       "--seeds", *map(str, seeds), "--name", compare_name, *overrides])
+
+
 def render_comparison(name: str, reference: list[dict], summary: list[dict], command: str) -> str:
     """comparison.md: the command, the reference models, and mean ± std over seeds per (loss, strategy)."""
     lines = [f"# POCL comparison: `{name}`", "", f"Command: `{command}`", "", "## Reference models", "",
@@ -199,8 +207,7 @@ def pocl_compare(config_path: str = "configs/quickstart.yaml", overrides: Option
         except StaleOutputError as exc:
             raise StaleOutputError(f"{exc}{stale_hint(current)}") from None
     summary = summarize(rows)
-    command = (f"pocl compare --config {config_path} --strategies {' '.join(strategies)} --losses {' '.join(losses)} "
-               f"--seeds {' '.join(map(str, seeds))} --name {compare_name} {' '.join(overrides or [])}").strip()
+    command = compare_command(config_path, list(overrides or []), strategies, losses, seeds, compare_name)
     reference = read_table(location(reference_path, base.storage)).to_pylist()
     text = render_comparison(compare_name, reference, summary, command)
     out = write_text_atomic(location(join(root, "comparison.md"), base.storage), text)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -137,9 +138,9 @@ def _looks_local(value: str) -> bool:
 
 def check_inputs(cfg: PoclConfig) -> None:
     """ConfigError for a model folder or data file that is not there, a data path that is a URI
-    (data files are read from the local disk; a model may be a hub id), a runs_root that is a file,
-    GPUs a local Ray lacks (``check_local_gpus``), or a Ray address that is malformed or that nothing
-    answers on (``check_ray_address``)."""
+    (data files are read from the local disk; a model may be a hub id), a runs_root that is a file or
+    where a new run folder cannot be created, GPUs a local Ray lacks (``check_local_gpus``), or a Ray
+    address that is malformed or that nothing answers on (``check_ray_address``)."""
     check_local_gpus(cfg)
     check_ray_address(cfg)
     if not is_remote(cfg.runs_root):
@@ -148,6 +149,9 @@ def check_inputs(cfg: PoclConfig) -> None:
             if folder.exists():
                 if not folder.is_dir():
                     raise ConfigError(f"runs_root {root}: {folder} is a file, not a folder; runs are written under it")
+                if not Path(cfg.run_dir).exists() and not os.access(folder, os.W_OK | os.X_OK):
+                    raise ConfigError(f"runs_root {root}: cannot create the run folder {cfg.run_dir}, as {folder} is "
+                                      "not writable; choose a runs_root you can write to")
                 break
     for key in ("teacher", "student", "tokenizer"):
         value = getattr(cfg.models, key)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -72,6 +73,54 @@ def test_run_refuses_a_bad_data_row_before_any_engine(tmp_path, monkeypatch, cap
     err = capsys.readouterr().err
     assert f"{data}:23" in err and "response" in err and "Traceback" not in err
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_runs_root_where_the_run_folder_cannot_be_made_is_named_before_any_engine(tmp_path, monkeypatch, capsys):
+    import flows.pipeline
+
+    monkeypatch.setattr(flows.pipeline, "pocl_distill", lambda **_: pytest.fail("the flow was started"))
+    models = []
+    for name in ("teacher", "student"):
+        (tmp_path / name).mkdir()
+        models.append(f"models.{name}={tmp_path / name}")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        if os.access(locked, os.W_OK):  # root may write there anyway: a process folder is closed to it too
+            locked = Path(f"/proc/{os.getpid()}")
+            if not locked.is_dir() or os.access(locked, os.W_OK):
+                pytest.skip("no folder here that this user may not create folders in")
+        root = locked / "runs"
+        assert main(["run", "--config", "configs/tiny.yaml", f"runs_root={root}", *models]) == 2
+    finally:
+        (tmp_path / "locked").chmod(0o755)
+    err = capsys.readouterr().err
+    assert (f"runs_root {root}: cannot create the run folder {root / 'tiny'}, as {locked} is not writable" in err
+            and "Traceback" not in err)
+
+
+def test_a_prefect_api_that_does_not_answer_is_named_before_any_flow(tmp_path, monkeypatch, capsys):
+    import socket
+
+    import flows.compare
+    import flows.pipeline
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    monkeypatch.setattr(flows.pipeline, "pocl_distill", lambda **_: pytest.fail("the flow was started"))
+    monkeypatch.setattr(flows.compare, "pocl_compare", lambda **_: pytest.fail("the flow was started"))
+    models = []
+    for name in ("teacher", "student"):
+        (tmp_path / name).mkdir()
+        models.append(f"models.{name}={tmp_path / name}")
+    with socket.socket() as closed:  # bound, not listening: connections are refused
+        closed.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{closed.getsockname()[1]}/api"
+        with temporary_settings({PREFECT_API_URL: url}):
+            for command in ("run", "compare"):
+                assert main([command, "--config", "configs/tiny.yaml", f"runs_root={tmp_path}", *models]) == 2
+                err = capsys.readouterr().err
+                assert f"PREFECT_API_URL {url}: no Prefect API answers there" in err and "Traceback" not in err
 
 
 def test_run_flags_become_the_flow_parameters(tmp_path, monkeypatch, listening_address):
@@ -301,6 +350,13 @@ def test_build_tiny_refuses_a_file_as_out(tmp_path, tiny_data, capsys):
         assert "Traceback" not in err
 
 
+def test_build_tiny_refuses_negative_warmup_steps(tmp_path, tiny_data, capsys):
+    out = tmp_path / "tiny"
+    assert main(["build-tiny", "--out", str(out), "--data", str(tiny_data), "--warmup-steps", "-1"]) == 2
+    assert "--warmup-steps must be 0 or more teacher pre-training steps, got -1" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_an_interrupted_build_tiny_is_not_taken_for_a_finished_one(tmp_path, tiny_data, monkeypatch, capsys):
     from transformers import PreTrainedModel
 
@@ -345,3 +401,18 @@ def test_an_interrupted_build_tiny_is_not_taken_for_a_finished_one(tmp_path, tin
     assert main(["build-tiny", "--out", str(out), *args]) == 0
     assert "predate build records" in capsys.readouterr().out and not (out / "tiny.json").exists()
     assert (out / "teacher" / "pocl_prep.json").is_file() and (out / "teacher" / "model.safetensors").read_bytes() == weights
+
+
+def test_the_command_recorded_in_comparison_md_runs_the_same_comparison_from_a_shell():
+    import shlex
+
+    from flows.cli import parse_args
+    from flows.compare import compare_command
+
+    overrides = ["loss.name=srkl", "loss.params={alpha: 0.1}", "runs_root=/tmp/my runs"]
+    command = compare_command("configs/tiny.yaml", overrides, ["curriculum", "none"], ["srkl"], [10, 20], "cmp")
+    argv = shlex.split(command)
+    assert argv[0] == "pocl"
+    args = parse_args(argv[1:])
+    assert (args.config, args.overrides, args.strategies, args.losses, args.seeds, args.name) == (
+        "configs/tiny.yaml", overrides, ["curriculum", "none"], ["srkl"], [10, 20], "cmp")
