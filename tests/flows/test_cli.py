@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -44,83 +42,6 @@ def test_bad_override_is_a_clear_error_not_a_traceback(capsys):
     assert "curriculum.num_stagez: unknown key" in err and "Traceback" not in err
     assert main(["plan", "--config", "configs/absent.yaml"]) == 2
     assert "config file not found" in capsys.readouterr().err
-
-
-def test_run_no_resume_refuses_an_existing_run_folder_before_any_engine(tmp_path, capsys):
-    (tmp_path / "demo").mkdir()
-    args = ["run", "--config", "configs/tiny.yaml", "--run-name", "demo", "--no-resume", f"runs_root={tmp_path}"]
-    assert main(args) == 2
-    err = capsys.readouterr().err
-    assert f"run folder {tmp_path / 'demo'} already exists and resume is false" in err and "Traceback" not in err
-
-
-def test_run_refuses_a_bad_data_row_before_any_engine(tmp_path, monkeypatch, capsys):
-    """The row is named in one line before Prefect or Ray start (no flow is called, no run folder made)."""
-    import flows.pipeline
-
-    monkeypatch.setattr(flows.pipeline, "pocl_distill", lambda **_: pytest.fail("the flow was started"))
-    models = []
-    for name in ("teacher", "student"):
-        (tmp_path / name).mkdir()
-        models.append(f"models.{name}={tmp_path / name}")
-    rows = [json.dumps({"id": f"s{i}", "prompt": f"p{i}", "response": f"r{i}"}) for i in range(40)]
-    rows[22] = json.dumps({"id": "s22", "prompt": "p22"})
-    data = tmp_path / "rows.jsonl"
-    data.write_text("\n".join(rows) + "\n")
-    args = ["run", "--config", "configs/tiny.yaml", f"runs_root={tmp_path / 'runs'}", *models,
-            f"data.train_path={data}"]
-    assert main(args) == 2
-    err = capsys.readouterr().err
-    assert f"{data}:23" in err and "response" in err and "Traceback" not in err
-    assert not (tmp_path / "runs").exists()
-
-
-def test_a_runs_root_where_the_run_folder_cannot_be_made_is_named_before_any_engine(tmp_path, monkeypatch, capsys):
-    import flows.pipeline
-
-    monkeypatch.setattr(flows.pipeline, "pocl_distill", lambda **_: pytest.fail("the flow was started"))
-    models = []
-    for name in ("teacher", "student"):
-        (tmp_path / name).mkdir()
-        models.append(f"models.{name}={tmp_path / name}")
-    locked = tmp_path / "locked"
-    locked.mkdir()
-    locked.chmod(0o555)
-    try:
-        if os.access(locked, os.W_OK):  # root may write there anyway: a process folder is closed to it too
-            locked = Path(f"/proc/{os.getpid()}")
-            if not locked.is_dir() or os.access(locked, os.W_OK):
-                pytest.skip("no folder here that this user may not create folders in")
-        root = locked / "runs"
-        assert main(["run", "--config", "configs/tiny.yaml", f"runs_root={root}", *models]) == 2
-    finally:
-        (tmp_path / "locked").chmod(0o755)
-    err = capsys.readouterr().err
-    assert (f"runs_root {root}: cannot create the run folder {root / 'tiny'}, as {locked} is not writable" in err
-            and "Traceback" not in err)
-
-
-def test_a_prefect_api_that_does_not_answer_is_named_before_any_flow(tmp_path, monkeypatch, capsys):
-    import socket
-
-    import flows.compare
-    import flows.pipeline
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    monkeypatch.setattr(flows.pipeline, "pocl_distill", lambda **_: pytest.fail("the flow was started"))
-    monkeypatch.setattr(flows.compare, "pocl_compare", lambda **_: pytest.fail("the flow was started"))
-    models = []
-    for name in ("teacher", "student"):
-        (tmp_path / name).mkdir()
-        models.append(f"models.{name}={tmp_path / name}")
-    with socket.socket() as closed:  # bound, not listening: connections are refused
-        closed.bind(("127.0.0.1", 0))
-        url = f"http://127.0.0.1:{closed.getsockname()[1]}/api"
-        with temporary_settings({PREFECT_API_URL: url}):
-            for command in ("run", "compare"):
-                assert main([command, "--config", "configs/tiny.yaml", f"runs_root={tmp_path}", *models]) == 2
-                err = capsys.readouterr().err
-                assert f"PREFECT_API_URL {url}: no Prefect API answers there" in err and "Traceback" not in err
 
 
 def test_run_flags_become_the_flow_parameters(tmp_path, monkeypatch, listening_address):
