@@ -163,7 +163,8 @@ def verify_checkpoint(folder: str | Path | ObjectPath, names: Iterable[str] | No
     folder = location(folder)
     manifest = _read_manifest(folder)
     if names is not None:
-        manifest = {name: digest for name, digest in manifest.items() if name in set(names)}
+        wanted = set(names)
+        manifest = {name: digest for name, digest in manifest.items() if name in wanted}
     for name, digest in manifest.items():
         path = folder / name
         if not path.is_file():

@@ -71,7 +71,7 @@ def test_a_partial_copy_is_verified_file_by_file(tmp_path):
         fh.write(b"x")
     verify_checkpoint(tmp_path, names=["position.json", "rng.pt", "scheduler.pt", "replay_buffer.json"])
     with pytest.raises(CheckpointError, match="checksum mismatch for optimizer.pt"):
-        verify_checkpoint(tmp_path, names=["rng.pt", "optimizer.pt"])
+        verify_checkpoint(tmp_path, names=iter(["rng.pt", "optimizer.pt"]))  # any iterable of names
     (tmp_path / "rng.pt").unlink()
     with pytest.raises(CheckpointError, match="missing rng.pt"):
         verify_checkpoint(tmp_path, names=["position.json", "rng.pt"])
