@@ -47,8 +47,8 @@ RANK_FILES = (MANIFEST, "position.json", "scheduler.pt", RNG, REPLAY_BUFFERS)
 def _pick_checkpoint(loop_config: dict[str, Any], temp_dirs: list[str]) -> tuple[str, str, Location] | None:
     """The checkpoint to resume from, verified: ("storage", name, folder) for a folder of the run's
     storage, ("latest", name, local copy) for Ray Train's latest checkpoint when it lives outside that
-    storage; None when there is none. Raises RuntimeError when every candidate fails its checksums or the chosen one
-    was written under another training key."""
+    storage; None when there is none. RuntimeError when every candidate fails its checksums or the
+    chosen one was written under another training key."""
     candidates: list[Location] = list(reversed(list_checkpoints(loop_config["run_dir"])))
     in_storage = {p.name for p in experiment_dir(loop_config["run_dir"]).glob("checkpoint_*")}
     latest = ray.train.get_checkpoint()
@@ -75,6 +75,7 @@ def _pick_checkpoint(loop_config: dict[str, Any], temp_dirs: list[str]) -> tuple
 
 
 def _copy_latest(latest: ray.train.Checkpoint, temp_dirs: list[str]) -> Path:
+    """A local copy of Ray Train's checkpoint ``latest`` in a new temporary folder (added to ``temp_dirs``)."""
     copy = tempfile.mkdtemp(prefix="pocl-resume-")
     temp_dirs.append(copy)
     with latest.as_directory() as d:
