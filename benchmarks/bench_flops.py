@@ -31,7 +31,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from pocl_core.config import load_config
-from pocl_core.data import collate, encode_sample, load_samples, pad_id_of
+from pocl_core.data import load_samples
+from pocl_core.encoding import collate, encode_sample, pad_id_of
 from pocl_core.losses.sparse import SparseTeacher
 from pocl_core.model_prep import build_layer_subset_student
 from pocl_core.models import load_causal_lm, load_tokenizer

@@ -120,7 +120,8 @@ def _load(root: Path):
     """(samples, tokenizer, encoded samples, DatasetSplits) from a built root."""
     import pyarrow.parquet as pq
 
-    from pocl_core.data import dataset_fingerprint, encode_sample, table_to_samples
+    from pocl_core.data import dataset_fingerprint, table_to_samples
+    from pocl_core.encoding import encode_sample
     from pocl_core.models import load_tokenizer
     from tasks.load_data import DatasetSplits
 
@@ -138,7 +139,7 @@ def run_worker(args: argparse.Namespace) -> list[float]:
     import torch
     import torch.nn.functional as F
 
-    from pocl_core.data import collate, pad_id_of
+    from pocl_core.encoding import collate, pad_id_of
     from pocl_core.measures import length_sorted_batches
     from pocl_core.models import load_causal_lm
 

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from pocl_core.data import EncodedSample
+from pocl_core.encoding import EncodedSample
 from pocl_core.storage import Location, ObjectPath, location, open_input
 
 MANIFEST = "manifest.json"

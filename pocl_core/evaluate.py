@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from pocl_core.config import EvalConfig
-from pocl_core.data import Sample, encode_prompt, encode_sample, left_pad, pad_id_of
+from pocl_core.data import Sample
+from pocl_core.encoding import encode_prompt, encode_sample, left_pad, pad_id_of
 from pocl_core.measures import ScoringContext, length_sorted_batches, logit_columns, measure_nll
 from pocl_core.sampling import decoding_kwargs, sample_seed, stop_token_ids
 

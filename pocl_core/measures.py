@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from pocl_core.config import ScoringGenerationConfig
-from pocl_core.data import EncodedSample, collate, left_pad
+from pocl_core.encoding import EncodedSample, collate, left_pad
 from pocl_core.lm_head import head_logits
 from pocl_core.sampling import decoding_kwargs, sample_seed, stop_token_ids
 from pocl_core.teacher_cache import CacheRows, topk_rows

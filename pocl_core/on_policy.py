@@ -36,7 +36,7 @@ from typing import Iterable, Sequence
 
 import torch
 
-from pocl_core.data import EncodedSample, left_pad
+from pocl_core.encoding import EncodedSample, left_pad
 from pocl_core.sampling import stable_seed
 
 _DECISION_TAG = "pocl-gkd-on-policy"

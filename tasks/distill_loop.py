@@ -36,7 +36,8 @@ from pocl_core.checkpoint import GRAD_SCALER_KEY, MANIFEST, Position, rng_state,
 from pocl_core.config import PoclConfig
 from pocl_core.contracts import STUDENT_PROVENANCE, RunPaths, read_table
 from pocl_core.cpu_affinity import pin_to_share
-from pocl_core.data import EncodedSample, collate, encode_sample, pad_id_of, table_to_samples
+from pocl_core.data import table_to_samples
+from pocl_core.encoding import EncodedSample, collate, encode_sample, pad_id_of
 from pocl_core.models import causal_lm_skeleton, load_causal_lm, load_tokenizer, warn_if_slow_dtype, weights_digest
 from pocl_core.on_policy import OnPolicyMixer
 from pocl_core.parallel import (full_state, grad_sync, load_optimizer_state, materialize_from_rank0,

@@ -18,7 +18,7 @@ from pocl_core.checkpoint import (GRAD_SCALER_KEY, MANIFEST, REPLAY_BUFFERS, RNG
                                   read_optimizer_state, read_replay_buffers, read_rng_states, set_rng_state,
                                   verify_checkpoint)
 from pocl_core.config import PoclConfig
-from pocl_core.data import EncodedSample
+from pocl_core.encoding import EncodedSample
 from pocl_core.on_policy import OnPolicyMixer
 from pocl_core.parallel import decided_by_rank0
 from pocl_core.storage import Location, ObjectPath, download_dir, download_files

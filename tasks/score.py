@@ -34,7 +34,8 @@ from prefect import task
 from pocl_core.config import ConfigError, PoclConfig
 from pocl_core.contracts import (RunPaths, check_provenance, measures_schema, read_metadata, read_table,
                                  read_table_checked, scores_schema, teacher_cache_schema, write_table_atomic)
-from pocl_core.data import Sample, encode_sample, pad_id_of, table_to_samples
+from pocl_core.data import Sample, table_to_samples
+from pocl_core.encoding import encode_sample, pad_id_of
 from pocl_core.difficulty import fuse_difficulty
 from pocl_core.losses.sparse import temperature_covered
 from pocl_core.measures import (GENERATIVE_MEASURES, ScoringContext, get_measure, length_sorted_batches,
@@ -90,7 +91,7 @@ def _tokenization(cfg: PoclConfig) -> dict[str, Any]:
     """How samples become token ids: the tokenizer's files, the prompt template and the length limits."""
     return {"tokenizer": tokenizer_fingerprint(cfg.models.tokenizer_source), "template": cfg.data.prompt_template,
             "max_prompt_length": cfg.data.max_prompt_length, "max_length": cfg.data.max_length,
-            "prompt_truncation": "user-text"}  # data.encode_prompt cuts the user text, keeping the template
+            "prompt_truncation": "user-text"}  # encoding.encode_prompt cuts the user text, keeping the template
 
 
 def scoring_provenance(cfg: PoclConfig, data: DatasetSplits) -> dict[str, Any]:

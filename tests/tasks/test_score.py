@@ -15,7 +15,7 @@ import torch
 import tasks.score as score_mod
 from pocl_core.config import ConfigError, load_config
 from pocl_core.contracts import RunPaths, StaleOutputError
-from pocl_core.data import encode_sample
+from pocl_core.encoding import encode_sample
 from pocl_core.models import TOKENIZER_FILES, load_causal_lm, load_tokenizer
 from pocl_core.schedule import schedule_temperatures
 from pocl_core.teacher_cache import TeacherCache

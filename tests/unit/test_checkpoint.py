@@ -9,7 +9,7 @@ import torch
 
 from pocl_core.checkpoint import (REQUIRED_FILES, CheckpointError, Position, load_checkpoint, read_replay_buffers,
                                   read_rng_states, rng_state, save_checkpoint, set_rng_state, verify_checkpoint)
-from pocl_core.data import EncodedSample
+from pocl_core.encoding import EncodedSample
 from pocl_core.config import StorageConfig
 from pocl_core.storage import location
 from tasks.run_checkpoints import (experiment_dir, foreign_checkpoints, list_checkpoints, newest_valid_checkpoint,

@@ -5,8 +5,9 @@ import math
 import pytest
 import torch
 
-from pocl_core.data import (DataError, Sample, cap_samples, collate, dataset_fingerprint, encode_sample, left_pad,
-                            load_samples, split_holdout, stable_sample_id)
+from pocl_core.data import (DataError, Sample, cap_samples, dataset_fingerprint, load_samples, split_holdout,
+                            stable_sample_id)
+from pocl_core.encoding import collate, encode_sample, left_pad
 
 
 def write_jsonl(path, rows):
@@ -130,7 +131,7 @@ def test_left_pad_puts_every_next_token_in_the_last_column():
 def test_a_long_prompt_loses_the_start_of_its_text_not_the_template(tiny_models, template):
     """Truncation keeps BOS, the template's framing (instruction header / chat turn markers) and the
     response header, and the end of the user's text."""
-    from pocl_core.data import encode_prompt
+    from pocl_core.encoding import encode_prompt
     from pocl_core.models import load_tokenizer
 
     tok = load_tokenizer(str(tiny_models.student))

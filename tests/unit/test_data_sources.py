@@ -10,7 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from pocl_core.config import ConfigError, DataConfig, load_config
-from pocl_core.data import DataError, Sample, drop_long_prompts, encode_prompt, encode_sample, load_samples
+from pocl_core.data import DataError, Sample, drop_long_prompts, load_samples
+from pocl_core.encoding import encode_prompt, encode_sample
 from pocl_core.tiny import train_tokenizer
 
 CHAT = ("{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"

@@ -10,7 +10,8 @@ import torch
 
 import pocl_core.measures as measures_mod
 from pocl_core.config import ScoringGenerationConfig
-from pocl_core.data import encode_sample, load_samples, pad_id_of
+from pocl_core.data import load_samples
+from pocl_core.encoding import encode_sample, pad_id_of
 from pocl_core.evaluate import rouge_l_f1
 from pocl_core.losses import SparseTeacher
 from pocl_core.measures import (HIGHER_IS_HARDER, MEASURES, ScoringContext, generate_continuations,
@@ -44,7 +45,7 @@ def test_registry_names_and_directions():
 
 def test_nll_from_response_only_head_equals_full_forward(scoring):
     ctx, _, encoded, _ = scoring
-    from pocl_core.data import collate
+    from pocl_core.encoding import collate
 
     batch = collate(encoded, ctx.pad_id)
     with torch.no_grad():
@@ -61,7 +62,7 @@ def test_cache_rows_are_the_teachers_topk_in_response_logits_order(scoring, monk
     monkeypatch.setattr(measures_mod, "CHUNK_ELEMENTS", 7 * 512)  # force several LM-head chunks
     result = score_batch(ctx, encoded, ["nll"], cache_topk=5, vocab_columns=500)
     assert len(result.cache) == len(encoded)
-    from pocl_core.data import collate
+    from pocl_core.encoding import collate
 
     batch = collate(encoded, ctx.pad_id)
     with torch.no_grad():

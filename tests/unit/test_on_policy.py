@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from pocl_core.config import ConfigError, load_config
-from pocl_core.data import EncodedSample, collate, encode_sample, load_samples
+from pocl_core.data import load_samples
+from pocl_core.encoding import EncodedSample, collate, encode_sample
 from pocl_core.models import load_causal_lm, load_tokenizer
 from pocl_core.on_policy import (
     OnPolicyMixer,
