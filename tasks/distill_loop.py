@@ -20,9 +20,7 @@ import contextlib
 import json
 import logging
 import os
-import shutil
 import signal
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -32,23 +30,24 @@ import ray.train
 import ray.train.torch
 import torch
 
-from pocl_core.checkpoint import GRAD_SCALER_KEY, MANIFEST, Position, rng_state, save_checkpoint
+from pocl_core.checkpoint import Position, rng_state
 from pocl_core.config import PoclConfig
-from pocl_core.contracts import STUDENT_PROVENANCE, RunPaths, read_table
+from pocl_core.contracts import read_table
 from pocl_core.cpu_affinity import pin_to_share
 from pocl_core.data import table_to_samples
 from pocl_core.encoding import EncodedSample, collate, encode_sample, pad_id_of
-from pocl_core.models import causal_lm_skeleton, load_causal_lm, load_tokenizer, warn_if_slow_dtype, weights_digest
+from pocl_core.models import causal_lm_skeleton, load_causal_lm, load_tokenizer, warn_if_slow_dtype
 from pocl_core.on_policy import OnPolicyMixer
-from pocl_core.parallel import (full_state, grad_sync, load_optimizer_state, materialize_from_rank0,
-                                same_structure_as_rank0, shard_fsdp, transformer_blocks, unwrap)
+from pocl_core.parallel import (grad_sync, load_optimizer_state, materialize_from_rank0, same_structure_as_rank0,
+                                shard_fsdp, transformer_blocks)
 from pocl_core.partition import bucket_sizes, stage_members
 from pocl_core.sampling import stop_token_ids
 from pocl_core.schedule import plan_stages, stage_batches
-from pocl_core.storage import Location, ObjectPath, append_text, location, write_dir_atomic
+from pocl_core.storage import Location, append_text, location
 from pocl_core.teacher_cache import TeacherCache
 from pocl_core.train_step import ResponseLogitsLM, build_lr_scheduler, build_optimizer, distillation_losses
 from pocl_core.vocab import check_vocab_compatible
+from tasks.distill_checkpoints import report_checkpoint, save_stage_student
 from tasks.distill_resume import restore_replay_buffer, restore_rng, resume_checkpoint
 
 AUTOCAST = {"bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -205,15 +204,15 @@ def distill_loop(loop_config: dict[str, Any]) -> None:
                 if rank == 0:
                     _append_jsonl(metrics_path, row)
             if done_stage and cfg.eval.at_stage_boundaries and plan.stage < len(plans) - 1:
-                _save_stage_student(student, loop_config["run_dir"], plan.stage, loop_config["train_key"], rank)
+                save_stage_student(student, loop_config["run_dir"], plan.stage, loop_config["train_key"], rank)
             if checkpoint_now:
                 nxt = Position(plan.stage + 1, 0, global_step, samples_seen) if done_stage else \
                     Position(plan.stage, step + 1, global_step, samples_seen)
-                _report_checkpoint(student, optimizer, scheduler, nxt, rank, loop_config["train_key"],
-                                   {"stage": plan.stage, "global_step": global_step, "stage_done": done_stage},
-                                   loop_config.get("checkpoints_in_place"), _gather_replay_buffers(mixer, world),
-                                   _gather(rng_state(device), world),
-                                   scaler.state_dict() if scaler.is_enabled() else None)
+                report_checkpoint(student, optimizer, scheduler, nxt, rank, loop_config["train_key"],
+                                  {"stage": plan.stage, "global_step": global_step, "stage_done": done_stage},
+                                  loop_config.get("checkpoints_in_place"), _gather_replay_buffers(mixer, world),
+                                  _gather(rng_state(device), world),
+                                  scaler.state_dict() if scaler.is_enabled() else None)
             _maybe_inject_fault(fault, global_step, rank)
         position = Position(plan.stage + 1, 0, global_step, samples_seen)
 
@@ -230,18 +229,6 @@ def _wrap_student(cfg: PoclConfig, model: ResponseLogitsLM, device: torch.device
         materialize_from_rank0(model, weights, device)
         return model
     return ray.train.torch.prepare_model(model.to(device))
-
-
-def _student_state(student: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
-                   rank: int) -> tuple[dict[str, torch.Tensor] | None, dict[str, Any] | None]:
-    """The Hugging Face student's full weights (``lm.`` prefix dropped) and optimizer state on rank 0.
-
-    Every rank must call it (a collective under FSDP); other ranks get (None, None).
-    """
-    weights, optim = full_state(student, optimizer, rank)
-    if weights is None:
-        return None, None
-    return {k.removeprefix("lm."): v for k, v in weights.items()}, optim
 
 
 def _load_teacher(cfg: PoclConfig, loop_config: dict[str, Any],
@@ -332,64 +319,6 @@ class _Window:
 
 def _append_jsonl(path: Location, row: dict[str, Any]) -> None:
     append_text(path, json.dumps(row) + "\n")
-
-
-def _report_checkpoint(student: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, position: Position,
-                       rank: int, train_key: str, metrics: dict[str, Any],
-                       in_place: str | ObjectPath | None = None,
-                       replay_buffers: list[list[EncodedSample]] | None = None,
-                       rng_states: list[dict[str, Any]] | None = None,
-                       grad_scaler: dict[str, Any] | None = None) -> None:
-    """Every rank gathers the state and reports (collectives); rank 0 attaches the checkpoint folder.
-
-    Ray Train copies a reported folder into its storage, so it is written to a temporary folder; in
-    local mode (``in_place``: the experiment folder) nothing is copied and it is written there instead.
-    ``replay_buffers`` / ``rng_states``: every rank's GKD replay buffer and RNG states (already
-    gathered), saved with the checkpoint; ``grad_scaler``: the float16 loss scaler's state (in
-    position.json). Local in-place folders are built beside and renamed in.
-    """
-    weights, optim = _student_state(student, optimizer, rank)
-    if rank != 0:
-        ray.train.report(metrics, checkpoint=None)
-        return
-
-    def save(folder: str | Path) -> Path:
-        extra = {"train_key": train_key, **({GRAD_SCALER_KEY: grad_scaler} if grad_scaler is not None else {})}
-        return save_checkpoint(folder, weights, optim, scheduler, position, extra=extra,
-                               replay_buffers=replay_buffers, rng_states=rng_states)
-
-    if in_place is not None:
-        folder = location(in_place) / f"checkpoint_local_{position.global_step:06d}_{position.stage:02d}"
-        write_dir_atomic(folder, save, last=MANIFEST)  # remote: uploaded with the manifest last
-        checkpoint = ray.train.Checkpoint(path=folder.key, filesystem=folder.fs) if isinstance(folder, ObjectPath) \
-            else ray.train.Checkpoint.from_directory(str(folder))
-        ray.train.report(metrics, checkpoint=checkpoint)
-        return
-    folder = tempfile.mkdtemp(prefix="pocl-ckpt-")
-    try:
-        save(folder)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
-
-
-def _save_stage_student(student: torch.nn.Module, run_dir: str | ObjectPath, stage: int, train_key: str, rank: int) -> None:
-    """Save the student as it ends ``stage`` to ``<run>/stages/stage_<s>`` (save_pretrained, atomic; rank 0).
-
-    Every rank calls it (gathering sharded weights is a collective). Written before the
-    stage-boundary checkpoint is reported, so a resumed run past that checkpoint always finds it.
-    """
-    weights, _ = _student_state(student, None, rank)
-    if weights is None:
-        return
-    inner = unwrap(student).lm
-
-    def build(folder: Path) -> None:
-        inner.save_pretrained(folder, state_dict=weights, safe_serialization=True)
-        provenance = {"train_key": train_key, "stage": stage, "weights": weights_digest(folder)}
-        (folder / STUDENT_PROVENANCE).write_text(json.dumps(provenance))
-
-    write_dir_atomic(RunPaths.of(run_dir).stage_student(stage), build, last=STUDENT_PROVENANCE)
 
 
 def _maybe_inject_fault(fault: dict[str, Any], global_step: int, rank: int) -> None:
