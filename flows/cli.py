@@ -29,8 +29,10 @@ STRATEGIES = get_args(CurriculumConfig.model_fields["strategy"].annotation)
 
 
 def check_prefect_api() -> None:
-    """ConfigError when PREFECT_API_URL names a Prefect API that nothing answers on (without it, each flow
-    run starts a temporary server of its own): the flow would fail in Prefect's client, in a traceback."""
+    """ConfigError when PREFECT_API_URL names a Prefect API that does not answer its health check (nothing
+    listens there, or another server answers with an HTTP error, e.g. a wrong port or path); without the
+    variable each flow run starts a temporary server of its own. The flow would fail in Prefect's client,
+    in a traceback."""
     import httpx
     from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_API_URL
@@ -40,9 +42,17 @@ def check_prefect_api() -> None:
         return
     with get_client(sync_client=True) as client:
         error = client.api_healthcheck()
-    if isinstance(error, httpx.TransportError):
-        raise ConfigError(f"PREFECT_API_URL {url}: no Prefect API answers there ({error or type(error).__name__}); "
-                          "start the server (`prefect server start`) or unset PREFECT_API_URL for a temporary one")
+    if error is None:
+        return
+    if isinstance(error, httpx.HTTPStatusError):
+        why = f"{url}/health answered HTTP {error.response.status_code}, not a Prefect API's health check; check the " \
+              "host, port and the /api path"
+    elif isinstance(error, httpx.TransportError):
+        why = f"no Prefect API answers there ({error or type(error).__name__})"
+    else:
+        why = f"its health check failed ({type(error).__name__}: {error})"
+    raise ConfigError(f"PREFECT_API_URL {url}: {why}; start the server (`prefect server start`) or unset "
+                      "PREFECT_API_URL for a temporary one")
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -72,15 +82,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from flows.compare import check_compare_request, plan_variants, pocl_compare
+    from flows.compare import check_compare_request, check_shared_inputs, plan_variants, pocl_compare
 
     from pocl_core.storage import location
 
-    from flows.pipeline import check_inputs
-
     check_compare_request(args.overrides, args.strategies, args.losses, args.seeds, args.name)
     cfg = load_config(args.config, args.overrides)
-    check_inputs(cfg.with_absolute_paths())  # model folders and data files, before any engine starts
+    # model folders, data files and what they hold, before any engine starts (the flow's own check then
+    # reuses the parsed files)
+    check_shared_inputs(cfg.with_absolute_paths(), args.name)
     plan_variants(cfg, args.strategies, args.losses, args.seeds)  # every variant valid, too
     check_prefect_api()
     out = pocl_compare(config_path=args.config, overrides=args.overrides, strategies=args.strategies,
@@ -157,7 +167,8 @@ def _cmd_build_tiny(args: argparse.Namespace) -> int:
     legacy = out / "tiny.json"  # written last by builds before build records: the pair there is ours, complete
     if args.force or (legacy.is_file() and not any(out.glob("*/pocl_prep.json"))):
         if not args.force:
-            print(f"rebuilding the tiny models in {out}: they predate build records (the same weights come out)")
+            print(f"rebuilding the tiny models in {out} from {args.data} with --warmup-steps {args.warmup_steps}: "
+                  "they predate build records, so they cannot be checked against these settings")
         remove_tiny_models(out)
         legacy.unlink(missing_ok=True)
     else:
@@ -253,7 +264,9 @@ def _overrides_first(parser: argparse.ArgumentParser, argv: list[str]) -> list[s
 
     So an option taking a list (``--seeds 10 20``) ends before the overrides written after it instead
     of taking them as values. A token that is the value of a one-value option (``--config a=b.yaml``)
-    stays where it is.
+    stays where it is. The words after an unfinished override (``loss.params={alpha:`` ``2}``: the
+    shell split it at its spaces) move with it, so ``parse_args`` can point at the quoting instead of
+    an option taking them as its values.
     """
     commands = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
     at = next((i for i, token in enumerate(argv) if commands is not None and token in commands.choices), None)
@@ -261,11 +274,16 @@ def _overrides_first(parser: argparse.ArgumentParser, argv: list[str]) -> list[s
         return argv
     options = commands.choices[argv[at]]._option_string_actions
     rest, overrides, others = argv[at + 1:], [], []
+    carrying = False  # inside the words of a split override
     for i, token in enumerate(rest):
+        if carrying and not token.startswith("-") and "=" not in token:
+            overrides.append(token)
+            continue
         before = options.get(rest[i - 1]) if i else None
         value_of_option = before is not None and before.nargs is None
         is_override = "=" in token and not token.startswith("-") and not value_of_option
         (overrides if is_override else others).append(token)
+        carrying = is_override and _unfinished(token)
     return [*argv[:at + 1], *overrides, *others]
 
 

@@ -85,9 +85,21 @@ def check_compare_request(overrides: list[str], strategies: Optional[list[str]],
         repeated = [v for i, v in enumerate(values or []) if v in (values or [])[:i]]
         if repeated:
             raise ConfigError(f"{option} lists {repeated[0]} more than once")
-    if not COMPARE_NAME.match(compare_name):
+    if not COMPARE_NAME.fullmatch(compare_name):  # fullmatch: `$` alone would let a final newline through
         raise ConfigError(f"comparison name {compare_name!r}: one folder name under runs_root, letters, digits, "
-                          "'.', '_' and '-', starting with a letter or digit")
+                          "'.', '_' and '-', starting with a letter or digit, at most 128 characters")
+
+
+def check_shared_inputs(base: PoclConfig, compare_name: str) -> PoclConfig:
+    """The config of the comparison's shared folder (``<runs_root>/<compare_name>/shared``: data, scores,
+    reference evaluation), after the checks a run makes before any engine starts: model folders, data
+    files, GPUs and the Ray address (``check_inputs``), and for a new comparison what the data files hold
+    (``check_data``)."""
+    shared = PoclConfig.model_validate({**base.model_dump(), "runs_root": join(base.runs_root, compare_name),
+                                        "run_name": "shared"})
+    check_inputs(shared)
+    check_data(shared)
+    return shared
 
 
 def plan_variants(base: PoclConfig, strategies: Optional[list[str]], losses: Optional[list[str]],
@@ -180,9 +192,7 @@ def pocl_compare(config_path: str = "configs/quickstart.yaml", overrides: Option
         strategies, losses, seeds = ([*dict.fromkeys(getattr(v, f) for v in variants)]
                                      for f in ("strategy", "loss", "seed"))
         root = join(base.runs_root, compare_name)
-        shared = PoclConfig.model_validate({**base.model_dump(), "runs_root": root, "run_name": "shared"})
-        check_inputs(shared)  # model folders, data files, GPUs and the Ray address, before any engine starts
-        check_data(shared)  # and what the data files hold, for a new comparison
+        shared = check_shared_inputs(base, compare_name)
         current = shared  # the config of the folder being worked on
         try:
             # nothing of a new comparison exists before its data loaded: a data error leaves no new folder

@@ -128,7 +128,8 @@ class PoclConfig(_Section):
                 raise ValueError(f"runs_root: {exc}") from None
         elif re.match(r"^[A-Za-z][A-Za-z0-9+.-]+:/(?!/)", self.runs_root):
             scheme, _, rest = self.runs_root.partition(":/")
-            raise ValueError(f"runs_root {self.runs_root}: a URI needs two slashes ({scheme}://{rest}); a local "
+            fixed = f"{scheme}:///{rest}" if scheme.lower() == "file" else f"{scheme}://{rest}"  # file: no host
+            raise ValueError(f"runs_root {self.runs_root}: a URI needs two slashes ({fixed}); a local "
                              "folder name has no ':/'")
         return self
 
@@ -218,13 +219,18 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-def _unshared(value: Any) -> Any:
+def _unshared(value: Any, inside: tuple[int, ...] = ()) -> Any:
     """A copy of a YAML tree in which no mapping or list appears twice (a YAML alias shares one object
-    between its places; an override of one place must not change the others)."""
+    between its places; an override of one place must not change the others). ValueError for an alias
+    that contains itself (``seeds: &s [1, *s]``), which no setting can hold."""
+    if isinstance(value, (dict, list)):
+        if id(value) in inside:
+            raise ValueError("a YAML alias refers to a mapping or list that contains it (e.g. `&s [1, *s]`)")
+        inside = (*inside, id(value))
     if isinstance(value, dict):
-        return {k: _unshared(v) for k, v in value.items()}
+        return {k: _unshared(v, inside) for k, v in value.items()}
     if isinstance(value, list):
-        return [_unshared(v) for v in value]
+        return [_unshared(v, inside) for v in value]
     return value
 
 
@@ -378,7 +384,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"{p}: cannot read: {exc.strerror}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{p}: top level must be a mapping of sections")
-        tree.update(_unshared(loaded))
+        try:
+            tree.update(_unshared(loaded))
+        except ValueError as exc:
+            raise ConfigError(f"{p}: {exc}") from None
     for key, value in parse_overrides(overrides or []):
         _set_dotted(tree, key, value)
         source += f" + {key}"

@@ -15,7 +15,7 @@ What this module decides and builds (no Prefect or Ray imports):
 * ``sample_responses``: ancestral sampling with a KV cache and an explicit ``torch.Generator``
   (never the global RNG, so dropout and the checkpointed RNG state are untouched).
 * ``generate_on_policy``: prompt part of encoded samples → new ``EncodedSample``s whose response is
-  the student's generation; ``data.collate`` turns them into the usual batch (input ids, attention
+  the student's generation; ``encoding.collate`` turns them into the usual batch (input ids, attention
   mask, target mask covering exactly the generated tokens, up to and including EOS).
 * ``ReplayBuffer``: the last N generations of one rank, evicted oldest-first.
 * ``OnPolicyMixer``: the per-step glue the training loop calls.

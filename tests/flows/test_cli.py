@@ -123,6 +123,13 @@ def test_an_override_the_shell_split_at_its_spaces_is_named_with_quotes(capsys):
         parse_args(["plan", "--config", "c.yaml", "--num-samples", "9", "loss.params={alpha: 2}", "stray"])
     assert capsys.readouterr().err.endswith("unrecognized arguments: stray\n")  # a finished override: no hint
     assert parse_args(["run", "loss.params={alpha: 2}", "a.b=1"]).overrides == ["loss.params={alpha: 2}", "a.b=1"]
+    for option in (["--seeds", "10", "20"], ["--losses", "fkl", "srkl"]):  # not taken as the list's values
+        with pytest.raises(SystemExit):
+            parse_args(["compare", *option, "loss.params={alpha:", "2}"])
+        assert "the shell split an override at its spaces: quote it as one argument, 'loss.params={alpha: 2}'" \
+            in capsys.readouterr().err
+    args = parse_args(["compare", "--seeds", "10", "20", "loss.params={alpha: 2}", "--losses", "fkl"])
+    assert (args.seeds, args.losses, args.overrides) == ([10, 20], ["fkl"], ["loss.params={alpha: 2}"])
 
 
 def test_plan_refuses_no_samples_and_notes_stages_smaller_than_a_batch(capsys):
@@ -165,6 +172,8 @@ def test_compare_overrides_after_a_list_option_are_overrides(argv):
     (["--strategies", "none", "curriculum", "none"], "--strategies lists none more than once"),
     (["--name", "../elsewhere"], "comparison name '../elsewhere': one folder name under runs_root"),
     (["--name", ""], "comparison name '': one folder name"),
+    (["--name", "compare\n"], "comparison name 'compare\\n': one folder name"),  # `$` matches before a final newline
+    (["--name", "c" * 129], "at most 128 characters"),
 ])
 def test_compare_refuses_what_its_variants_would_ignore_or_misplace(extra, message, capsys):
     assert main(["compare", "--config", "configs/tiny.yaml", *extra]) == 2

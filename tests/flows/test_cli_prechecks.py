@@ -87,3 +87,44 @@ def test_a_prefect_api_that_does_not_answer_is_named_before_any_flow(tmp_path, n
                 assert main([command, "--config", "configs/tiny.yaml", f"runs_root={tmp_path}", *model_folders]) == 2
                 err = capsys.readouterr().err
                 assert f"PREFECT_API_URL {url}: no Prefect API answers there" in err and "Traceback" not in err
+
+
+def test_a_server_that_is_no_prefect_api_is_named_before_any_flow(tmp_path, no_flow, model_folders, capsys):
+    """Something answers on PREFECT_API_URL, but with an HTTP error (a wrong port or path): one error line."""
+    import http.server
+    import threading
+
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)  # 501 for every GET
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/api"
+        with temporary_settings({PREFECT_API_URL: url}):
+            assert main(["run", "--config", "configs/tiny.yaml", f"runs_root={tmp_path}", *model_folders]) == 2
+    finally:
+        server.shutdown()
+        server.server_close()
+    err = capsys.readouterr().err
+    assert f"PREFECT_API_URL {url}: {url}/health answered HTTP 501" in err and "Traceback" not in err
+
+
+def test_compare_refuses_a_bad_data_row_before_any_engine(tmp_path, no_flow, model_folders, capsys):
+    """As `pocl run` does: the row is named before Prefect starts (here an unanswering PREFECT_API_URL
+    would be reported otherwise), and no comparison folder is made."""
+    import socket
+
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    rows = [json.dumps({"id": f"s{i}", "prompt": f"p{i}", "response": f"r{i}"}) for i in range(40)]
+    rows[7] = json.dumps({"id": "s7", "response": "r7"})
+    data = tmp_path / "rows.jsonl"
+    data.write_text("\n".join(rows) + "\n")
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        with temporary_settings({PREFECT_API_URL: f"http://127.0.0.1:{closed.getsockname()[1]}/api"}):
+            assert main(["compare", "--config", "configs/tiny.yaml", f"runs_root={tmp_path / 'runs'}", *model_folders,
+                         f"data.train_path={data}"]) == 2
+    err = capsys.readouterr().err
+    assert f"{data}:8" in err and "prompt" in err and "PREFECT_API_URL" not in err and "Traceback" not in err
+    assert not (tmp_path / "runs").exists()

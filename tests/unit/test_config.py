@@ -41,6 +41,7 @@ def test_unknown_keys_are_named(override, key):
     ("curriculum.shuffle_seed=99999999999999999999", "curriculum.shuffle_seed"),  # torch: "Overflow"
     ("eval.seeds=[1, -2]", "eval.seeds"),
     ("runs_root=s3:/bucket/x", "s3://bucket/x"),  # would be the local folder ./s3:/bucket/x
+    ("runs_root=file:/tmp/x", "(file:///tmp/x)"),  # file://tmp/x would name the host 'tmp'
     ("scoring.generation.seed=-3", "scoring.generation.seed"),
     ("loss.name=fkll", "unknown KD loss 'fkll'; valid names: fkl"),
     ("loss.params={bogus: 1}", "got unknown parameter(s) 'bogus'"),
@@ -265,3 +266,10 @@ def test_an_override_of_one_place_of_a_yaml_alias_leaves_the_others(tmp_path):
     cfg = load_config(p, ["eval={temperature: 0.7}", "eval.max_new_tokens=4"])
     assert (cfg.eval.temperature, cfg.eval.max_new_tokens) == (0.7, 4)
     assert (cfg.scoring.generation.temperature, cfg.scoring.generation.max_new_tokens) == (0.5, 8)
+
+
+def test_a_yaml_alias_that_contains_itself_is_a_config_error_naming_the_file(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("models: {teacher: a, student: b}\ndata: {train_path: x}\neval: {seeds: &s [1, *s]}\n")
+    with pytest.raises(ConfigError, match=f"{p}: a YAML alias refers to a mapping or list that contains it"):
+        load_config(p)
