@@ -15,7 +15,9 @@ treat both wrappers (and an unwrapped module, for one worker) alike:
 * ``load_optimizer_state(model, optimizer, state)``: the inverse for the optimizer (under FSDP
   rank 0's full state is sent to the others, which pass an empty dict);
 * ``decided_by_rank0(decide)``: one answer for every rank (e.g. which checkpoint to resume), computed
-  on rank 0 alone.
+  on rank 0 alone;
+* ``all_ranks_succeed(work)``: work every rank does (e.g. reading its part of that checkpoint), and
+  an error on any rank raised on every rank.
 Under FSDP the optimizer state is keyed by parameter name (``torch.distributed.checkpoint``'s
 format); under DDP it is ``optimizer.state_dict()``. A checkpoint is only resumed with the strategy
 that wrote it (the strategy is part of the training key).
@@ -34,6 +36,10 @@ STRATEGIES = ("ddp", "fsdp")
 T = TypeVar("T")
 
 
+def _several_ranks() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def decided_by_rank0(decide: Callable[[], T]) -> T:
     """``decide()`` run on rank 0 alone, its (picklable) result returned on every rank.
 
@@ -41,7 +47,7 @@ def decided_by_rank0(decide: Callable[[], T]) -> T:
     no rank is left waiting in a later collective. Without an initialised process group of two or more
     ranks it is just ``decide()``. Collective: every rank calls it.
     """
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not _several_ranks():
         return decide()
     if dist.get_rank() == 0:
         try:
@@ -57,6 +63,32 @@ def decided_by_rank0(decide: Callable[[], T]) -> T:
     if status == "error":
         raise RuntimeError(f"rank 0 failed, so rank {dist.get_rank()} stops too: {value}")
     return value
+
+
+def all_ranks_succeed(work: Callable[[], T]) -> T:
+    """``work()`` run on every rank, its result returned once every rank's call has returned.
+
+    When it raises on any rank, every rank raises: the failing one its own exception, the others a
+    RuntimeError naming the first failing rank and its message; so no rank goes on into a collective
+    the failed one never reaches (e.g. rank 0 failing to read the weights the others wait for). Without
+    an initialised process group of two or more ranks it is just ``work()``. Collective: every rank
+    calls it, and ``work`` itself must not run collectives that a failure could leave unmatched.
+    """
+    if not _several_ranks():
+        return work()
+    value, failure, message = None, None, None
+    try:
+        value = work()
+    except Exception as exc:
+        failure, message = exc, f"{type(exc).__name__}: {exc}"
+    messages: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(messages, message)
+    if failure is not None:
+        raise failure
+    failed = next(((r, m) for r, m in enumerate(messages) if m is not None), None)
+    if failed is not None:
+        raise RuntimeError(f"rank {failed[0]} failed, so rank {dist.get_rank()} stops too: {failed[1]}")
+    return value  # type: ignore[return-value]
 
 
 def transformer_blocks(lm: torch.nn.Module) -> list[torch.nn.Module]:

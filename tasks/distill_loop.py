@@ -38,8 +38,8 @@ from pocl_core.data import table_to_samples
 from pocl_core.encoding import EncodedSample, collate, encode_sample, pad_id_of
 from pocl_core.models import causal_lm_skeleton, load_causal_lm, load_tokenizer, warn_if_slow_dtype
 from pocl_core.on_policy import OnPolicyMixer
-from pocl_core.parallel import (grad_sync, load_optimizer_state, materialize_from_rank0, same_structure_as_rank0,
-                                shard_fsdp, transformer_blocks)
+from pocl_core.parallel import (all_ranks_succeed, grad_sync, load_optimizer_state, materialize_from_rank0,
+                                same_structure_as_rank0, shard_fsdp, transformer_blocks)
 from pocl_core.partition import bucket_sizes, stage_members
 from pocl_core.sampling import stop_token_ids
 from pocl_core.schedule import plan_stages, stage_batches
@@ -92,8 +92,9 @@ def distill_loop(loop_config: dict[str, Any]) -> None:
 
     # under FSDP rank 0 alone reads the student (and its checkpoints); the others receive their shards
     reads_weights = rank == 0 or cfg.train.parallel_strategy != "fsdp"
-    student_lm = (load_causal_lm if reads_weights else causal_lm_skeleton)(
-        cfg.models.student, "float32", cfg.models.trust_remote_code)
+    # a rank that cannot load stops every rank (the others would wait for it in the next collective)
+    student_lm = all_ranks_succeed(lambda: (load_causal_lm if reads_weights else causal_lm_skeleton)(
+        cfg.models.student, "float32", cfg.models.trust_remote_code))
     if cfg.train.parallel_strategy == "fsdp" and world > 1 and not same_structure_as_rank0(student_lm):
         # e.g. weights saved untied while config.json ties them: loading unties them, a build from the config does not
         logging.getLogger("pocl").warning(

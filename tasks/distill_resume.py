@@ -20,7 +20,7 @@ from pocl_core.checkpoint import (GRAD_SCALER_KEY, MANIFEST, REPLAY_BUFFERS, RNG
 from pocl_core.config import PoclConfig
 from pocl_core.encoding import EncodedSample
 from pocl_core.on_policy import OnPolicyMixer
-from pocl_core.parallel import decided_by_rank0
+from pocl_core.parallel import all_ranks_succeed, decided_by_rank0
 from pocl_core.storage import Location, ObjectPath, download_dir, download_files
 from tasks.run_checkpoints import experiment_dir, list_checkpoints, newest_valid_checkpoint
 
@@ -91,7 +91,8 @@ def resume_checkpoint(loop_config: dict[str, Any], student_lm: torch.nn.Module |
     and from an object store it downloads only the small files (``RANK_FILES``).
 
     Rank 0 alone picks the checkpoint and every rank resumes the same one (a collective when the
-    training has several workers; an error of rank 0's stops every rank). Candidates, newest first:
+    training has several workers; an error of any rank's, in the pick or in reading the checkpoint,
+    stops every rank). Candidates, newest first:
     every complete checkpoint folder in the run's storage (Ray Train registers a reported checkpoint
     only at its next poll, so a run killed right after a report can leave a complete, verified
     checkpoint that Ray does not know; using it avoids redoing finished work; folders an interrupted
@@ -111,10 +112,7 @@ def resume_checkpoint(loop_config: dict[str, Any], student_lm: torch.nn.Module |
         picked.append(choice[2])
         return choice[0], choice[1]
 
-    try:
-        choice = decided_by_rank0(pick)
-        if choice is None:
-            return None
+    def read(choice: tuple[str, str]) -> Resumed:
         if picked:
             chosen, verified = picked[0], True
         elif choice[0] == "latest":
@@ -146,6 +144,12 @@ def resume_checkpoint(loop_config: dict[str, Any], student_lm: torch.nn.Module |
             rng_states=read_rng_states(folder, verify=False),
             replay_buffers=read_replay_buffers(folder, verify=False),
             grad_scaler_state=recorded.get(GRAD_SCALER_KEY))
+
+    try:
+        choice = decided_by_rank0(pick)
+        if choice is None:
+            return None
+        return all_ranks_succeed(lambda: read(choice))
     finally:
         for d in temp_dirs:
             shutil.rmtree(d, ignore_errors=True)

@@ -1,6 +1,7 @@
 """Resuming with several workers: rank 0 alone picks (and verifies) the checkpoint, every rank resumes
-the one it picked, an error of rank 0's stops every rank, and a rank that receives its weights from
-rank 0 (FSDP) downloads only the small files of a remote checkpoint. Two CPU processes (gloo)."""
+the one it picked, an error of any rank (in the pick or in reading the checkpoint) stops every rank,
+and a rank that receives its weights from rank 0 (FSDP) downloads only the small files of a remote
+checkpoint. Two CPU processes (gloo)."""
 
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ def _write_checkpoints(run_dir, tmp: Path) -> torch.nn.Module:
     return kept
 
 
-def _worker(rank: int, port: int, run_dir, train_key: str, out: str) -> None:
+def _worker(rank: int, port: int, run_dir, train_key: str, out: str, out_features: int) -> None:
     import ray.train
 
     import tasks.distill_resume as resume
@@ -66,7 +67,7 @@ def _worker(rank: int, port: int, run_dir, train_key: str, out: str) -> None:
             return folder
         setattr(resume, name, spy)
     try:
-        student = torch.nn.Linear(3, 2) if rank == 0 else None  # rank 1 as under FSDP
+        student = torch.nn.Linear(3, out_features) if rank == 0 else None  # rank 1 as under FSDP
         cfg = SimpleNamespace(curriculum=SimpleNamespace(fresh_optimizer_per_stage=True))
         got = resume.resume_checkpoint({"run_dir": run_dir, "train_key": train_key}, student, cfg)
         record.update(name=Path(str(got.name)).name, position=list(got.position.__dict__.values()),
@@ -79,9 +80,11 @@ def _worker(rank: int, port: int, run_dir, train_key: str, out: str) -> None:
     Path(f"{out}.rank{rank}").write_text(json.dumps(record))
 
 
-def _run(tmp_path: Path, run_dir, train_key: str) -> list[dict]:
+def _run(tmp_path: Path, run_dir, train_key: str, out_features: int = 2) -> list[dict]:
+    """Both ranks' records; rank 0's student is a Linear(3, out_features) (the checkpoints': 2)."""
     out = tmp_path / "record"
-    ctx = mp.start_processes(_worker, args=(free_port(), run_dir, train_key, str(out)), nprocs=2, join=False,
+    ctx = mp.start_processes(_worker, args=(free_port(), run_dir, train_key, str(out), out_features), nprocs=2,
+                             join=False,
                              start_method="spawn")
     while not ctx.join(timeout=120):
         pass
@@ -113,6 +116,18 @@ def test_rank_zero_refusing_the_checkpoint_stops_every_rank(tmp_path):
     assert "different training config" in rank0["error"]
     assert rank1["error"].startswith("RuntimeError: rank 0 failed, so rank 1 stops too: RuntimeError: checkpoint ")
     assert "use a new run_name" in rank1["error"]
+
+
+def test_rank_zero_failing_to_load_the_chosen_checkpoint_stops_every_rank(tmp_path):
+    """After the pick: rank 0's student does not match the checkpoint's weights, and rank 1 (which reads
+    only the small files, and succeeds) stops with rank 0's error instead of going on to wait for it."""
+    run_dir = tmp_path / "run"
+    _write_checkpoints(run_dir, tmp_path)
+    rank0, rank1 = _run(tmp_path, run_dir, TRAIN_KEY, out_features=4)
+
+    assert "error" in rank0 and "rank 0 failed" not in rank0["error"], rank0
+    assert rank1["error"].startswith("RuntimeError: rank 0 failed, so rank 1 stops too: ")
+    assert rank1["error"].removeprefix("RuntimeError: rank 0 failed, so rank 1 stops too: ") == rank0["error"]
 
 
 def test_a_rank_without_weights_downloads_only_the_small_files(tmp_path, s3_server, s3_bucket):
