@@ -346,6 +346,11 @@ class RayConfig(_Section):
     train_log_level: the level of Ray Train's own log lines on the console (its ``ray.train`` loggers:
     ``INFO`` adds a line per report and checkpoint, process-group set-up and the like); its log files
     in the Ray session folder keep every level, and the run's own lines are not affected.
+    collective_timeout_s: how long (seconds) a worker waits in one collective of the training's process
+    group (gloo or NCCL) before it fails: the time-out of Ray Train's TorchConfig, 1800 by default.
+    Workers wait in one while rank 0 picks the checkpoint to resume (downloading it from an object
+    store and verifying it) and, under FSDP, while rank 0 loads the student: raise it for checkpoints
+    that take longer than that to fetch.
     """
 
     address: Optional[str] = None
@@ -355,6 +360,7 @@ class RayConfig(_Section):
     worker_niceness: Optional[int] = Field(0, ge=0, le=19)
     cpu_affinity: Literal["auto", "spread", "none"] = "auto"
     train_log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "WARNING"
+    collective_timeout_s: int = Field(1800, gt=0)
 
 
 class EvalConfig(SamplingConfig):

@@ -52,7 +52,7 @@ def decided_by_rank0(decide: Callable[[], T]) -> T:
     if dist.get_rank() == 0:
         try:
             value = decide()
-        except Exception as exc:
+        except BaseException as exc:  # KeyboardInterrupt, SystemExit too: no rank is left waiting
             dist.broadcast_object_list([("error", f"{type(exc).__name__}: {exc}")], src=0)
             raise
         dist.broadcast_object_list([("ok", value)], src=0)
@@ -79,7 +79,7 @@ def all_ranks_succeed(work: Callable[[], T]) -> T:
     value, failure, message = None, None, None
     try:
         value = work()
-    except Exception as exc:
+    except BaseException as exc:  # KeyboardInterrupt, SystemExit too: no rank is left waiting
         failure, message = exc, f"{type(exc).__name__}: {exc}"
     messages: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(messages, message)

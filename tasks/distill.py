@@ -25,7 +25,7 @@ import ray
 import torch
 from prefect import task
 from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-from ray.train.torch import TorchTrainer
+from ray.train.torch import TorchConfig, TorchTrainer
 
 from pocl_core.checkpoint import load_checkpoint
 from pocl_core.config import ConfigError, LossConfig, PoclConfig, RayConfig
@@ -33,13 +33,12 @@ from pocl_core.contracts import STUDENT_PROVENANCE, RunPaths, StaleOutputError, 
 from pocl_core.models import load_causal_lm, load_tokenizer, model_fingerprint, tokenizer_fingerprint, weights_digest
 from pocl_core.partition import bucket_sizes
 from pocl_core.schedule import num_trained_stages, plan_stages
-from pocl_core.storage import (Location, ObjectPath, download_dir, for_workers, location, ray_storage,
-                               write_dir_atomic)
+from pocl_core.storage import Location, for_workers, location, ray_storage, write_dir_atomic
 from pocl_core.teacher_cache import cache_shards
 from tasks.common import task_logger
 from tasks.distill_loop import distill_loop
 from tasks.load_data import DatasetSplits
-from tasks.run_checkpoints import (EXPERIMENT_NAME, foreign_checkpoints, list_checkpoints, newest_valid_checkpoint,
+from tasks.run_checkpoints import (EXPERIMENT_NAME, foreign_checkpoints, list_checkpoints, newest_verified_copy,
                                    prune_checkpoints)
 from tasks.train_progress import MetricsFollower
 
@@ -282,6 +281,7 @@ def distill(cfg: PoclConfig, data: DatasetSplits, partition_path: str, teacher_c
             "pin_cpus": pin_cpus(cfg),
         },
         scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu),
+        torch_config=torch_config(cfg.ray),
         run_config=train_run_config(cfg, paths),
     )
     log.info("distilling with %d Ray Train worker(s), storage %s", cfg.ray.num_workers, paths.train_storage)
@@ -293,15 +293,14 @@ def distill(cfg: PoclConfig, data: DatasetSplits, partition_path: str, teacher_c
     # The newest valid checkpoint in storage, not only those Ray Train registered (result.checkpoint):
     # a run killed right after its final report leaves a complete checkpoint that Ray registers only
     # at its next poll; the retry resumes there, has no step left, and reports nothing more.
-    newest = newest_valid_checkpoint(list(reversed(list_checkpoints(paths.root))))
-    if newest is None:
-        raise RuntimeError(f"distillation finished without a valid checkpoint in {paths.train_storage}")
-    if isinstance(newest, ObjectPath):
-        with tempfile.TemporaryDirectory(prefix="pocl-ckpt-") as tmp:
-            local = download_dir(newest, Path(tmp))
-            save_student(cfg, str(local), paths.student, key)
-    else:
-        save_student(cfg, str(newest), paths.student, key, verified=True)
+    # From an object store the checkpoint is downloaded once, verified in the local copy and saved from it.
+    with tempfile.TemporaryDirectory(prefix="pocl-ckpt-") as tmp:
+        found = newest_verified_copy(list(reversed(list_checkpoints(paths.root))),
+                                     lambda: Path(tempfile.mkdtemp(dir=tmp)))
+        if found is None:
+            raise RuntimeError(f"distillation finished without a valid checkpoint in {paths.train_storage}")
+        newest, local = found
+        save_student(cfg, str(local), paths.student, key, verified=True)
     log.info("final student saved to %s", paths.student)
     try:
         removed = prune_checkpoints(paths.root, newest, cfg.train.keep_checkpoints)
@@ -313,6 +312,12 @@ def distill(cfg: PoclConfig, data: DatasetSplits, partition_path: str, teacher_c
                  len(removed), cfg.train.keep_checkpoints,
                  ", ".join(p.name for p in removed[:5]) + (", ..." if len(removed) > 5 else ""))
     return str(paths.student)
+
+
+def torch_config(cfg: RayConfig) -> TorchConfig:
+    """Ray Train's process-group settings for the run: the backend Ray Train picks (NCCL on GPUs, gloo
+    on CPUs) and the collectives' time-out, ``ray.collective_timeout_s``."""
+    return TorchConfig(timeout_s=cfg.collective_timeout_s)
 
 
 def train_run_config(cfg: PoclConfig, paths: RunPaths) -> RunConfig:

@@ -9,8 +9,9 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
+import pyarrow.fs as pafs
 import ray.train
 import torch
 
@@ -22,7 +23,7 @@ from pocl_core.encoding import EncodedSample
 from pocl_core.on_policy import OnPolicyMixer
 from pocl_core.parallel import all_ranks_succeed, decided_by_rank0
 from pocl_core.storage import Location, ObjectPath, download_dir, download_files
-from tasks.run_checkpoints import experiment_dir, list_checkpoints, newest_valid_checkpoint
+from tasks.run_checkpoints import experiment_dir, list_checkpoints, newest_verified_copy
 
 
 @dataclass
@@ -44,11 +45,12 @@ class Resumed:
 RANK_FILES = (MANIFEST, "position.json", "scheduler.pt", RNG, REPLAY_BUFFERS)
 
 
-def _pick_checkpoint(loop_config: dict[str, Any], temp_dirs: list[str]) -> tuple[str, str, Location] | None:
-    """The checkpoint to resume from, verified: ("storage", name, folder) for a folder of the run's
-    storage, ("latest", name, local copy) for Ray Train's latest checkpoint when it lives outside that
-    storage; None when there is none. RuntimeError when every candidate fails its checksums or the
-    chosen one was written under another training key."""
+def _pick_checkpoint(loop_config: dict[str, Any], temp_dirs: list[str]) -> tuple[str, Location, Path] | None:
+    """The checkpoint to resume from, verified: (kind, the folder, a local folder holding its files)
+    with kind "storage" for a folder of the run's storage (downloaded into a temporary folder when it
+    lives in an object store) or "latest" for Ray Train's latest checkpoint when it lives outside that
+    storage (copied locally); None when there is none. RuntimeError when every candidate fails its
+    checksums or the chosen one was written under another training key."""
     candidates: list[Location] = list(reversed(list_checkpoints(loop_config["run_dir"])))
     in_storage = {p.name for p in experiment_dir(loop_config["run_dir"]).glob("checkpoint_*")}
     latest = ray.train.get_checkpoint()
@@ -58,29 +60,43 @@ def _pick_checkpoint(loop_config: dict[str, Any], temp_dirs: list[str]) -> tuple
         candidates.insert(0, latest_copy)
     if not candidates:
         return None
-    chosen = newest_valid_checkpoint(candidates)
-    if chosen is None:
+    found = newest_verified_copy(candidates, lambda: _temp_dir(temp_dirs))
+    if found is None:
         raise RuntimeError(
             f"no checkpoint of {experiment_dir(loop_config['run_dir'])} passes its checksums (each one is "
             "named in a warning above): the saved files were altered or damaged after they were written; "
             "remove those folders to start training again, or use a new run_name")
-    found = json.loads((chosen / "position.json").read_text()).get("train_key")
-    if found != loop_config["train_key"]:
+    chosen, local = found
+    key = json.loads((local / "position.json").read_text()).get("train_key")
+    if key != loop_config["train_key"]:
         raise RuntimeError(
-            f"checkpoint {chosen} was written by a different training config (train_key {found}, now "
+            f"checkpoint {chosen} was written by a different training config (train_key {key}, now "
             f"{loop_config['train_key']}); use a new run_name to train with the new settings")
     if latest is not None and chosen == latest_copy:
-        return "latest", Path(latest.path).name, chosen
-    return "storage", chosen.name, chosen
+        return "latest", Path(latest.path), local
+    return "storage", chosen, local
 
 
-def _copy_latest(latest: ray.train.Checkpoint, temp_dirs: list[str]) -> Path:
-    """A local copy of Ray Train's checkpoint ``latest`` in a new temporary folder (added to ``temp_dirs``)."""
-    copy = tempfile.mkdtemp(prefix="pocl-resume-")
-    temp_dirs.append(copy)
-    with latest.as_directory() as d:
-        shutil.copytree(d, copy, dirs_exist_ok=True)
-    return Path(copy)
+def _temp_dir(temp_dirs: list[str]) -> Path:
+    """A new temporary folder, added to ``temp_dirs`` (removed once the checkpoint is read)."""
+    temp_dirs.append(tempfile.mkdtemp(prefix="pocl-resume-"))
+    return Path(temp_dirs[-1])
+
+
+def _copy_latest(latest: ray.train.Checkpoint, temp_dirs: list[str], names: Iterable[str] | None = None) -> Path:
+    """A local copy of Ray Train's checkpoint ``latest`` (only its files of ``names``, when given and
+    there) in a new temporary folder (added to ``temp_dirs``)."""
+    copy = _temp_dir(temp_dirs)
+    if names is None:
+        with latest.as_directory() as d:
+            shutil.copytree(d, copy, dirs_exist_ok=True)
+        return copy
+    for name in names:
+        src = f"{latest.path.rstrip('/')}/{name}"
+        if latest.filesystem.get_file_info(src).type == pafs.FileType.File:
+            pafs.copy_files(src, str(copy / name), source_filesystem=latest.filesystem,
+                            destination_filesystem=pafs.LocalFileSystem())
+    return copy
 
 
 def resume_checkpoint(loop_config: dict[str, Any], student_lm: torch.nn.Module | None, cfg: PoclConfig) -> Resumed | None:
@@ -97,42 +113,42 @@ def resume_checkpoint(loop_config: dict[str, Any], student_lm: torch.nn.Module |
     only at its next poll, so a run killed right after a report can leave a complete, verified
     checkpoint that Ray does not know; using it avoids redoing finished work; folders an interrupted
     write left incomplete are not candidates), preceded by Ray Train's latest checkpoint only if it
-    lives outside that storage (copied locally). Rank 0 checks each one's checksums, read through the
-    run folder's filesystem, and takes the first that passes. A remote one is then downloaded to a
-    local temporary folder (its files verified again there) and deleted once read; a copy of Ray's
-    latest made by another rank is verified too.
+    lives outside that storage (copied locally). Rank 0 checks each one's checksums and takes the
+    first that passes; one in an object store is downloaded into a local temporary folder first and
+    verified there, so rank 0 reads each remote file once, and the copy is deleted once read. The other
+    ranks verify what they download or copy themselves (their copies were not what rank 0 read).
     """
     temp_dirs: list[str] = []
-    picked: list[Location] = []  # rank 0's own pick, already verified (its copy of Ray's latest included)
+    picked: list[tuple[Location, Path]] = []  # rank 0's pick and its local, verified copy
 
     def pick() -> tuple[str, str] | None:
         choice = _pick_checkpoint(loop_config, temp_dirs)
         if choice is None:
             return None
-        picked.append(choice[2])
-        return choice[0], choice[1]
+        kind, chosen, local = choice
+        picked.append((chosen, local))
+        return kind, chosen.name
 
     def read(choice: tuple[str, str]) -> Resumed:
+        names = None if student_lm is not None else RANK_FILES
         if picked:
-            chosen, verified = picked[0], True
+            chosen, folder = picked[0]
         elif choice[0] == "latest":
             latest = ray.train.get_checkpoint()
             if latest is None or Path(latest.path).name != choice[1]:
                 raise RuntimeError(f"rank 0 resumes Ray Train's latest checkpoint {choice[1]}, which this "
                                    f"rank does not see (it sees {latest and Path(latest.path).name})")
-            chosen, verified = _copy_latest(latest, temp_dirs), False
+            chosen = Path(latest.path)
+            folder = _copy_latest(latest, temp_dirs, names)
+            verify_checkpoint(folder, names=names)  # rank 0 verified its own copy
         else:
-            chosen, verified = experiment_dir(loop_config["run_dir"]) / choice[1], True  # rank 0 verified it
-        names = None if student_lm is not None else RANK_FILES
-        if isinstance(chosen, ObjectPath):
-            temp_dirs.append(tempfile.mkdtemp(prefix="pocl-resume-"))
-            local = Path(temp_dirs[-1])
-            folder = download_dir(chosen, local) if names is None else download_files(chosen, local, names)
-            verified = False
-        else:
-            folder = Path(chosen)
-        if not verified:
-            verify_checkpoint(folder, names=names)
+            chosen = experiment_dir(loop_config["run_dir"]) / choice[1]  # rank 0 verified it
+            if isinstance(chosen, ObjectPath):
+                local = _temp_dir(temp_dirs)
+                folder = download_dir(chosen, local) if names is None else download_files(chosen, local, names)
+                verify_checkpoint(folder, names=names)  # what arrived here, which rank 0 did not read
+            else:
+                folder = Path(chosen)
         position = load_checkpoint(folder, model=student_lm, verify=False)
         recorded = json.loads((folder / "position.json").read_text())
         continues_optimizer = position.step_in_stage > 0 or not cfg.curriculum.fresh_optimizer_per_stage

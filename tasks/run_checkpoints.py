@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
+from typing import Callable
 
 from pocl_core.checkpoint import CheckpointError, check_complete, verify_checkpoint
-from pocl_core.storage import Location, ObjectPath, location, remove_tree
+from pocl_core.storage import Location, ObjectPath, download_dir, location, remove_tree
 
 EXPERIMENT_NAME = "distill"
 # Ray Train's record of the checkpoints it registered, in the experiment folder (Ray 2.60)
@@ -70,6 +72,29 @@ def newest_valid_checkpoint(candidates: list[Location]) -> Location | None:
             return folder
         except CheckpointError as exc:
             log.warning("skipping checkpoint %s: %s; trying the previous one", folder, exc)
+    return None
+
+
+def newest_verified_copy(candidates: list[Location], scratch: Callable[[], Path]) -> tuple[Location, Path] | None:
+    """The first folder of ``candidates`` (newest first) that passes verification, with a local folder
+    holding its files; None when none passes (each one skipped named in a warning).
+
+    A local candidate is its own local folder. One in an object store is downloaded whole into a new
+    folder from ``scratch()`` and verified there, so each of its files crosses the network once (not
+    once to verify and again to load); the copy of a candidate that fails is removed at once. An
+    error of the store itself (OSError) is raised, not taken for a damaged checkpoint.
+    """
+    for folder in candidates:
+        remote = isinstance(folder, ObjectPath)
+        local = download_dir(folder, scratch()) if remote else Path(folder)
+        try:
+            verify_checkpoint(local)
+            return folder, local
+        except CheckpointError as exc:
+            log.warning("skipping checkpoint %s: %s; trying the previous one", folder,
+                        str(exc).replace(str(local), str(folder)))  # name the stored folder, not the copy
+            if remote:
+                shutil.rmtree(local, ignore_errors=True)
     return None
 
 

@@ -1,6 +1,7 @@
 """Resuming with several workers: rank 0 alone picks (and verifies) the checkpoint, every rank resumes
 the one it picked, an error of any rank (in the pick or in reading the checkpoint) stops every rank,
-and a rank that receives its weights from rank 0 (FSDP) downloads only the small files of a remote
+rank 0 reads each file of a remote checkpoint once (downloaded, then verified and loaded locally), and
+a rank that receives its weights from rank 0 (FSDP) downloads only the small files of a remote
 checkpoint. Two CPU processes (gloo)."""
 
 from __future__ import annotations
@@ -50,22 +51,32 @@ def _worker(rank: int, port: int, run_dir, train_key: str, out: str, out_feature
     import ray.train
 
     import tasks.distill_resume as resume
+    import tasks.run_checkpoints as run_checkpoints
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     ray.train.get_checkpoint = lambda: None  # no Ray Train session here: only the run's storage
-    record: dict = {"downloaded": None}
+    # every download: [function, the stored folder's name, the files that arrived]; every verification:
+    # whether it read the store (True) or a local folder
+    record: dict = {"downloaded": [], "verified_remote": []}
     if rank == 1:
         def refuse(*_):
             raise AssertionError("rank 1 picked a checkpoint itself")
         resume._pick_checkpoint = refuse
-    for name in ("download_dir", "download_files"):
-        real = getattr(resume, name)
+    for module in (resume, run_checkpoints):
+        for name in ("download_dir", "download_files"):
+            if not hasattr(module, name):
+                continue
 
-        def spy(src, dest, *rest, _real=real, _name=name):
-            folder = _real(src, dest, *rest)
-            record["downloaded"] = [_name, sorted(p.name for p in Path(folder).iterdir())]
-            return folder
-        setattr(resume, name, spy)
+            def spy(src, dest, *rest, _real=getattr(module, name), _name=name):
+                folder = _real(src, dest, *rest)
+                record["downloaded"].append([_name, src.name, sorted(p.name for p in Path(folder).iterdir())])
+                return folder
+            setattr(module, name, spy)
+
+        def verify_spy(folder, *rest, _real=module.verify_checkpoint, **kw):
+            record["verified_remote"].append(not isinstance(folder, (str, Path)))
+            return _real(folder, *rest, **kw)
+        module.verify_checkpoint = verify_spy
     try:
         student = torch.nn.Linear(3, out_features) if rank == 0 else None  # rank 1 as under FSDP
         cfg = SimpleNamespace(curriculum=SimpleNamespace(fresh_optimizer_per_stage=True))
@@ -104,7 +115,8 @@ def test_every_rank_resumes_the_checkpoint_rank_zero_verified(tmp_path):
     assert (rank0["python_state"], rank1["python_state"]) == (101, 111)  # each rank its own saved stream
     # mid-stage: the optimizer continues; rank 1 receives its state from rank 0 later (an empty dict now)
     assert rank0["optimizer"]["param_groups"][0]["lr"] == 0.1 and rank1["optimizer"] == {}
-    assert rank0["downloaded"] is None and rank1["downloaded"] is None  # local storage is read in place
+    assert rank0["downloaded"] == rank1["downloaded"] == []  # local storage is read in place
+    assert rank0["verified_remote"] == [False, False] and rank1["verified_remote"] == []  # 000002 fails, 000001
 
 
 def test_rank_zero_refusing_the_checkpoint_stops_every_rank(tmp_path):
@@ -138,7 +150,32 @@ def test_a_rank_without_weights_downloads_only_the_small_files(tmp_path, s3_serv
     assert "error" not in rank0 and "error" not in rank1, (rank0, rank1)
     assert rank0["name"] == rank1["name"] == "checkpoint_000001"
     assert rank0["weight"] == kept.weight.tolist()
-    assert rank0["downloaded"] == ["download_dir", sorted(
-        [MANIFEST, "model.safetensors", "optimizer.pt", "position.json", "rng.pt", "scheduler.pt"])]
-    assert rank1["downloaded"] == ["download_files", [MANIFEST, "position.json", "rng.pt", "scheduler.pt"]]
+    every_file = sorted([MANIFEST, "model.safetensors", "optimizer.pt", "position.json", "rng.pt", "scheduler.pt"])
+    # rank 0 downloads each candidate once, newest first, and verifies the copies, never the store:
+    # the damaged newest, then the one it resumes (read from that same copy)
+    assert rank0["downloaded"] == [["download_dir", "checkpoint_000002", every_file],
+                                   ["download_dir", "checkpoint_000001", every_file]]
+    assert rank0["verified_remote"] == [False, False]
+    assert rank1["downloaded"] == [["download_files", "checkpoint_000001",
+                                    [MANIFEST, "position.json", "rng.pt", "scheduler.pt"]]]
+    assert rank1["verified_remote"] == [False]  # its own download, checked locally
     assert (rank0["python_state"], rank1["python_state"]) == (101, 111)
+
+
+def test_a_copy_of_ray_trains_latest_for_a_rank_without_weights_holds_only_the_small_files(tmp_path):
+    import ray.train
+
+    from tasks.distill_resume import RANK_FILES, _copy_latest
+
+    run_dir = tmp_path / "run"
+    _write_checkpoints(run_dir, tmp_path)
+    latest = ray.train.Checkpoint(str(experiment_dir(run_dir) / "checkpoint_000001"))
+    temp_dirs: list[str] = []
+    small = _copy_latest(latest, temp_dirs, RANK_FILES)
+    whole = _copy_latest(latest, temp_dirs)
+    assert sorted(p.name for p in small.iterdir()) == [MANIFEST, "position.json", "rng.pt", "scheduler.pt"]
+    assert sorted(p.name for p in whole.iterdir()) == sorted(
+        [MANIFEST, "model.safetensors", "optimizer.pt", "position.json", "rng.pt", "scheduler.pt"])
+    assert temp_dirs == [str(small), str(whole)]
+    for d in temp_dirs:
+        shutil.rmtree(d)

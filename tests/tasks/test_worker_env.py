@@ -1,5 +1,6 @@
 """What a run's Ray workers start with: ray.worker_niceness (Ray Train's workers are actors), the job's
-set-up hook, CPU pinning as resolved on the driver, and the Ray Train settings of a local Ray."""
+set-up hook, CPU pinning as resolved on the driver, the Ray Train settings of a local Ray, and the
+training process group's collective time-out."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import os
 import pytest
 
 from pocl_core.config import RayConfig
-from tasks.distill import WORKER_SETUP_HOOK, environment_defaults, worker_runtime_env
+from tasks.distill import WORKER_SETUP_HOOK, environment_defaults, torch_config, worker_runtime_env
 
 
 def _niceness() -> int:
@@ -24,6 +25,31 @@ def test_workers_start_with_the_configured_niceness(local_ray, niceness):
     probe = actor.options(num_cpus=0, runtime_env=env).remote()
     assert local_ray.get(probe.nice.remote()) == expected
     local_ray.kill(probe)
+
+
+def _report_collective_timeout(config: dict) -> None:
+    import torch
+    import torch.distributed as dist
+
+    group = dist.distributed_c10d._get_default_group()._get_backend(torch.device("cpu"))
+    with open(config["out"], "w") as f:
+        f.write(str(group.options._timeout.total_seconds()))
+
+
+@pytest.mark.slow
+def test_the_training_process_group_gets_the_configured_collective_timeout(local_ray, tmp_path):
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    out = tmp_path / "timeout"
+    TorchTrainer(_report_collective_timeout, train_loop_config={"out": str(out)},
+                 torch_config=torch_config(RayConfig(collective_timeout_s=4321)),
+                 scaling_config=ScalingConfig(num_workers=1),
+                 run_config=RunConfig(storage_path=str(tmp_path / "ray"), name="probe")).fit()
+    assert float(out.read_text()) == 4321.0
+    assert RayConfig().collective_timeout_s == 1800  # Ray Train's own default
+    with pytest.raises(ValueError, match="collective_timeout_s"):
+        RayConfig(collective_timeout_s=0)
 
 
 def test_niceness_outside_the_unix_range_is_refused():

@@ -2,18 +2,21 @@ import hashlib
 import json
 import logging
 import random
+import shutil
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from pocl_core.checkpoint import (REQUIRED_FILES, CheckpointError, Position, load_checkpoint, read_replay_buffers,
+from pocl_core.checkpoint import (MANIFEST, REQUIRED_FILES, CheckpointError, Position, load_checkpoint, read_replay_buffers,
                                   read_rng_states, rng_state, save_checkpoint, set_rng_state, verify_checkpoint)
 from pocl_core.encoding import EncodedSample
 from pocl_core.config import StorageConfig
-from pocl_core.storage import location
+from pocl_core.storage import location, upload_dir
 from tasks.run_checkpoints import (experiment_dir, foreign_checkpoints, list_checkpoints, newest_valid_checkpoint,
-                                   prune_checkpoints)
+                                   newest_verified_copy, prune_checkpoints)
 
 
 def _state(seed):
@@ -250,3 +253,41 @@ def test_pruning_works_in_an_object_store(s3_server, s3_bucket):
     assert _names(run_dir) == ["checkpoint_030", "checkpoint_040", "checkpoint_manager_snapshot.json"]
     assert sorted(p.name for p in removed) == ["checkpoint_010", "checkpoint_020", "checkpoint_035", "checkpoint_045",
                                                "checkpoint_050", "checkpoint_060.tmp", "checkpoint_070"]
+
+
+@pytest.mark.parametrize("remote", [False, True])
+def test_the_verified_copy_is_the_folder_itself_or_one_download_of_it(tmp_path, request, caplog, remote):
+    """Local candidates are verified in place; remote ones are downloaded once and verified in the copy,
+    and the copy of a damaged one is removed with a warning that names the stored folder."""
+    run_dir = tmp_path / "run"
+    if remote:
+        s3_server, s3_bucket = request.getfixturevalue("s3_server"), request.getfixturevalue("s3_bucket")
+        run_dir = location(f"s3://{s3_bucket}/runs/r0", StorageConfig(endpoint_url=s3_server))
+    model, opt, sched = _state(0)
+    for step in (4, 8):
+        local = save_checkpoint(tmp_path / f"c{step}", model, opt, sched, Position(0, step, step, 8 * step))
+        target = experiment_dir(run_dir) / f"checkpoint_{step:03d}"
+        if remote:
+            upload_dir(local, target, last=MANIFEST)
+        else:
+            shutil.copytree(local, target)
+    (experiment_dir(run_dir) / "checkpoint_008" / "model.safetensors").write_bytes(b"damaged")
+    scratch: list[Path] = []
+
+    def new_folder() -> Path:
+        scratch.append(Path(tempfile.mkdtemp(dir=tmp_path)))
+        return scratch[-1]
+
+    found = newest_verified_copy(list(reversed(list_checkpoints(run_dir))), new_folder)
+    stored, copy = found
+    assert stored == experiment_dir(run_dir) / "checkpoint_004"
+    assert f"skipping checkpoint {experiment_dir(run_dir) / 'checkpoint_008'}: " \
+           f"{experiment_dir(run_dir) / 'checkpoint_008'}: checksum mismatch for model.safetensors" in caplog.text
+    if remote:
+        assert len(scratch) == 2 and not scratch[0].exists() and copy == scratch[1]  # the damaged copy is gone
+        assert sorted(p.name for p in copy.iterdir()) == sorted(p.name for p in (tmp_path / "c4").iterdir())
+    else:
+        assert scratch == [] and copy == stored
+    fresh, _, _ = _state(1)
+    assert load_checkpoint(copy, model=fresh) == Position(0, 4, 4, 32)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), fresh.state_dict().values()))
