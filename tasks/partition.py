@@ -89,6 +89,11 @@ def partition(cfg: PoclConfig, scores: ScoresResult) -> str:
     write_table_atomic(out, paths.partition, PARTITION_SCHEMA, provenance)
     log.info("partitioned %d samples into %d buckets (%s): %s; plot %s", len(ranks), k,
              cfg.curriculum.strategy, [r["samples"] for r in rows], plot)
+    empty = [r["bucket"] for r in rows if r["samples"] == 0]
+    if empty:
+        log.warning("curriculum.num_stages=%d exceeds the %d training samples: bucket(s) %s are empty, so "
+                    "stage(s) %s add no new samples and repeat the stage before at a new temperature; lower "
+                    "curriculum.num_stages or train on more samples", k, len(ranks), empty, empty)
     return str(paths.partition)
 
 

@@ -75,6 +75,19 @@ def test_partition_reads_only_reported_shards_and_refuses_other_scores(scored, t
         partition.fn(copy_cfg.model_copy(update={"run_name": "copy3"}), copied)
 
 
+def test_more_stages_than_samples_leave_empty_buckets_with_a_warning(scored, tmp_path, caplog):
+    cfg, scores = scored
+    run = tmp_path / "many"
+    shutil.copytree(Path(cfg.run_dir) / "scores", run / "scores")
+    many = cfg.model_copy(update={"runs_root": str(tmp_path), "run_name": "many",
+                                  "curriculum": cfg.curriculum.model_copy(update={"num_stages": 72})})
+    with caplog.at_level("WARNING", logger="pocl"):
+        partition.fn(many, replace(scores, scores_dir=str(run / "scores")))
+    buckets = pq.read_table(RunPaths.of(run).partition).column("bucket").to_pylist()
+    assert sorted(buckets) == list(range(70))  # one sample per bucket, the last two empty
+    assert "curriculum.num_stages=72 exceeds the 70 training samples: bucket(s) [70, 71] are empty" in caplog.text
+
+
 @pytest.mark.slow
 def test_partition_publishes_table_and_plot_artifacts(scored, prefect_harness, tmp_path):
     from prefect import flow
