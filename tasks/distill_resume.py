@@ -67,14 +67,15 @@ def _pick_checkpoint(loop_config: dict[str, Any], temp_dirs: list[str]) -> tuple
             "named in a warning above): the saved files were altered or damaged after they were written; "
             "remove those folders to start training again, or use a new run_name")
     chosen, local = found
+    kind = "latest" if latest is not None and chosen == latest_copy else "storage"
+    if kind == "latest":
+        chosen = Path(latest.path)  # named in messages: the copy is temporary
     key = json.loads((local / "position.json").read_text()).get("train_key")
     if key != loop_config["train_key"]:
         raise RuntimeError(
             f"checkpoint {chosen} was written by a different training config (train_key {key}, now "
             f"{loop_config['train_key']}); use a new run_name to train with the new settings")
-    if latest is not None and chosen == latest_copy:
-        return "latest", Path(latest.path), local
-    return "storage", chosen, local
+    return kind, chosen, local
 
 
 def _temp_dir(temp_dirs: list[str]) -> Path:

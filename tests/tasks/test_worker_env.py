@@ -47,7 +47,10 @@ def test_the_training_process_group_gets_the_configured_collective_timeout(local
                  scaling_config=ScalingConfig(num_workers=1),
                  run_config=RunConfig(storage_path=str(tmp_path / "ray"), name="probe")).fit()
     assert float(out.read_text()) == 4321.0
-    assert RayConfig().collective_timeout_s == 1800  # Ray Train's own default
+
+
+def test_the_collective_timeout_defaults_to_ray_trains_and_must_be_positive():
+    assert RayConfig().collective_timeout_s == 1800 == torch_config(RayConfig()).timeout_s  # Ray Train's own
     with pytest.raises(ValueError, match="collective_timeout_s"):
         RayConfig(collective_timeout_s=0)
 
