@@ -26,9 +26,11 @@ from typing import Any, Optional
 
 from prefect import flow
 
-from flows.pipeline import check_data, check_inputs, parameter_errors_logged, removed_on_failure, stale_hint
+from flows.pipeline import (check_data, check_inputs, current_flow_run_id, parameter_errors_logged, removed_on_failure,
+                            stale_hint)
 from pocl_core.config import FOLDER_NAME, ConfigError, PoclConfig, load_config, parse_overrides, validate_config
 from pocl_core.contracts import RunPaths, StaleOutputError, read_table, write_text_atomic
+from pocl_core.run_lock import run_folder_lock
 from pocl_core.storage import join, location
 from tasks.common import publish_markdown, publish_table
 from tasks.distill import distill
@@ -194,33 +196,38 @@ def pocl_compare(config_path: str = "configs/quickstart.yaml", overrides: Option
         root = join(base.runs_root, compare_name)
         shared = check_shared_inputs(base, compare_name)
         current = shared  # the config of the folder being worked on
-        try:
-            # nothing of a new comparison exists before its data loaded: a data error leaves no new folder
-            with removed_on_failure(location(root, base.storage)), \
-                    removed_on_failure(RunPaths.of(shared.run_dir, shared.storage).root):
-                data = load_dataset(shared)
-            record_config(shared)
-            scores = score_difficulty(shared, data)
-            reference_path = evaluate(shared, data, None, models={"teacher": base.models.teacher,
-                                                                  "initial_student": base.models.student})
-            record_config(shared, finished=True)
-            rows = []
-            for v in variants:
-                current = cfg = variant_config(base, root, v)
-                record_config(cfg)
-                student = distill(cfg, data, partition(cfg, scores), scores.teacher_cache_dir)
-                metrics_path = evaluate(cfg, data, student, models={"final_student": student})
-                record_config(cfg, finished=True)
-                metrics = read_table(location(metrics_path, cfg.storage)).to_pylist()[0]
-                rows.append({"strategy": v.strategy, "loss": v.loss, "seed": v.seed, "rouge_l": metrics["rouge_l"],
-                             "rouge_l_greedy": metrics["rouge_l_greedy"], "nll": metrics["nll"]})
-        except StaleOutputError as exc:
-            raise StaleOutputError(f"{exc}{stale_hint(current)}") from None
-    summary = summarize(rows)
-    command = compare_command(config_path, list(overrides or []), strategies, losses, seeds, compare_name)
-    reference = read_table(location(reference_path, base.storage)).to_pylist()
-    text = render_comparison(compare_name, reference, summary, command)
-    out = write_text_atomic(location(join(root, "comparison.md"), base.storage), text)
-    publish_markdown("pocl-comparison", text, f"POCL comparison {compare_name}")
-    publish_table("pocl-comparison-runs", rows, "final ROUGE-L and NLL of every variant")
+        root_paths = RunPaths.of(root, base.storage)
+        shared_root = RunPaths.of(shared.run_dir, shared.storage).root
+        fresh_root, fresh_shared = not root_paths.root.exists(), not shared_root.exists()
+        with run_folder_lock(root_paths, current_flow_run_id()):
+            try:
+                # nothing of a new comparison exists before its data loaded: a data error leaves no new folder
+                with removed_on_failure(root_paths.root, new=fresh_root), \
+                        removed_on_failure(shared_root, new=fresh_shared):
+                    data = load_dataset(shared)
+                record_config(shared)
+                scores = score_difficulty(shared, data)
+                reference_path = evaluate(shared, data, None, models={"teacher": base.models.teacher,
+                                                                      "initial_student": base.models.student})
+                record_config(shared, finished=True)
+                rows = []
+                for v in variants:
+                    current = cfg = variant_config(base, root, v)
+                    record_config(cfg)
+                    student = distill(cfg, data, partition(cfg, scores), scores.teacher_cache_dir)
+                    metrics_path = evaluate(cfg, data, student, models={"final_student": student})
+                    record_config(cfg, finished=True)
+                    metrics = read_table(location(metrics_path, cfg.storage)).to_pylist()[0]
+                    rows.append({"strategy": v.strategy, "loss": v.loss, "seed": v.seed,
+                                 "rouge_l": metrics["rouge_l"], "rouge_l_greedy": metrics["rouge_l_greedy"],
+                                 "nll": metrics["nll"]})
+            except StaleOutputError as exc:
+                raise StaleOutputError(f"{exc}{stale_hint(current)}") from None
+            summary = summarize(rows)
+            command = compare_command(config_path, list(overrides or []), strategies, losses, seeds, compare_name)
+            reference = read_table(location(reference_path, base.storage)).to_pylist()
+            text = render_comparison(compare_name, reference, summary, command)
+            out = write_text_atomic(location(join(root, "comparison.md"), base.storage), text)
+            publish_markdown("pocl-comparison", text, f"POCL comparison {compare_name}")
+            publish_table("pocl-comparison-runs", rows, "final ROUGE-L and NLL of every variant")
     return str(out)

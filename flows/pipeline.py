@@ -37,6 +37,7 @@ from prefect.runtime import flow_run
 from pocl_core.config import ConfigError, PoclConfig, load_config
 from pocl_core.contracts import RunPaths, StaleOutputError, dotted_differences, write_text_atomic
 from pocl_core.data import DataError, check_data_paths, relative_path_note
+from pocl_core.run_lock import run_folder_lock
 from pocl_core.storage import Location, ObjectPath, is_remote, location, remove_tree
 from tasks.distill import check_local_gpus, check_ray_address, distill
 from tasks.evaluate import evaluate
@@ -252,24 +253,26 @@ def pocl_distill(config_path: str = "configs/tiny.yaml", overrides: Optional[lis
     with parameter_errors_logged():
         cfg = resolve_config(config_path, overrides, run_name, ray_address, resume)
         paths = RunPaths.of(cfg.run_dir, cfg.storage)
-        created = record_flow_run(paths)
-        try:
-            # nothing of the run exists before its data loaded: leave no folder that blocks a new run of that name
-            with removed_on_failure(paths.root, new=created):
-                data = load_dataset(cfg)
-            # config.yaml says what ran: a new run folder gets it once its data loaded; a rerun with
-            # changed settings replaces it only after it passed every stale-output check and finished.
-            if not paths.config.is_file():
+        fresh = not paths.root.exists()
+        record_flow_run(paths)
+        with run_folder_lock(paths, current_flow_run_id()):
+            try:
+                # nothing of the run exists before its data loaded: leave no folder that blocks a new run of that name
+                with removed_on_failure(paths.root, new=fresh):
+                    data = load_dataset(cfg)
+                # config.yaml says what ran: a new run folder gets it once its data loaded; a rerun with
+                # changed settings replaces it only after it passed every stale-output check and finished.
+                if not paths.config.is_file():
+                    write_text_atomic(paths.config, cfg.to_yaml())
+                scores = score_difficulty(cfg, data)
+                partition_path = partition(cfg, scores)
+                student = distill(cfg, data, partition_path, scores.teacher_cache_dir)
+                metrics = evaluate(cfg, data, student)
+                report_path = report(cfg, metrics, partition_path)
+            except StaleOutputError as exc:
+                raise StaleOutputError(f"{exc}{stale_hint(cfg)}") from None
+            if paths.config.read_text() != cfg.to_yaml():
                 write_text_atomic(paths.config, cfg.to_yaml())
-            scores = score_difficulty(cfg, data)
-            partition_path = partition(cfg, scores)
-            student = distill(cfg, data, partition_path, scores.teacher_cache_dir)
-            metrics = evaluate(cfg, data, student)
-            report_path = report(cfg, metrics, partition_path)
-        except StaleOutputError as exc:
-            raise StaleOutputError(f"{exc}{stale_hint(cfg)}") from None
-        if paths.config.read_text() != cfg.to_yaml():
-            write_text_atomic(paths.config, cfg.to_yaml())
     return RunSummary(run_dir=str(paths.root), student=student, report=report_path, metrics=metrics)
 
 

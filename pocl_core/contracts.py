@@ -4,6 +4,7 @@ Run folder layout (``<runs_root>/<run_name>/``)::
 
     config.yaml                 the resolved config
     flow_run_id                 the Prefect flow run that created the folder (lets a Retry pass resume=false)
+    run.lock                    RUN_LOCK_FIELDS (JSON): the live run writing the folder (pocl_core/run_lock.py)
     data/train.parquet          SAMPLES_SCHEMA, the training split after loading
     data/eval.parquet           SAMPLES_SCHEMA, the held-out split
     scores/measures/part-*.parquet  measures_schema: raw per-sample measures (the resume unit)
@@ -163,6 +164,35 @@ TRAIN_METRICS_FIELDS: dict[str, str] = {
 
 STUDENT_PROVENANCE = "pocl_provenance.json"  # in student/: written (uploaded) last, marks a complete student
 
+RUN_LOCK_FIELDS = {  # run.lock, one JSON object; times are Unix seconds
+    "token": "random id of the holding run (tells its own lock from a run that took it over)",
+    "host": "host name of the holding process",
+    "pid": "process id of the holding process on that host",
+    "flow_run_id": "the Prefect flow run holding it; null outside one",
+    "acquired": "when the holder took the lock",
+    "renewed": "when the holder last renewed it (every quarter of its lease)",
+    "lease_s": "seconds after `renewed` when the lock is stale",
+}
+
+
+def encode_run_lock(record: dict[str, Any]) -> bytes:
+    """run.lock's bytes: ``record`` holds exactly the RUN_LOCK_FIELDS."""
+    if set(record) != set(RUN_LOCK_FIELDS):
+        raise ValueError(f"a run.lock record has the fields {sorted(RUN_LOCK_FIELDS)}, not {sorted(record)}")
+    return (json.dumps(record, sort_keys=True) + "\n").encode("utf-8")
+
+
+def decode_run_lock(data: bytes) -> dict[str, Any] | None:
+    """A run.lock record, or None when the bytes are not one (a file cut short or written by hand)."""
+    try:
+        record = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return None
+    if not isinstance(record, dict) or set(record) != set(RUN_LOCK_FIELDS):
+        return None
+    numbers = all(isinstance(record[k], (int, float)) and not isinstance(record[k], bool)
+                  for k in ("pid", "acquired", "renewed", "lease_s"))
+    return record if numbers and isinstance(record["token"], str) and isinstance(record["host"], str) else None
 
 @dataclass(frozen=True)
 class RunPaths:
@@ -189,6 +219,11 @@ class RunPaths:
     @property
     def config(self) -> Location:
         return self.root / "config.yaml"
+
+    @property
+    def lock(self) -> Location:
+        """The advisory lock of the live run writing the folder (RUN_LOCK_FIELDS; see run_lock.py)."""
+        return self.root / "run.lock"
 
     @property
     def flow_run_id(self) -> Location:
