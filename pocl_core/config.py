@@ -290,16 +290,23 @@ def _is_text_field(dotted: str) -> bool:
     return annotation is str
 
 
+NULL_WORDS = ("null", "Null", "NULL", "~", "None")  # an override value that means null (Python's None too)
+
+
 def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
     """Parse ``key.sub=value`` strings; values are read as YAML scalars/lists (``3``, ``true``, ``[1,2]``),
-    except for text settings (``run_name=007`` stays ``"007"``; ``null`` still means None)."""
+    except for text settings (``run_name=007`` stays ``"007"``); a whole value of ``NULL_WORDS``
+    (``null``, ``~``, ``None``) is None for every setting (quote it for the text: ``run_name='None'``)."""
     parsed = []
     for item in overrides:
         key, sep, raw = item.partition("=")
         key = key.strip()
         if not sep or not key:
             raise ConfigError(f"override '{item}' is not of the form key=value (e.g. curriculum.num_stages=3)")
-        if _is_text_field(key) and raw.strip() not in ("null", "~", "None") and not raw.strip()[:1] in ("'", '"'):
+        if raw.strip() in NULL_WORDS:
+            parsed.append((key, None))
+            continue
+        if _is_text_field(key) and not raw.strip()[:1] in ("'", '"'):
             parsed.append((key, raw.strip()))
             continue
         try:

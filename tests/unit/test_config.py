@@ -96,6 +96,17 @@ def test_text_settings_keep_their_text_and_other_values_are_yaml():
         load_config(TINY_CONFIG, ["loss.name=jsd", "loss.params={beta: 1.5}"])
 
 
+def test_null_words_mean_null_for_every_setting_and_quoted_they_are_text():
+    words = ["null", "Null", "NULL", "~", "None", " None "]
+    assert parse_overrides([f"models.tokenizer={w}" for w in words]) == [("models.tokenizer", None)] * len(words)
+    assert parse_overrides(["ray.address=None", "data.max_train_samples=None"]) == [
+        ("ray.address", None), ("data.max_train_samples", None)]
+    assert parse_overrides(["run_name='None'", 'models.tokenizer="null"', "run_name=Nonesuch"]) == [
+        ("run_name", "None"), ("models.tokenizer", "null"), ("run_name", "Nonesuch")]
+    cfg = load_config(TINY_CONFIG, ["models.tokenizer=None", "data.max_train_samples=None"])
+    assert cfg.models.tokenizer is None and cfg.data.max_train_samples is None
+
+
 def test_cross_field_errors_name_both_keys():
     with pytest.raises(ConfigError, match=r"curriculum.temperatures.*num_stages"):
         load_config(TINY_CONFIG, ["curriculum.temperatures=[1.0, 2.0]"])
