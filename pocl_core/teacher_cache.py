@@ -39,6 +39,26 @@ CacheRows = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 # Parquet list offsets are int32: one cache shard holds fewer than 2^31 values per list column
 CACHE_SHARD_VALUES = 2 ** 31
 
+
+def largest_fitting_shard_size(positions: Sequence[int], per_position: int, below: int,
+                               limit: int = CACHE_SHARD_VALUES) -> int:
+    """The largest shard size under ``below`` at which every cache shard holds fewer than ``limit`` values.
+
+    ``positions``: response positions per sample, in the order scoring cuts shards from (consecutive runs
+    of the shard size); ``per_position``: values per position (``max(topk, temperatures)``). 0 when no
+    size fits (one sample alone is over the limit).
+    """
+    counts = np.asarray(positions, dtype=np.int64)
+    prefix = np.concatenate([[0], np.cumsum(counts)])
+    n = len(counts)
+    for size in range(min(below - 1, n), 0, -1):
+        starts = np.arange(0, n, size)
+        ends = np.minimum(starts + size, n)
+        if int((prefix[ends] - prefix[starts]).max()) * per_position < limit:
+            return size
+    return 0
+
+
 def topk_rows(logits: torch.Tensor, k: int, temperatures: Sequence[float]
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The cache entry of ``N`` logit rows.

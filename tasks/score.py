@@ -44,7 +44,7 @@ from pocl_core.models import (config_vocab_size, decode_only_as_configured, load
                               model_fingerprint, resolve_device, tokenizer_fingerprint)
 from pocl_core.schedule import schedule_temperatures
 from pocl_core.storage import Location, for_workers
-from pocl_core.teacher_cache import CACHE_SHARD_VALUES, cache_table
+from pocl_core.teacher_cache import CACHE_SHARD_VALUES, cache_table, largest_fitting_shard_size
 from pocl_core.vocab import check_vocab_compatible
 from tasks.common import Progress, task_logger
 from tasks.load_data import DatasetSplits
@@ -158,7 +158,7 @@ def score_difficulty(cfg: PoclConfig, data: DatasetSplits) -> ScoresResult:
         if need_measures or need_cache:
             jobs.append(ShardJob(i, shard, need_measures, need_cache, len(shards)))
     if jobs:
-        check_before_scoring(cfg, jobs, cache_prov.get("temperatures", []))
+        check_before_scoring(cfg, jobs, cache_prov.get("temperatures", []), shards)
         log.info("scoring %d of %d shards with %s (%d worker(s))", len(jobs), len(shards), _scorer(cfg)[0],
                  cfg.scoring.num_workers)
         run = _run_in_process if cfg.scoring.num_workers == 1 else _run_on_ray
@@ -189,12 +189,14 @@ def score_difficulty(cfg: PoclConfig, data: DatasetSplits) -> ScoresResult:
     return ScoresResult(str(paths.scores_dir), len(shards), key, cache_dir)
 
 
-def check_before_scoring(cfg: PoclConfig, jobs: Sequence[ShardJob], temperatures: Sequence[float] = ()) -> None:
+def check_before_scoring(cfg: PoclConfig, jobs: Sequence[ShardJob], temperatures: Sequence[float] = (),
+                         shards: Sequence[Sequence[Sample]] = ()) -> None:
     """ConfigErrors found from the tokenizers, model configs and token counts alone, before the model pass
     spends its time: a teacher that does not share the run's tokenizer (training would refuse it after
     scoring), and a shard whose teacher cache would exceed ``CACHE_SHARD_VALUES`` (found mid-pass, the
     shards already written would go stale when shard_size is lowered); ``temperatures``: those whose
-    tail log-sum-exps the cache stores."""
+    tail log-sum-exps the cache stores; ``shards``: every shard of the run (id order), for the sizes
+    the error advises (default: the jobs' own)."""
     tokenizer = load_tokenizer(cfg.models.tokenizer_source, cfg.models.trust_remote_code)
     try:
         check_vocab_compatible(load_tokenizer(cfg.models.teacher, cfg.models.trust_remote_code), tokenizer,
@@ -204,15 +206,43 @@ def check_before_scoring(cfg: PoclConfig, jobs: Sequence[ShardJob], temperatures
         raise ConfigError(f"models.teacher {cfg.models.teacher} / models.student {cfg.models.student}: {exc}") from None
     topk = cfg.scoring.teacher_cache_topk
     per_position = max(topk, len(temperatures))
+
+    def response_positions(samples: Sequence[Sample]) -> list[int]:
+        return [encode_sample(tokenizer, s, cfg.data.prompt_template, cfg.data.max_prompt_length,
+                              cfg.data.max_length).n_response for s in samples]
+
     for job in (j for j in jobs if topk and j.cache):
-        positions = sum(encode_sample(tokenizer, s, cfg.data.prompt_template, cfg.data.max_prompt_length,
-                                      cfg.data.max_length).n_response for s in job.samples)
+        positions = sum(response_positions(job.samples))
         if positions * per_position >= CACHE_SHARD_VALUES:
-            fits = max(1, len(job.samples) * (CACHE_SHARD_VALUES - 1) // (positions * per_position))
+            every = [response_positions(shard) for shard in (shards or [j.samples for j in jobs])]
             raise ConfigError(
                 f"scoring.teacher_cache_topk={topk}: shard {job.index}'s teacher cache would hold {positions} response "
-                f"positions × {per_position} values, over the {CACHE_SHARD_VALUES} a Parquet shard holds: set "
-                f"scoring.shard_size to at most {fits} (now {cfg.scoring.shard_size}) or lower teacher_cache_topk")
+                f"positions × {per_position} values, over the {CACHE_SHARD_VALUES} a Parquet shard holds: "
+                + cache_fit_advice(cfg, every, len(temperatures)))
+
+
+def cache_fit_advice(cfg: PoclConfig, positions: Sequence[Sequence[int]], n_temperatures: int) -> str:
+    """What makes every teacher-cache shard fit, computed from each shard's response ``positions`` per
+    sample: the largest teacher_cache_topk at this shard_size, and the largest shard_size at this topk
+    (another shard_size makes the run folder's written score shards stale: that one needs a new run_name)."""
+    size, topk = cfg.scoring.shard_size, cfg.scoring.teacher_cache_topk
+    widest = max((sum(p) for p in positions), default=0)
+    fit_topk = (CACHE_SHARD_VALUES - 1) // max(widest, 1)
+    ways = []
+    if fit_topk >= max(1, n_temperatures):
+        ways.append(f"lower scoring.teacher_cache_topk to at most {fit_topk}")
+    fit_size = largest_fitting_shard_size([n for p in positions for n in p], max(topk, n_temperatures), size,
+                                          CACHE_SHARD_VALUES)
+    if fit_size:
+        paths = RunPaths.of(cfg.run_dir, cfg.storage)
+        written = sum(paths.measures_shard(i).exists() or paths.score_shard(i).exists()
+                      or paths.teacher_cache_shard(i).exists() for i in range(len(positions)))
+        ways.append(f"set scoring.shard_size to at most {fit_size} (now {size})" + (
+            f" with a new run_name: this run folder's {written} shard(s) were scored with shard_size={size}, and "
+            "another shard_size makes them stale" if written else ""))
+    if not ways:
+        return "one sample alone is over the limit: lower data.max_length or scoring.teacher_cache_topk"
+    return " or ".join(ways)
 
 
 def load_scorer(cfg: PoclConfig) -> tuple[ScoringContext, int]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import shutil
 from pathlib import Path
 
@@ -348,19 +349,53 @@ def test_a_teacher_with_another_tokenizer_is_refused_before_the_scoring_pass(tin
 def test_a_cache_shard_over_the_parquet_limit_is_refused_before_any_shard_with_a_size_that_fits(
         tiny_models, tiny_data_path, tmp_path, monkeypatch):
     """The limit (2^31 values per list column, lowered here) is checked on the shards' token counts up
-    front: found mid-pass, lowering shard_size as advised would make the shards already written stale."""
-    monkeypatch.setattr(score_mod, "CACHE_SHARD_VALUES", 800)
+    front: found mid-pass, lowering shard_size as advised would make the shards already written stale.
+    The advised sizes are exact: each of them fits, one more does not (the limit leaves room for a top-k
+    of at least the curriculum's temperatures)."""
+    monkeypatch.setattr(score_mod, "CACHE_SHARD_VALUES", 1200)
     cfg = config(tiny_models, tmp_path, tiny_data_path, "run_name=big", "scoring.teacher_cache_topk=8")
-    with pytest.raises(ConfigError, match=r"shard 0's teacher cache would hold \d+ response positions × 8 values, over "
-                                          r"the 800 .*set scoring.shard_size to at most (\d+) \(now 32\)") as err:
+    pattern = (r"shard 0's teacher cache would hold \d+ response positions × 8 values, over the 1200 .*lower "
+               r"scoring.teacher_cache_topk to at most (\d+) or set scoring.shard_size to at most (\d+) \(now 32\)$")
+    with pytest.raises(ConfigError, match=pattern) as err:
         run_scoring(cfg)
     assert not list((RunPaths.of(cfg.run_dir).root).rglob("part-*.parquet"))
-    fits = int(err.value.args[0].split("at most ")[1].split(" ")[0])
-    assert 0 < fits < 32
-    smaller = config(tiny_models, tmp_path, tiny_data_path, "run_name=big", "scoring.teacher_cache_topk=8",
-                     f"scoring.shard_size={max(1, fits // 2)}")
-    run_scoring(smaller)  # the same run folder, half the advised size: every shard fits (lengths vary by shard)
+    fit_topk, fit_size = map(int, re.search(pattern, err.value.args[0]).groups())
+    assert 0 < fit_topk < 8 and 0 < fit_size < 32
+    with pytest.raises(ConfigError, match="over the 1200"):  # one more than advised is over in some shard
+        run_scoring(config(tiny_models, tmp_path, tiny_data_path, "run_name=big",
+                           f"scoring.teacher_cache_topk={fit_topk + 1}"))
+    with pytest.raises(ConfigError, match="over the 1200"):
+        run_scoring(config(tiny_models, tmp_path, tiny_data_path, "run_name=big-size", "scoring.teacher_cache_topk=8",
+                           f"scoring.shard_size={fit_size + 1}"))
+    run_scoring(config(tiny_models, tmp_path, tiny_data_path, "run_name=big", f"scoring.teacher_cache_topk={fit_topk}"))
+    smaller = config(tiny_models, tmp_path, tiny_data_path, "run_name=big-size", "scoring.teacher_cache_topk=8",
+                     f"scoring.shard_size={fit_size}")
+    run_scoring(smaller)  # exactly the advised size: every shard fits
     assert list((RunPaths.of(smaller.run_dir).teacher_cache_dir).glob("part-*.parquet"))
+
+
+def test_cache_advice_on_a_scored_run_asks_for_a_new_run_name_with_another_shard_size(
+        tiny_models, tiny_data_path, tmp_path, monkeypatch):
+    """A run scored without a cache that turns one on: another shard_size would make its shards stale."""
+    run_scoring(config(tiny_models, tmp_path, tiny_data_path, "run_name=scored"))
+    monkeypatch.setattr(score_mod, "CACHE_SHARD_VALUES", 800)
+    with pytest.raises(ConfigError, match=r"shard_size to at most \d+ \(now 32\) with a new run_name: this run "
+                                          r"folder's 3 shard\(s\) were scored with shard_size=32"):
+        run_scoring(config(tiny_models, tmp_path, tiny_data_path, "run_name=scored", "scoring.teacher_cache_topk=8"))
+
+
+def test_largest_fitting_shard_size_matches_a_brute_force_search():
+    from pocl_core.teacher_cache import largest_fitting_shard_size
+
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        positions = rng.integers(0, 30, size=int(rng.integers(1, 40))).tolist()
+        per, limit, below = int(rng.integers(1, 5)), int(rng.integers(20, 400)), int(rng.integers(1, 50))
+        fits = [s for s in range(1, below) if all(sum(positions[i:i + s]) * per < limit
+                                                  for i in range(0, len(positions), s))]
+        expected = max((s for s in fits if s <= len(positions)), default=0)
+        assert largest_fitting_shard_size(positions, per, below, limit) == expected
+    assert largest_fitting_shard_size([5, 900, 5], 1, 10, limit=100) == 0  # one sample alone is over
 
 
 def test_greedy_rouge_l_scores_depend_on_no_sampling_setting(tiny_models, tiny_data_path, tmp_path):
