@@ -264,7 +264,8 @@ def _overrides_first(parser: argparse.ArgumentParser, argv: list[str]) -> list[s
 
     So an option taking a list (``--seeds 10 20``) ends before the overrides written after it instead
     of taking them as values. A token that is the value of a one-value option (``--config a=b.yaml``)
-    stays where it is. The words after an unfinished override (``loss.params={alpha:`` ``2}``: the
+    stays where it is. A ``--`` whose following words were all overrides is dropped (they are
+    overrides either way). The words after an unfinished override (``loss.params={alpha:`` ``2}``: the
     shell split it at its spaces) move with it, so ``parse_args`` can point at the quoting instead of
     an option taking them as its values.
     """
@@ -284,6 +285,8 @@ def _overrides_first(parser: argparse.ArgumentParser, argv: list[str]) -> list[s
         is_override = "=" in token and not token.startswith("-") and not value_of_option
         (overrides if is_override else others).append(token)
         carrying = is_override and _unfinished(token)
+    if "--" in others and others[-1] == "--" and rest[-1:] != ["--"]:  # `-- k=v ...`: every word after it moved
+        others.remove("--")
     return [*argv[:at + 1], *overrides, *others]
 
 

@@ -92,6 +92,16 @@ def test_overrides_may_stand_between_options_and_strays_are_named(capsys):
     assert "invalid choice: 'antii'" in capsys.readouterr().err
 
 
+def test_a_double_dash_before_the_overrides_is_accepted():
+    from flows.cli import parse_args
+
+    assert parse_args(["run", "--config", "c.yaml", "--", "a.b=1", "c=2"]).overrides == ["a.b=1", "c=2"]
+    assert parse_args(["run", "--", "a.b=1"]).overrides == ["a.b=1"]
+    assert parse_args(["plan", "--config", "c.yaml", "--", "a=1"]).overrides == ["a=1"]
+    args = parse_args(["compare", "--seeds", "1", "2", "--", "a=1"])
+    assert args.seeds == [1, 2] and args.overrides == ["a=1"]
+
+
 def test_every_option_has_help_and_the_overrides_may_go_anywhere(capsys):
     import argparse
 
