@@ -38,8 +38,8 @@ from pocl_core.teacher_cache import cache_shards
 from tasks.common import task_logger
 from tasks.distill_loop import distill_loop
 from tasks.load_data import DatasetSplits
-from tasks.run_checkpoints import (EXPERIMENT_NAME, foreign_checkpoints, list_checkpoints, newest_verified_copy,
-                                   prune_checkpoints)
+from tasks.run_checkpoints import (EXPERIMENT_NAME, foreign_checkpoints, list_checkpoints, named_as_stored,
+                                   newest_verified_copy, prune_checkpoints)
 from tasks.train_progress import MetricsFollower
 
 PROVENANCE_FILE = STUDENT_PROVENANCE
@@ -300,7 +300,8 @@ def distill(cfg: PoclConfig, data: DatasetSplits, partition_path: str, teacher_c
         if found is None:
             raise RuntimeError(f"distillation finished without a valid checkpoint in {paths.train_storage}")
         newest, local = found
-        save_student(cfg, str(local), paths.student, key, verified=True)
+        with named_as_stored(local, newest):
+            save_student(cfg, str(local), paths.student, key, verified=True)
     log.info("final student saved to %s", paths.student)
     try:
         removed = prune_checkpoints(paths.root, newest, cfg.train.keep_checkpoints)

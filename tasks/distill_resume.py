@@ -23,7 +23,7 @@ from pocl_core.encoding import EncodedSample
 from pocl_core.on_policy import OnPolicyMixer
 from pocl_core.parallel import all_ranks_succeed, decided_by_rank0
 from pocl_core.storage import Location, ObjectPath, download_dir, download_files
-from tasks.run_checkpoints import experiment_dir, list_checkpoints, newest_verified_copy
+from tasks.run_checkpoints import experiment_dir, list_checkpoints, named_as_stored, newest_verified_copy
 
 
 @dataclass
@@ -150,17 +150,18 @@ def resume_checkpoint(loop_config: dict[str, Any], student_lm: torch.nn.Module |
                 verify_checkpoint(folder, names=names)  # what arrived here, which rank 0 did not read
             else:
                 folder = Path(chosen)
-        position = load_checkpoint(folder, model=student_lm, verify=False)
-        recorded = json.loads((folder / "position.json").read_text())
-        continues_optimizer = position.step_in_stage > 0 or not cfg.curriculum.fresh_optimizer_per_stage
-        return Resumed(
-            name=str(chosen), position=position,
-            optimizer_state=(read_optimizer_state(folder, verify=False) if student_lm is not None else {})
-            if continues_optimizer else None,
-            scheduler_state=torch.load(folder / "scheduler.pt", weights_only=True) if continues_optimizer else None,
-            rng_states=read_rng_states(folder, verify=False),
-            replay_buffers=read_replay_buffers(folder, verify=False),
-            grad_scaler_state=recorded.get(GRAD_SCALER_KEY))
+        with named_as_stored(folder, chosen):
+            position = load_checkpoint(folder, model=student_lm, verify=False)
+            recorded = json.loads((folder / "position.json").read_text())
+            continues_optimizer = position.step_in_stage > 0 or not cfg.curriculum.fresh_optimizer_per_stage
+            return Resumed(
+                name=str(chosen), position=position,
+                optimizer_state=(read_optimizer_state(folder, verify=False) if student_lm is not None else {})
+                if continues_optimizer else None,
+                scheduler_state=torch.load(folder / "scheduler.pt", weights_only=True) if continues_optimizer else None,
+                rng_states=read_rng_states(folder, verify=False),
+                replay_buffers=read_replay_buffers(folder, verify=False),
+                grad_scaler_state=recorded.get(GRAD_SCALER_KEY))
 
     try:
         choice = decided_by_rank0(pick)

@@ -12,8 +12,9 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from pocl_core.checkpoint import CheckpointError, check_complete, verify_checkpoint
 from pocl_core.storage import Location, ObjectPath, download_dir, location, remove_tree
@@ -96,6 +97,24 @@ def newest_verified_copy(candidates: list[Location], scratch: Callable[[], Path]
             if remote:
                 shutil.rmtree(local, ignore_errors=True)
     return None
+
+
+@contextmanager
+def named_as_stored(local: Path | str, stored: Location) -> Iterator[None]:
+    """An error raised in the block that names ``local``, the temporary copy of the checkpoint
+    ``stored``, names ``stored`` instead (the copy is deleted by the time anyone reads the message)."""
+    try:
+        yield
+    except (RuntimeError, ValueError, OSError) as exc:
+        text = str(exc)
+        if str(local) == str(stored) or str(local) not in text:
+            raise
+        text = text.replace(str(local), f"{stored} (read from a local copy)")
+        try:
+            renamed = type(exc)(text)
+        except TypeError:  # an exception type that takes other arguments
+            renamed = RuntimeError(text)
+        raise renamed from exc
 
 
 def ray_registered_checkpoints(run_dir: str | Path | ObjectPath) -> set[str] | None:

@@ -291,3 +291,26 @@ def test_the_verified_copy_is_the_folder_itself_or_one_download_of_it(tmp_path, 
     fresh, _, _ = _state(1)
     assert load_checkpoint(copy, model=fresh) == Position(0, 4, 4, 32)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), fresh.state_dict().values()))
+
+
+def test_errors_reading_a_local_copy_name_the_stored_checkpoint(tmp_path, s3_server, s3_bucket):
+    """A mismatch found in the temporary copy of a remote checkpoint names the stored folder, which
+    outlives the copy; errors about other paths, and local checkpoints read in place, are unchanged."""
+    from tasks.run_checkpoints import named_as_stored
+
+    model, opt, sched = _state(0)
+    local = save_checkpoint(tmp_path / "c4", model, opt, sched, Position(0, 4, 4, 32))
+    stored = experiment_dir(location(f"s3://{s3_bucket}/runs/r0", StorageConfig(endpoint_url=s3_server))) / "ck4"
+    upload_dir(local, stored, last=MANIFEST)
+    with pytest.raises(CheckpointError) as err, named_as_stored(local, stored):
+        load_checkpoint(local, model=torch.nn.Linear(4, 3))
+    assert str(err.value).startswith(f"{stored} (read from a local copy): weights do not match")
+    assert str(local) not in str(err.value) and isinstance(err.value.__cause__, CheckpointError)
+    with pytest.raises(FileNotFoundError) as missing, named_as_stored(local, stored):
+        (local / "nothing.json").read_text()
+    assert str(stored) in str(missing.value) and str(local) not in str(missing.value)
+    with pytest.raises(CheckpointError, match=f"^{tmp_path}: weights do not match"), named_as_stored(tmp_path, tmp_path):
+        save_checkpoint(tmp_path, model, opt, sched, Position(0, 0, 0, 0))
+        load_checkpoint(tmp_path, model=torch.nn.Linear(4, 3))
+    with pytest.raises(ValueError, match="^unrelated$"), named_as_stored(local, stored):
+        raise ValueError("unrelated")
