@@ -65,17 +65,6 @@ def foreign_checkpoints(run_dir: str | Path | ObjectPath, train_key: str) -> lis
     return [p for p, pos in _positions(run_dir).items() if pos.get("train_key") != train_key]
 
 
-def newest_valid_checkpoint(candidates: list[Location]) -> Location | None:
-    """The first folder of ``candidates`` (newest first) that passes verification, or None."""
-    for folder in candidates:
-        try:
-            verify_checkpoint(folder)
-            return folder
-        except CheckpointError as exc:
-            log.warning("skipping checkpoint %s: %s; trying the previous one", folder, exc)
-    return None
-
-
 def newest_verified_copy(candidates: list[Location], scratch: Callable[[], Path]) -> tuple[Location, Path] | None:
     """The first folder of ``candidates`` (newest first) that passes verification, with a local folder
     holding its files; None when none passes (each one skipped named in a warning).

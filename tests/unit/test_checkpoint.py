@@ -15,8 +15,8 @@ from pocl_core.checkpoint import (MANIFEST, REQUIRED_FILES, CheckpointError, Pos
 from pocl_core.encoding import EncodedSample
 from pocl_core.config import StorageConfig
 from pocl_core.storage import location, upload_dir
-from tasks.run_checkpoints import (experiment_dir, foreign_checkpoints, list_checkpoints, newest_valid_checkpoint,
-                                   newest_verified_copy, prune_checkpoints)
+from tasks.run_checkpoints import (experiment_dir, foreign_checkpoints, list_checkpoints, newest_verified_copy,
+                                   prune_checkpoints)
 
 
 def _state(seed):
@@ -173,7 +173,7 @@ def test_resume_candidates_skip_damaged_and_half_built_folders(tmp_path, caplog)
     assert "checkpoint_024, an interrupted write: " in caplog.text and "unreadable manifest.json" in caplog.text
     assert "checkpoint_028: no manifest.json" in caplog.text and "checkpoint_032: missing optimizer.pt" in caplog.text
     # newest first: 012 is valid (another key, see below), 008 is skipped, 004 is the fallback
-    assert newest_valid_checkpoint([found[1], found[0]]).name == "checkpoint_004"
+    assert newest_verified_copy([found[1], found[0]], lambda: tmp_path)[0].name == "checkpoint_004"
     assert "checkpoint_008: checksum mismatch for model.safetensors" in caplog.text
     assert [p.name for p in foreign_checkpoints(tmp_path, "k")] == ["checkpoint_012"]
 
