@@ -99,7 +99,10 @@ def _read(path: Location) -> tuple[bool, Optional[dict[str, Any]]]:
 
 
 def _create_local(path: Path, data: bytes) -> bool:
-    """Create ``path`` holding ``data`` only if it does not exist (atomic); False when it does."""
+    """Create ``path`` holding ``data`` only if it does not exist (atomic); False when it does.
+
+    A hard link of a finished file, so no reader sees it half-written; on a filesystem without hard
+    links, an exclusive create (a reader in the moment of the write may see a cut record)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     tmp.write_bytes(data)
@@ -108,6 +111,14 @@ def _create_local(path: Path, data: bytes) -> bool:
         return True
     except FileExistsError:
         return False
+    except OSError:  # no hard links here (some network or FUSE filesystems)
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        return True
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -187,7 +198,7 @@ class RunLock:
             try:
                 if not self.renew():
                     return
-            except OSError as exc:  # a store that does not answer for a moment: try again next time
+            except Exception as exc:  # a store that does not answer for a moment: try again next time
                 log.warning("could not renew the lock %s: %s", self.path, exc)
 
     def start_renewing(self) -> None:

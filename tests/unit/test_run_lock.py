@@ -190,3 +190,18 @@ def test_a_busy_run_folder_stops_the_flow_before_any_step(tmp_path):
         holder.kill()
         holder.wait()
     assert sorted(p.name for p in paths.root.iterdir()) == ["run.lock"]
+
+
+def test_a_filesystem_without_hard_links_still_creates_the_lock_exclusively(tmp_path, monkeypatch):
+    import os
+
+    def no_links(src, dst):
+        raise OSError(95, "Operation not supported")
+
+    monkeypatch.setattr(os, "link", no_links)
+    paths = RunPaths(tmp_path / "run")
+    with run_folder_lock(paths, flow_run_id="fr-1") as lock:
+        assert json.loads(paths.lock.read_text())["token"] == lock.token
+        with pytest.raises(RunFolderBusy):
+            RunLock(paths, flow_run_id="fr-2").acquire()
+    assert sorted(p.name for p in paths.root.iterdir()) == []  # no temporary file left behind
