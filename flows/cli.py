@@ -192,9 +192,12 @@ def _cmd_prepare_quickstart(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     check_output_folder(out, f"--out {args.out}")
+    before = {p for p in out.iterdir() if p.is_dir()} if out.is_dir() else set()
     t0 = time.perf_counter()
     teacher, student = prepare_smollm2_quickstart(out, args.student_layers, "--student-layers")
-    print(f"teacher: {teacher}\nstudent: {student}  ({time.perf_counter() - t0:.0f} s)")
+    for role, folder in (("teacher", teacher), ("student", student)):
+        print(f"{role}: {folder} ({'kept: already complete' if folder in before else 'built'})")
+    print(f"done in {time.perf_counter() - t0:.0f} s")
     return 0
 
 

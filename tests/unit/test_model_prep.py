@@ -184,6 +184,22 @@ def test_prepare_quickstart_pair_from_the_located_gguf(tmp_path, tokenizer, monk
     assert json.loads((student / "config.json").read_text())["num_hidden_layers"] == 2
 
 
+def test_prepare_quickstart_says_which_folders_it_built_and_which_it_kept(tmp_path, tokenizer, monkeypatch, capsys):
+    from flows.cli import main
+
+    gguf_file = write_tiny_gguf(tmp_path / "tiny.gguf", tokenizer, layers=3)
+    monkeypatch.setattr(model_prep, "find_smollm2_gguf", lambda: gguf_file)
+    out = tmp_path / "models"
+    assert main(["prepare-quickstart", "--out", str(out), "--student-layers", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert f"teacher: {out / 'smollm2-135m-instruct'} (built)" in printed
+    assert f"student: {out / 'smollm2-2l-student'} (built)" in printed
+    assert main(["prepare-quickstart", "--out", str(out), "--student-layers", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert f"teacher: {out / 'smollm2-135m-instruct'} (kept: already complete)" in printed
+    assert f"student: {out / 'smollm2-1l-student'} (built)" in printed
+
+
 @pytest.mark.parametrize("layers", [0, 4])
 def test_prepare_quickstart_checks_student_layers_before_converting(tmp_path, tokenizer, monkeypatch, capsys, layers):
     from flows.cli import main
