@@ -30,7 +30,7 @@ from flows.pipeline import (check_data, check_inputs, current_flow_run_id, param
                             stale_hint)
 from pocl_core.config import FOLDER_NAME, ConfigError, PoclConfig, load_config, parse_overrides, validate_config
 from pocl_core.contracts import RunPaths, StaleOutputError, read_table, write_text_atomic
-from pocl_core.run_lock import run_folder_lock
+from pocl_core.run_lock import RunLock, run_folder_lock
 from pocl_core.storage import join, location
 from tasks.common import publish_markdown, publish_table
 from tasks.distill import distill
@@ -94,11 +94,13 @@ def check_compare_request(overrides: list[str], strategies: Optional[list[str]],
 
 def check_shared_inputs(base: PoclConfig, compare_name: str) -> PoclConfig:
     """The config of the comparison's shared folder (``<runs_root>/<compare_name>/shared``: data, scores,
-    reference evaluation), after the checks a run makes before any engine starts: model folders, data
+    reference evaluation), after the checks a run makes before any engine starts: no other live
+    comparison holds the folder (``run_lock``), model folders, data
     files, GPUs and the Ray address (``check_inputs``), and for a new comparison what the data files hold
     (``check_data``)."""
     shared = PoclConfig.model_validate({**base.model_dump(), "runs_root": join(base.runs_root, compare_name),
                                         "run_name": "shared"})
+    RunLock(RunPaths.of(shared.runs_root, base.storage), current_flow_run_id()).check()  # another live comparison
     check_inputs(shared)
     check_data(shared)
     return shared

@@ -37,7 +37,7 @@ from prefect.runtime import flow_run
 from pocl_core.config import ConfigError, PoclConfig, load_config
 from pocl_core.contracts import RunPaths, StaleOutputError, dotted_differences, write_text_atomic
 from pocl_core.data import DataError, check_data_paths, relative_path_note
-from pocl_core.run_lock import run_folder_lock
+from pocl_core.run_lock import RunLock, run_folder_lock
 from pocl_core.storage import Location, ObjectPath, is_remote, location, remove_tree
 from tasks.distill import check_local_gpus, check_ray_address, distill
 from tasks.evaluate import evaluate
@@ -60,7 +60,8 @@ def resolve_config(config_path: Optional[str], overrides: Optional[list[str]], r
     """The config file plus overrides; ``run_name`` and ``ray_address`` (when given) win over both.
 
     Both are quoted as YAML strings, so a name like ``007`` or an address like ``10.0.0.5:6379`` stays
-    text. With ``resume=False`` an existing run folder is a ConfigError naming it, unless this flow run
+    text. A run folder another live run holds (``run_lock``) is a RunFolderBusy (a ConfigError) naming
+    that run. With ``resume=False`` an existing run folder is a ConfigError naming it, unless this flow run
     created it (a Retry of the flow run re-runs it from the top with ``resume=False``); for an ``s3://``
     run folder, a missing bucket or an unreachable store is a ConfigError too; so is a model folder
     or data file that is not there, and a data file a new run cannot use is a DataError
@@ -75,6 +76,7 @@ def resolve_config(config_path: Optional[str], overrides: Optional[list[str]], r
     run_dir = location(cfg.run_dir, cfg.storage)
     if isinstance(run_dir, ObjectPath):
         _check_bucket(run_dir, cfg)
+    RunLock(RunPaths(run_dir), current_flow_run_id()).check()  # another live run writes that folder
     if not resume and run_dir.exists() and not started_by_this_flow_run(RunPaths(run_dir)):
         raise ConfigError(f"run folder {cfg.run_dir} already exists and resume is false: choose a new "
                           f"run_name (e.g. {cfg.run_name}-2), or set resume=true to continue that run")

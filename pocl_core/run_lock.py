@@ -146,6 +146,21 @@ class RunLock:
                 "acquired": self.acquired if self.acquired is not None else now, "renewed": now,
                 "lease_s": self.lease_s}
 
+    def check(self, now: Optional[float] = None) -> Optional[str]:
+        """RunFolderBusy while another live run holds the lock; else why the lock there is stale (None:
+        there is none). Takes nothing: a start checks this before its engines start, then acquires."""
+        now = self.clock() if now is None else now
+        exists, record = _read(self.path)
+        if not exists:
+            return None
+        reason = stale_reason(record, now, self.flow_run_id, self.host)
+        if reason is None:
+            raise RunFolderBusy(
+                f"run folder {self.root} is in use by another run: {describe(record, now)}. Wait for it to "
+                f"finish, or start this run with another run_name; if no run uses the folder any more, delete "
+                f"{self.path}")
+        return reason
+
     def acquire(self) -> None:
         """Take the lock; RunFolderBusy (a ConfigError) while another live run holds it."""
         now = self.clock()
@@ -153,14 +168,8 @@ class RunLock:
         if isinstance(self.path, Path) and _create_local(self.path, data):
             self._held(now)
             return
-        exists, record = _read(self.path)
-        if exists:
-            reason = stale_reason(record, now, self.flow_run_id, self.host)
-            if reason is None:
-                raise RunFolderBusy(
-                    f"run folder {self.root} is in use by another run: {describe(record, now)}. Wait for it to "
-                    f"finish, or start this run with another run_name; if no run uses the folder any more, delete "
-                    f"{self.path}")
+        reason = self.check(now)
+        if reason is not None:
             log.warning("taking over the lock %s of an earlier run, as %s", self.path, reason)
         write_bytes_atomic(self.path, data)
         _, mine = _read(self.path)

@@ -205,3 +205,28 @@ def test_a_filesystem_without_hard_links_still_creates_the_lock_exclusively(tmp_
         with pytest.raises(RunFolderBusy):
             RunLock(paths, flow_run_id="fr-2").acquire()
     assert sorted(p.name for p in paths.root.iterdir()) == []  # no temporary file left behind
+
+
+@pytest.mark.parametrize("command", ["run", "compare"])
+def test_pocl_run_and_compare_refuse_a_busy_folder_before_any_engine(tmp_path, monkeypatch, capsys, command):
+    """The CLI's pre-check names the holder before Prefect's temporary server or Ray would start."""
+    import flows.compare
+    import flows.pipeline
+    from flows.cli import main
+
+    def no_flow(**kwargs):
+        raise AssertionError("the flow started on a busy folder")
+
+    monkeypatch.setattr(flows.pipeline, "pocl_distill", no_flow)
+    monkeypatch.setattr(flows.compare, "pocl_compare", no_flow)
+    repo = Path(__file__).resolve().parents[2]
+    for name in ("teacher", "student"):
+        (tmp_path / "models" / name).mkdir(parents=True)
+    busy = RunPaths(tmp_path / "runs" / "busy")
+    _write(busy, _record(host="worker-3", pid=77, flow_run_id="fr-holder"))
+    argv = [command, "--config", str(repo / "configs" / "tiny.yaml"), f"runs_root={tmp_path / 'runs'}",
+            f"models.teacher={tmp_path / 'models' / 'teacher'}", f"models.student={tmp_path / 'models' / 'student'}"]
+    argv += ["--run-name", "busy"] if command == "run" else ["--name", "busy"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"run folder {busy.root} is in use by another run: process 77 on host worker-3, flow run fr-holder" in err
