@@ -26,8 +26,8 @@ from typing import Any, Optional
 
 from prefect import flow
 
-from flows.pipeline import (check_data, check_inputs, current_flow_run_id, parameter_errors_logged, removed_on_failure,
-                            stale_hint)
+from flows.pipeline import (check_data, check_inputs, current_flow_run_id, flow_logger, library_logs_in_run,
+                            parameter_errors_logged, removed_on_failure, stale_hint)
 from pocl_core.config import FOLDER_NAME, ConfigError, PoclConfig, load_config, parse_overrides, validate_config
 from pocl_core.contracts import RunPaths, StaleOutputError, read_table, write_text_atomic
 from pocl_core.run_lock import RunLock, run_folder_lock
@@ -201,10 +201,10 @@ def pocl_compare(config_path: str = "configs/quickstart.yaml", overrides: Option
         root_paths = RunPaths.of(root, base.storage)
         shared_root = RunPaths.of(shared.run_dir, shared.storage).root
         fresh_root, fresh_shared = not root_paths.root.exists(), not shared_root.exists()
-        with run_folder_lock(root_paths, current_flow_run_id()):
+        with library_logs_in_run(), run_folder_lock(root_paths, current_flow_run_id(), logger=flow_logger()) as lock:
             try:
                 # nothing of a new comparison exists before its data loaded: a data error leaves no new folder
-                with removed_on_failure(root_paths.root, new=fresh_root), \
+                with removed_on_failure(root_paths.root, new=fresh_root, before_removal=lock.stop_renewing), \
                         removed_on_failure(shared_root, new=fresh_shared):
                     data = load_dataset(shared)
                 record_config(shared)

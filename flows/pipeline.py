@@ -26,11 +26,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timezone
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import yaml
 
 from prefect import flow, get_run_logger
+from prefect.context import FlowRunContext
+from prefect.logging.handlers import APILogHandler
 from prefect.exceptions import MissingContextError
 from prefect.runtime import flow_run
 
@@ -124,11 +126,12 @@ def started_by_this_flow_run(paths: RunPaths) -> bool:
         return False
 
 
-def record_flow_run(paths: RunPaths) -> bool:
-    """Record the current flow run's id in a run folder it is about to create (nothing outside a flow run),
-    so a Retry of that flow run with ``resume=False`` accepts the folder; True when it created the folder."""
+def record_flow_run(paths: RunPaths, new: Optional[bool] = None) -> bool:
+    """Record the current flow run's id in a run folder it creates (nothing outside a flow run), so a
+    Retry of that flow run with ``resume=False`` accepts the folder; True when it recorded it.
+    ``new``: whether this flow run made the folder (default: the folder does not exist yet)."""
     current = current_flow_run_id()
-    if current is None or paths.root.exists():
+    if current is None or not (not paths.root.exists() if new is None else new):
         return False
     write_text_atomic(paths.flow_run_id, current + "\n")
     return True
@@ -187,15 +190,19 @@ def stale_hint(cfg: PoclConfig) -> str:
 
 
 @contextmanager
-def removed_on_failure(folder: Location, new: Optional[bool] = None) -> Iterator[None]:
+def removed_on_failure(folder: Location, new: Optional[bool] = None,
+                       before_removal: Optional[Callable[[], None]] = None) -> Iterator[None]:
     """Remove ``folder`` when the block fails and the folder is ``new`` (default: it did not exist before
     the block), so a failed start leaves nothing behind; a failing removal is a warning (the block's
-    error is the one to report)."""
+    error is the one to report). ``before_removal`` runs first (stopping the lock's renewals, which
+    would otherwise write into the folder being removed)."""
     new = not folder.exists() if new is None else new
     try:
         yield
     except BaseException:
         if new:
+            if before_removal is not None:
+                before_removal()
             try:
                 remove_tree(folder)
             except OSError as cleanup:
@@ -228,11 +235,31 @@ def parameter_errors_logged() -> Iterator[None]:
     try:
         yield
     except (ConfigError, DataError, StaleOutputError) as exc:
-        _logger().error(str(exc))
+        flow_logger().error(str(exc))
         raise type(exc)(str(exc)) from None
 
 
-def _logger() -> logging.Logger | logging.LoggerAdapter:
+@contextmanager
+def library_logs_in_run() -> Iterator[None]:
+    """For the block, the ``pocl`` logger's records (warnings of the library and the tasks: dropped rows,
+    skipped checkpoints, a taken-over run lock) also go to the flow run's logs in the Prefect UI, as
+    Prefect's PREFECT_LOGGING_EXTRA_LOGGERS=pocl would (which is read only when Prefect starts)."""
+    if FlowRunContext.get() is None:  # a `.fn` call: no run to send them to
+        yield
+        return
+    pocl = logging.getLogger("pocl")
+    added = [h for h in logging.getLogger("prefect.extra").handlers
+             if isinstance(h, APILogHandler) and h not in pocl.handlers]
+    for handler in added:
+        pocl.addHandler(handler)
+    try:
+        yield
+    finally:
+        for handler in added:
+            pocl.removeHandler(handler)
+
+
+def flow_logger() -> logging.Logger | logging.LoggerAdapter:
     """The flow run's logger (shown in the UI), or a module logger outside a run (``pocl_distill.fn``)."""
     try:
         return get_run_logger()
@@ -256,11 +283,11 @@ def pocl_distill(config_path: str = "configs/tiny.yaml", overrides: Optional[lis
         cfg = resolve_config(config_path, overrides, run_name, ray_address, resume)
         paths = RunPaths.of(cfg.run_dir, cfg.storage)
         fresh = not paths.root.exists()
-        record_flow_run(paths)
-        with run_folder_lock(paths, current_flow_run_id()):
+        with library_logs_in_run(), run_folder_lock(paths, current_flow_run_id(), logger=flow_logger()) as lock:
             try:
                 # nothing of the run exists before its data loaded: leave no folder that blocks a new run of that name
-                with removed_on_failure(paths.root, new=fresh):
+                with removed_on_failure(paths.root, new=fresh, before_removal=lock.stop_renewing):
+                    record_flow_run(paths, new=fresh)  # after the lock: a start refused leaves the record alone
                     data = load_dataset(cfg)
                 # config.yaml says what ran: a new run folder gets it once its data loaded; a rerun with
                 # changed settings replaces it only after it passed every stale-output check and finished.

@@ -167,6 +167,7 @@ STUDENT_PROVENANCE = "pocl_provenance.json"  # in student/: written (uploaded) l
 RUN_LOCK_FIELDS = {  # run.lock, one JSON object; times are Unix seconds
     "token": "random id of the holding run (tells its own lock from a run that took it over)",
     "host": "host name of the holding process",
+    "machine": "boot id and pid namespace of the holding process (pids compare only within one); may be empty",
     "pid": "process id of the holding process on that host",
     "flow_run_id": "the Prefect flow run holding it; null outside one",
     "acquired": "when the holder took the lock",
@@ -192,7 +193,10 @@ def decode_run_lock(data: bytes) -> dict[str, Any] | None:
         return None
     numbers = all(isinstance(record[k], (int, float)) and not isinstance(record[k], bool)
                   for k in ("pid", "acquired", "renewed", "lease_s"))
-    return record if numbers and isinstance(record["token"], str) and isinstance(record["host"], str) else None
+    texts = all(isinstance(record[k], str) for k in ("token", "host", "machine"))
+    run = record["flow_run_id"] is None or isinstance(record["flow_run_id"], str)
+    return record if numbers and texts and run else None
+
 
 @dataclass(frozen=True)
 class RunPaths:

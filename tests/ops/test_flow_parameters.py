@@ -243,3 +243,36 @@ def test_a_ray_address_nothing_answers_on_is_refused_before_any_work(tmp_path, m
         with pytest.raises(ConfigError, match=rf"ray.address '{malformed}': not a Ray address; give host:port"):
             resolve_config(TINY, [f"runs_root={tmp_path}", *models], None, malformed)
     assert not list(tmp_path.glob("tiny*"))  # no run folder
+
+
+def test_library_warnings_reach_the_flow_runs_logs(prefect_harness):
+    """The `pocl` logger's records (a dropped row, a skipped checkpoint, a taken-over lock) show in the
+    flow run's logs in the UI inside the flows, and only there."""
+    import logging
+    import uuid
+
+    from prefect import flow, get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
+    from prefect.logging.handlers import APILogHandler
+
+    from flows.pipeline import library_logs_in_run
+
+    mark = uuid.uuid4().hex
+
+    @flow
+    def warns() -> str:
+        with library_logs_in_run():
+            logging.getLogger("pocl").warning("inside %s", mark)
+        logging.getLogger("pocl").warning("outside %s", mark)
+        from prefect.runtime import flow_run
+        return flow_run.id
+
+    flow_run_id = warns()
+    APILogHandler().flush()
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[uuid.UUID(flow_run_id)])))
+    messages = [log.message for log in logs]
+    assert f"inside {mark}" in messages and f"outside {mark}" not in messages
+    assert not [h for h in logging.getLogger("pocl").handlers if isinstance(h, APILogHandler)]
+    with library_logs_in_run():  # outside a flow run it adds nothing (no warnings about a missing run)
+        assert not logging.getLogger("pocl").handlers

@@ -13,15 +13,16 @@ from pathlib import Path
 import pytest
 
 from pocl_core.contracts import RUN_LOCK_FIELDS, RunPaths, decode_run_lock, encode_run_lock
-from pocl_core.run_lock import RunFolderBusy, RunLock, run_folder_lock, stale_reason
+from pocl_core.run_lock import RunFolderBusy, RunLock, machine_identity, run_folder_lock, stale_reason
 
 HOST = socket.gethostname()
+MACHINE = machine_identity()
 
 
 def _record(**changes) -> dict:
     now = time.time()
-    record = {"token": "other", "host": HOST, "pid": 1, "flow_run_id": None, "acquired": now - 5,
-              "renewed": now - 5, "lease_s": 120.0}
+    record = {"token": "other", "host": HOST, "machine": MACHINE, "pid": 1, "flow_run_id": None,
+              "acquired": now - 5, "renewed": now - 5, "lease_s": 120.0}
     record.update(changes)
     return record
 
@@ -103,15 +104,22 @@ def test_another_host_within_its_lease_holds_the_folder(tmp_path):
 
 def test_stale_reason_rules():
     now = 1000.0
-    fresh = {"token": "t", "host": "h", "pid": 5, "flow_run_id": "a", "acquired": 900.0, "renewed": 990.0,
-             "lease_s": 20.0}
-    assert stale_reason(fresh, now, "b", "other-host") is None
-    assert stale_reason(fresh, now, None, "other-host") is None  # no flow run: never "the same one"
-    assert "retried" in stale_reason(fresh, now, "a", "other-host")
-    assert "lease" in stale_reason({**fresh, "renewed": 979.0}, now, "b", "other-host")
-    assert stale_reason(fresh, now, "b", "h", alive=lambda pid: True) is None
-    assert "has ended" in stale_reason(fresh, now, "b", "h", alive=lambda pid: False)
-    assert "not a lock record" in stale_reason(None, now, "b", "h")
+    fresh = {"token": "t", "host": "h", "machine": "m", "pid": 5, "flow_run_id": "a", "acquired": 900.0,
+             "renewed": 990.0, "lease_s": 20.0}
+    elsewhere = dict(host="other-host", machine="m2")
+    assert stale_reason(fresh, now, "b", **elsewhere) is None
+    assert stale_reason(fresh, now, None, **elsewhere) is None  # no flow run: never "the same one"
+    assert "retried" in stale_reason(fresh, now, "a", **elsewhere)
+    assert "lease" in stale_reason({**fresh, "renewed": 979.0}, now, "b", **elsewhere)
+    assert stale_reason(fresh, now, "b", "h", "m", alive=lambda pid: True) is None
+    assert "has ended" in stale_reason(fresh, now, "b", "h", "m", alive=lambda pid: False)
+    # a live process of this machine holds it even for its own flow run (one marked Crashed may still run)
+    assert stale_reason(fresh, now, "a", "h", "m", alive=lambda pid: True) is None
+    assert "beyond its lease" in stale_reason({**fresh, "renewed": 979.0}, now, "b", "h", "m", alive=lambda pid: True)
+    # the same host name in another pid namespace (a container on the host network): no pid rule
+    assert stale_reason(fresh, now, "b", "h", "m-other", alive=lambda pid: False) is None
+    assert stale_reason(fresh, now, "b", "h", "", alive=lambda pid: False) is None  # no /proc: lease only
+    assert "not a lock record" in stale_reason(None, now, "b", "h", "m")
 
 
 def test_lock_records_are_checked_field_by_field():
@@ -230,3 +238,65 @@ def test_pocl_run_and_compare_refuse_a_busy_folder_before_any_engine(tmp_path, m
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert f"run folder {busy.root} is in use by another run: process 77 on host worker-3, flow run fr-holder" in err
+
+
+def test_a_live_lock_of_the_same_host_name_in_another_namespace_is_not_taken(tmp_path):
+    paths = RunPaths(tmp_path / "run")
+    _write(paths, _record(pid=_ended_pid(), machine="another-boot/pid:[4026531836]"))
+    with pytest.raises(RunFolderBusy, match="is in use by another run"):
+        RunLock(paths).acquire()
+
+
+def test_the_same_flow_run_still_running_here_is_not_taken_over(tmp_path):
+    paths = RunPaths(tmp_path / "run")
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        _write(paths, _record(pid=holder.pid, flow_run_id="fr-1"))
+        with pytest.raises(RunFolderBusy, match="flow run fr-1"):
+            RunLock(paths, flow_run_id="fr-1").acquire()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_of_two_starts_taking_over_one_stale_lock_only_one_holds_it(tmp_path, monkeypatch):
+    """B judged the lock stale before A replaced it: B's rename moves A's lock, which B puts back."""
+    paths = RunPaths(tmp_path / "run")
+    stale = _record(pid=_ended_pid())
+    _write(paths, stale)
+    a, b = RunLock(paths, flow_run_id="fr-a"), RunLock(paths, flow_run_id="fr-b")
+    monkeypatch.setattr(b, "_judge", lambda now: (stale, "its process has ended"))  # what B read earlier
+    a.acquire()
+    with pytest.raises(RunFolderBusy, match="at the same moment"):
+        b.acquire()
+    assert json.loads(paths.lock.read_text())["token"] == a.token
+    assert sorted(p.name for p in paths.root.iterdir()) == ["run.lock"]
+    a.release()
+    assert not paths.lock.exists()
+
+
+def test_an_unreadable_lock_is_read_again_before_it_counts_as_stale(tmp_path):
+    paths = RunPaths(tmp_path / "run")
+    paths.root.mkdir(parents=True)
+    paths.lock.write_text("")  # a record being written (exclusive create without hard links)
+
+    def writer_finishes(seconds):
+        _write(paths, _record(host="worker-2", flow_run_id="fr-writer"))
+
+    with pytest.raises(RunFolderBusy, match="flow run fr-writer"):
+        RunLock(paths, sleep=writer_finishes).acquire()
+
+
+def test_a_failed_fresh_start_stops_renewing_before_its_folder_is_removed(tmp_path):
+    from flows.pipeline import removed_on_failure
+
+    paths = RunPaths(tmp_path / "run")
+    events = []
+    with run_folder_lock(paths, lease_s=0.05) as lock:
+        with pytest.raises(RuntimeError), removed_on_failure(
+                paths.root, new=True, before_removal=lambda: (lock.stop_renewing(), events.append("stopped"))):
+            raise RuntimeError("the data failed to load")
+        events.append("removed" if not paths.root.exists() else "kept")
+        time.sleep(0.2)  # four lease quarters: a renewal thread still running would write the folder back
+        assert not paths.root.exists()
+    assert events == ["stopped", "removed"] and not paths.root.exists()
