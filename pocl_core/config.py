@@ -210,11 +210,20 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
         elif e["type"] == "string_pattern_mismatch" and key == "run_name":
             msg = (f"{e.get('input')!r} is not a folder name: use letters, digits, '.', '_' and '-', starting with "
                    "a letter or digit, at most 128 characters")
+            if "{scheduled}" in str(e.get("input")):
+                msg += ("; {scheduled} is expanded only in `pocl run --run-name` and the flow's run_name parameter "
+                        "(a deployment's), not in the config or an override")
         elif e["type"] == "string_type" and isinstance(e.get("input"), (bool, int, float, datetime.date)):
             value = e["input"]
             shown = value.isoformat() if isinstance(value, datetime.date) else repr(value)
-            msg += (f": YAML read the unquoted value as {type(value).__name__} {shown}; quote it to keep "
-                    f"the text, e.g. {key.rsplit('.', 1)[-1]}: \"...\"")
+            last = e["loc"][-1]
+            if isinstance(last, str) and last != "[key]":  # the setting itself
+                hint = f"e.g. {last}: \"...\""
+            else:  # an item of a list, or a key of a mapping: name the setting that holds it
+                names = [i for i, p in enumerate(e["loc"]) if isinstance(p, str) and p != "[key]"]
+                field = ".".join(str(p) for p in e["loc"][:names[-1] + 1]) if names else key
+                hint = f"in {field}, write \"{shown}\""
+            msg += f": YAML read the unquoted value as {type(value).__name__} {shown}; quote it to keep the text, {hint}"
         lines.append(f"  {key}: {msg}" if key else f"  {msg}")
     return "\n".join(lines)
 
@@ -281,6 +290,20 @@ def _is_section(dotted: str) -> bool:
     return field is not None and isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
 
 
+def _empty_sections_as_defaults(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``tree`` with every section left empty in YAML (``storage:`` with nothing under it, or all of its
+    keys commented out: null) as an empty mapping, i.e. the section's defaults."""
+    out = {}
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if value is None and isinstance(key, str) and _is_section(dotted):
+            value = {}
+        elif isinstance(value, dict) and isinstance(key, str) and _is_section(dotted):
+            value = _empty_sections_as_defaults(value, f"{dotted}.")
+        out[key] = value
+    return out
+
+
 def _is_text_field(dotted: str) -> bool:
     """True when ``dotted`` names a plain-text setting (``run_name``, ``models.teacher``, ...)."""
     field = _field(dotted)
@@ -303,6 +326,9 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
         key = key.strip()
         if not sep or not key:
             raise ConfigError(f"override '{item}' is not of the form key=value (e.g. curriculum.num_stages=3)")
+        if not all(part.strip() for part in key.split(".")):
+            raise ConfigError(f"override '{item}': the key '{key}' has an empty part; write sections and keys as "
+                              "section.key (e.g. curriculum.num_stages=3)")
         if raw.strip() in NULL_WORDS:
             parsed.append((key, None))
             continue
@@ -392,7 +418,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not isinstance(loaded, dict):
             raise ConfigError(f"{p}: top level must be a mapping of sections")
         try:
-            tree.update(_unshared(loaded))
+            tree.update(_empty_sections_as_defaults(_unshared(loaded)))
         except ValueError as exc:
             raise ConfigError(f"{p}: {exc}") from None
     for key, value in parse_overrides(overrides or []):

@@ -17,8 +17,9 @@ Dtype = Literal["float32", "bfloat16", "float16"]
 
 
 class _Section(BaseModel):
-    # strict: YAML's true is not a count of 1, nor 1 a boolean (an int is still a valid float)
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True)
+    # strict: YAML's true is not a count of 1, nor 1 a boolean (an int is still a valid float);
+    # no .inf / .nan: no setting means them, and a bound like `gt=0` lets .inf (and a list's .nan) through
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True, allow_inf_nan=False)
 
 
 class ModelsConfig(_Section):
@@ -210,9 +211,9 @@ class CurriculumConfig(_Section):
                     f"curriculum.{name} has {len(values)} values but curriculum.num_stages is "
                     f"{self.num_stages}"
                 )
-            if name == "temperatures" and any(v <= 0 for v in values):
+            if name == "temperatures" and any(not v > 0 for v in values):
                 raise ValueError("curriculum.temperatures must all be > 0")
-            if name == "kd_weights" and any(not 0.0 <= v <= 1.0 for v in values):
+            if name == "kd_weights" and any(not 0.0 <= v <= 1.0 for v in values):  # NaN fails it too
                 raise ValueError("curriculum.kd_weights must all lie in [0, 1]")
         return self
 
@@ -403,3 +404,10 @@ class StorageConfig(_Section):
     endpoint_url: Optional[str] = None
     region: Optional[str] = None
     model_cache_dir: str = Field(".cache/run-models", min_length=1)
+
+    @model_validator(mode="after")
+    def _local_cache(self) -> "StorageConfig":
+        if "://" in self.model_cache_dir:
+            raise ValueError(f"storage.model_cache_dir {self.model_cache_dir} must be a local folder (models of a "
+                             "remote run folder are downloaded there to be loaded), not a URI")
+        return self

@@ -1,6 +1,7 @@
 import textwrap
 
 import pytest
+import yaml
 
 from pocl_core.config import ConfigError, load_config, parse_overrides
 from tests.conftest import TINY_CONFIG
@@ -105,6 +106,39 @@ def test_null_words_mean_null_for_every_setting_and_quoted_they_are_text():
         ("run_name", "None"), ("models.tokenizer", "null"), ("run_name", "Nonesuch")]
     cfg = load_config(TINY_CONFIG, ["models.tokenizer=None", "data.max_train_samples=None"])
     assert cfg.models.tokenizer is None and cfg.data.max_train_samples is None
+
+
+@pytest.mark.parametrize("override, message", [
+    ("curriculum.temperature_end=.inf", "curriculum.temperature_end: Input should be a finite number"),
+    ("curriculum.temperatures=[1, 2, 3, .nan]", "curriculum.temperatures.3: Input should be a finite number"),
+    ("optim.lr=.nan", "optim.lr: Input should be a finite number"),
+    ("eval.temperature=-.inf", "eval.temperature: Input should be a finite number"),
+    ("storage.model_cache_dir=s3://bucket/cache", "storage.model_cache_dir s3://bucket/cache must be a local folder"),
+    ("scoring.measures=[1]", 'scoring.measures.0: Input should be a valid string: YAML read the unquoted value as int '
+                             '1; quote it to keep the text, in scoring.measures, write "1"'),
+    ("run_name=nightly-{scheduled}", "{scheduled} is expanded only in `pocl run --run-name` and the flow's run_name"),
+    (".seed=3", "override '.seed=3': the key '.seed' has an empty part"),
+    ("curriculum..num_stages=3", "the key 'curriculum..num_stages' has an empty part"),
+])
+def test_values_no_setting_means_are_refused_naming_the_setting(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(TINY_CONFIG, [override])
+    assert message in str(err.value)
+
+
+def test_a_section_left_empty_in_yaml_takes_its_defaults(tmp_path):
+    tree = yaml.safe_load(TINY_CONFIG.read_text())
+    tree["storage"] = None  # `storage:` with every key commented out
+    tree["scoring"]["generation"] = None
+    path = tmp_path / "empty-sections.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    cfg = load_config(path)
+    assert cfg.storage == load_config(TINY_CONFIG, ["storage={}"]).storage
+    assert cfg.scoring.generation.max_new_tokens == type(cfg.scoring.generation)().max_new_tokens
+    tree["run_name"] = None  # not a section: still refused
+    path.write_text(yaml.safe_dump(tree))
+    with pytest.raises(ConfigError, match="run_name"):
+        load_config(path)
 
 
 def test_cross_field_errors_name_both_keys():
