@@ -62,7 +62,7 @@ def _record_to_sample(rec: Any, where: str) -> Sample:
         value = rec.get(field)
         if value is None:
             if required:
-                raise DataError(f"{where}: missing field '{field}'")
+                raise DataError(f"{where}: {'null' if field in rec else 'missing'} field '{field}'")
             return ""
         if isinstance(value, bytes):  # Parquet / Arrow binary columns
             try:
@@ -92,7 +92,7 @@ def _record_to_sample(rec: Any, where: str) -> Sample:
         prompt = f"{prompt}\n\n{extra}"
     id_field = "sample_id" if rec.get("sample_id") is not None else "id"  # a null sample_id defers to id
     raw_id = rec.get(id_field)
-    if raw_id is not None and not isinstance(raw_id, (str, int)):
+    if raw_id is not None and (isinstance(raw_id, bool) or not isinstance(raw_id, (str, int))):
         raise DataError(f"{where}: id must be a string or integer, got {type(raw_id).__name__}")
     if isinstance(raw_id, str):
         _unicode_text(raw_id, where, id_field)
@@ -136,8 +136,8 @@ def _iter_records(path: Path) -> Iterable[tuple[str, Any]]:
                 where = f"{path}:{lineno}"
                 if not raw.strip():
                     continue
-                try:
-                    yield where, json.loads(raw.decode("utf-8"))
+                try:  # a byte-order mark some editors write at the start of the file is not part of the data
+                    yield where, json.loads(raw.decode("utf-8-sig" if lineno == 1 else "utf-8"))
                 except UnicodeDecodeError as exc:
                     yield where, DataError(f"{where}: not valid UTF-8 ({exc.reason})")
                 except json.JSONDecodeError as exc:
@@ -191,6 +191,8 @@ def load_samples(path: str | Path, on_bad_rows: BadRowPolicy = "error") -> tuple
         seen[sample.sample_id] = where
         samples.append(sample)
     if not samples:
+        if not dropped:
+            raise DataError(f"{path}: the file holds no rows")
         first = f"; the first: {reasons[0]}" if reasons else ""
         raise DataError(f"{path}: no usable samples ({dropped} bad rows dropped{first})")
     if dropped:

@@ -61,7 +61,7 @@ def test_hf_dataset_dict_and_foreign_folders_are_explained(tmp_path):
 
 
 @pytest.mark.parametrize("column, values, message", [
-    ("response", ["ok", None], "missing field 'response'"),
+    ("response", ["ok", None], "null field 'response'"),
     ("response", ["ok", ""], "empty response"),
     ("response", [b"ok", b"\xff\xfe"], "field 'response' is not valid UTF-8"),
     ("id", ["x", "x"], r"duplicate sample id 'x' \(first at .*p.parquet: row 0\)"),
@@ -245,3 +245,28 @@ def test_a_held_out_file_sharing_samples_with_the_training_file_is_refused(run_c
     held.write_text(json.dumps(rows[0]) + "\n")
     splits = load_dataset.fn(run_config(f"data.eval_path={held}", "data.on_bad_rows=drop", "run_name=ok"))
     assert (splits.num_train, splits.num_eval) == (40, 1)
+
+
+def test_a_jsonl_byte_order_mark_empty_files_and_boolean_ids(tmp_path):
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b"\xef\xbb\xbf" + b'{"prompt": "q", "response": "a", "id": "s1"}\n{"prompt": "q2", "response": "b"}\n')
+    samples, _ = load_samples(bom)
+    assert [s.sample_id for s in samples][0] == "s1" and len(samples) == 2
+    for empty in (tmp_path / "empty.jsonl", tmp_path / "blank.jsonl", tmp_path / "none.parquet"):
+        if empty.suffix == ".parquet":
+            pq.write_table(pa.table({"prompt": pa.array([], pa.string()), "response": pa.array([], pa.string())}), empty)
+        else:
+            empty.write_text("" if empty.name == "empty.jsonl" else "\n\n")
+        with pytest.raises(DataError, match=f"{empty.name}: the file holds no rows"):
+            load_samples(empty)
+    flags = tmp_path / "flags.jsonl"
+    flags.write_text('{"prompt": "q", "response": "a", "id": true}\n')
+    with pytest.raises(DataError, match=r"flags.jsonl:1: id must be a string or integer, got bool"):
+        load_samples(flags)
+    missing = tmp_path / "missing.jsonl"
+    missing.write_text('{"prompt": "q"}\n{"prompt": "q", "response": null}\n')
+    with pytest.raises(DataError, match=r"missing.jsonl:1: missing field 'response'"):
+        load_samples(missing)
+    missing.write_text('{"prompt": "q", "response": null}\n')
+    with pytest.raises(DataError, match=r"missing.jsonl:1: null field 'response'"):
+        load_samples(missing)
