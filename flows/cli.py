@@ -88,10 +88,10 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
     check_compare_request(args.overrides, args.strategies, args.losses, args.seeds, args.name)
     cfg = load_config(args.config, args.overrides)
+    plan_variants(cfg, args.strategies, args.losses, args.seeds)  # every variant valid, before the files are read
     # model folders, data files and what they hold, before any engine starts (the flow's own check then
     # reuses the parsed files)
     check_shared_inputs(cfg.with_absolute_paths(), args.name)
-    plan_variants(cfg, args.strategies, args.losses, args.seeds)  # every variant valid, too
     check_prefect_api()
     out = pocl_compare(config_path=args.config, overrides=args.overrides, strategies=args.strategies,
                        losses=args.losses, seeds=args.seeds, compare_name=args.name)

@@ -30,6 +30,7 @@ from flows.pipeline import (check_data, check_inputs, current_flow_run_id, flow_
                             parameter_errors_logged, removed_on_failure, stale_hint)
 from pocl_core.config import FOLDER_NAME, ConfigError, PoclConfig, load_config, parse_overrides, validate_config
 from pocl_core.contracts import RunPaths, StaleOutputError, read_table, write_text_atomic
+from pocl_core.losses.registry import LOSS_NAMES
 from pocl_core.run_lock import RunLock, run_folder_lock
 from pocl_core.storage import join, location
 from tasks.common import publish_markdown, publish_table
@@ -77,7 +78,7 @@ def check_compare_request(overrides: list[str], strategies: Optional[list[str]],
                           seeds: Optional[list[int]], compare_name: str) -> None:
     """ConfigError for what a comparison would otherwise ignore or misplace: an override of a setting
     the variants set (``VARIANT_SETTINGS``; ``seed`` too when ``seeds`` are given), a value listed
-    twice, or a name that is not one folder."""
+    twice, an unknown loss, a seed out of range, or a name that is not one folder."""
     for item in overrides:
         for key in _dotted_keys(*parse_overrides([item])[0]):  # curriculum={strategy: anti} sets one too
             if key in VARIANT_SETTINGS or (key == "seed" and seeds):
@@ -87,6 +88,12 @@ def check_compare_request(overrides: list[str], strategies: Optional[list[str]],
         repeated = [v for i, v in enumerate(values or []) if v in (values or [])[:i]]
         if repeated:
             raise ConfigError(f"{option} lists {repeated[0]} more than once")
+    unknown = [name for name in losses or [] if name not in LOSS_NAMES]
+    if unknown:
+        raise ConfigError(f"--losses {unknown[0]}: unknown KD loss; valid names: {', '.join(LOSS_NAMES)}")
+    bad_seeds = [s for s in seeds or [] if not 0 <= s <= 2 ** 63 - 1]
+    if bad_seeds:
+        raise ConfigError(f"--seeds {bad_seeds[0]}: a seed is a whole number from 0 to 2^63 - 1")
     if not COMPARE_NAME.fullmatch(compare_name):  # fullmatch: `$` alone would let a final newline through
         raise ConfigError(f"comparison name {compare_name!r}: one folder name under runs_root, letters, digits, "
                           "'.', '_' and '-', starting with a letter or digit, at most 128 characters")

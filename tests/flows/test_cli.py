@@ -179,6 +179,8 @@ def test_compare_overrides_after_a_list_option_are_overrides(argv):
     (["curriculum={strategy: anti, num_stages: 3}"], "each variant sets curriculum.strategy itself; use --strategies"),
     (["--seeds", "10", "20", "seed=5"], "override 'seed=5': each variant sets seed itself; use --seeds"),
     (["--seeds", "10", "10"], "--seeds lists 10 more than once"),
+    (["--seeds", "-1"], "--seeds -1: a seed is a whole number from 0 to 2^63 - 1"),
+    (["--losses", "kl", "models.teacher=/no/such/teacher"], "--losses kl: unknown KD loss; valid names: fkl"),
     (["--strategies", "none", "curriculum", "none"], "--strategies lists none more than once"),
     (["--name", "../elsewhere"], "comparison name '../elsewhere': one folder name under runs_root"),
     (["--name", ""], "comparison name '': one folder name"),
