@@ -39,6 +39,7 @@ from prefect.runtime import flow_run
 from pocl_core.config import ConfigError, PoclConfig, load_config
 from pocl_core.contracts import RunPaths, StaleOutputError, dotted_differences, write_text_atomic
 from pocl_core.data import DataError, check_data_paths, relative_path_note
+from pocl_core.models import TOKENIZER_FILES
 from pocl_core.run_lock import RunLock, run_folder_lock
 from pocl_core.storage import Location, ObjectPath, is_remote, location, remove_tree
 from tasks.distill import check_local_gpus, check_ray_address, distill
@@ -143,7 +144,8 @@ def _looks_local(value: str) -> bool:
 
 
 def check_inputs(cfg: PoclConfig) -> None:
-    """ConfigError for a model folder or data file that is not there, a data path that is a URI
+    """ConfigError for a model folder or data file that is not there (or a model folder without its
+    config.json, a tokenizer folder without tokenizer files), a data path that is a URI
     (data files are read from the local disk; a model may be a hub id), a runs_root that is a file or
     where a new run folder cannot be created, GPUs a local Ray lacks (``check_local_gpus``), or a Ray
     address that is malformed or that nothing answers on (``check_ray_address``)."""
@@ -161,10 +163,19 @@ def check_inputs(cfg: PoclConfig) -> None:
                 break
     for key in ("teacher", "student", "tokenizer"):
         value = getattr(cfg.models, key)
-        if value is not None and _looks_local(value) and not Path(value).expanduser().exists():
+        if value is None or not _looks_local(value):
+            continue
+        folder = Path(value).expanduser()
+        if not folder.exists():
             raise ConfigError(f"models.{key}: folder {value} not found{relative_path_note(value)} (the shipped "
                               "configs' models are built by `make tiny-models` / `make quickstart-models`; a "
                               "Hugging Face hub id is org/name)")
+        if folder.is_dir() and key != "tokenizer" and not (folder / "config.json").is_file():
+            raise ConfigError(f"models.{key}: {value} holds no config.json, so it is no Hugging Face model folder "
+                              "(save_pretrained writes one)")
+        if folder.is_dir() and key == "tokenizer" and not any((folder / f).is_file() for f in TOKENIZER_FILES):
+            raise ConfigError(f"models.tokenizer: {value} holds no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, "
+                              "...; save_pretrained of a tokenizer writes them)")
     check_data_paths(cfg.data)
 
 

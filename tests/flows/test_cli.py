@@ -60,6 +60,7 @@ def test_run_flags_become_the_flow_parameters(tmp_path, monkeypatch, listening_a
     models = []
     for name in ("teacher", "student"):  # folders that exist: the run's inputs are checked before the flow
         (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text("{}")
         models.append(f"models.{name}={tmp_path / name}")
     with pytest.raises(Started):
         main(["run", "--config", "configs/tiny.yaml", f"runs_root={tmp_path}", *models, "--run-name", "007",
@@ -152,6 +153,7 @@ def test_plan_refuses_no_samples_and_notes_stages_smaller_than_a_batch(capsys):
 
 
 def test_compare_names_a_missing_model_folder_before_any_engine(tmp_path, capsys):
+    (tmp_path / "config.json").write_text("{}")
     args = ["compare", "--config", "configs/tiny.yaml", f"models.teacher={tmp_path}", "models.student=./no/such/student"]
     assert main(args) == 2
     assert "models.student: folder ./no/such/student not found" in capsys.readouterr().err

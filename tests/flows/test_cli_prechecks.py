@@ -29,6 +29,7 @@ def model_folders(tmp_path) -> list[str]:
     models = []
     for name in ("teacher", "student"):
         (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text("{}")
         models.append(f"models.{name}={tmp_path / name}")
     return models
 

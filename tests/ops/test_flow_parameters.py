@@ -23,8 +23,9 @@ TINY = str(REPO / "configs" / "tiny.yaml")
 @pytest.fixture
 def models(tmp_path) -> list[str]:
     """Overrides pointing the tiny config at model folders that exist (nothing is loaded from them)."""
-    for name in ("teacher", "student"):
+    for name in ("teacher", "student"):  # a config.json makes them model folders to the pre-start check
         (tmp_path / "models" / name).mkdir(parents=True)
+        (tmp_path / "models" / name / "config.json").write_text("{}")
     return [f"models.teacher={tmp_path / 'models' / 'teacher'}", f"models.student={tmp_path / 'models' / 'student'}"]
 
 
@@ -42,6 +43,19 @@ def test_resume_false_refuses_an_existing_run_folder(tmp_path, models):
     assert str(tmp_path / "taken") in msg and "new run_name" in msg
     assert resolve_config(TINY, [f"runs_root={tmp_path}", *models], "taken", resume=True).run_name == "taken"
     assert resolve_config(TINY, [f"runs_root={tmp_path}", *models], "fresh", resume=False).run_name == "fresh"
+
+
+def test_model_folders_without_a_model_or_tokenizer_are_named_before_any_engine(tmp_path, models):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for key in ("teacher", "student"):
+        with pytest.raises(ConfigError, match=f"models.{key}: {empty} holds no config.json, so it is no Hugging Face "
+                                              "model folder"):
+            resolve_config(TINY, [f"runs_root={tmp_path}", *models, f"models.{key}={empty}"], None)
+    with pytest.raises(ConfigError, match=f"models.tokenizer: {empty} holds no tokenizer files"):
+        resolve_config(TINY, [f"runs_root={tmp_path}", *models, f"models.tokenizer={empty}"], None)
+    (empty / "tokenizer.json").write_text("{}")
+    assert resolve_config(TINY, [f"runs_root={tmp_path}", *models, f"models.tokenizer={empty}"], None)
 
 
 @pytest.mark.parametrize("override, message", [

@@ -88,6 +88,7 @@ def test_the_flow_refuses_use_gpu_on_a_local_ray_without_enough_gpus_before_any_
     models = []
     for name in ("teacher", "student"):  # folders that exist: the inputs are checked after the GPUs
         (tmp_path / "models" / name).mkdir(parents=True)
+        (tmp_path / "models" / name / "config.json").write_text("{}")
         models.append(f"models.{name}={tmp_path / 'models' / name}")
     runs = f"runs_root={tmp_path / 'runs'}"
     with pytest.raises(ConfigError, match=r"ray.num_workers=2 needs 2 GPU\(s\) on this machine's local Ray, but CUDA "
