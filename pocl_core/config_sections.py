@@ -371,7 +371,8 @@ class EvalConfig(SamplingConfig):
     passes greedy too. greedy: also one greedy pass (seed-independent), reported as its own ROUGE-L.
     do_sample/temperature/top_k/top_p/no_repeat_ngram_size/max_new_tokens: see SamplingConfig (the
     method's: temperature 1, no top-k/top-p, no repeated 6-grams; its answers run to 256 new tokens,
-    as configs/paper.yaml sets; the default of 64 suits short answers). seeds must differ.
+    as configs/paper.yaml sets; the default of 64 suits short answers). seeds must differ, and be one
+    when do_sample is False.
     batch_size: prompts per generate call. at_stage_boundaries:
     also evaluate the student as it was at the end of every stage but the last (that one is the
     final student); training then saves those students under ``<run>/stages/``.
@@ -386,6 +387,9 @@ class EvalConfig(SamplingConfig):
     def _check(self) -> "EvalConfig":
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"eval.seeds lists a seed twice: {self.seeds} (a repeated seed repeats the same pass)")
+        if not self.do_sample and len(self.seeds) > 1:
+            raise ValueError(f"eval.do_sample is false, so each of eval.seeds {self.seeds} would decode the same greedy "
+                             f"pass: give one seed (eval.seeds=[{self.seeds[0]}]) or set eval.do_sample=true")
         return self
 
 

@@ -119,6 +119,8 @@ def test_null_words_mean_null_for_every_setting_and_quoted_they_are_text():
     ("run_name=nightly-{scheduled}", "{scheduled} is expanded only in `pocl run --run-name` and the flow's run_name"),
     (".seed=3", "override '.seed=3': the key '.seed' has an empty part"),
     ("curriculum..num_stages=3", "the key 'curriculum..num_stages' has an empty part"),
+    ("eval={do_sample: false, seeds: [1, 2]}", "eval.do_sample is false, so each of eval.seeds [1, 2] would decode "
+                                               "the same greedy pass: give one seed (eval.seeds=[1])"),
 ])
 def test_values_no_setting_means_are_refused_naming_the_setting(override, message):
     with pytest.raises(ConfigError) as err:
