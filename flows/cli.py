@@ -149,6 +149,14 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     if small:
         print(f"note: stage(s) {', '.join(map(str, small))} hold fewer samples than the global batch ({gb}): each of "
               "their steps repeats samples; use fewer stages or a smaller optim.global_batch_size")
+    if n < cfg.curriculum.num_stages:
+        print(f"note: {cfg.curriculum.num_stages} stages for {n} training samples: some buckets are empty, so their "
+              "stages add no new samples; use at most as many stages as samples")
+    horizons = [p.num_steps for p in plans] if cfg.curriculum.fresh_optimizer_per_stage else [total]
+    short = min(horizons, default=0)
+    if plans and cfg.optim.warmup_steps >= short:
+        print(f"note: optim.warmup_steps ({cfg.optim.warmup_steps}) is not below the {short} optimizer steps an LR "
+              "schedule spans here: the learning rate never reaches optim.lr's cosine decay; lower optim.warmup_steps")
     return 0
 
 

@@ -401,9 +401,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     source = "<defaults>"
     if path is not None:
         source = str(path)
+        if not str(path).strip():
+            raise ConfigError("the config path is empty; give a YAML file (e.g. configs/tiny.yaml)")
         p = Path(path)
         if p.is_dir():
             raise ConfigError(f"config {p} is a folder; give a YAML file (e.g. configs/tiny.yaml)")
+        if p.exists() and not p.is_file():
+            raise ConfigError(f"config {p} is not a regular file (a device or pipe); give a YAML file")
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
         try:

@@ -152,6 +152,28 @@ def test_plan_refuses_no_samples_and_notes_stages_smaller_than_a_batch(capsys):
     assert "note:" not in capsys.readouterr().out
 
 
+def test_plan_notes_empty_buckets_and_a_warmup_longer_than_a_stage(capsys):
+    assert main(["plan", "--config", "configs/tiny.yaml", "--num-samples", "3"]) == 0
+    assert "note: 4 stages for 3 training samples: some buckets are empty" in capsys.readouterr().out
+    assert main(["plan", "--config", "configs/tiny.yaml", "--num-samples", "300", "optim.warmup_steps=100"]) == 0
+    out = capsys.readouterr().out
+    assert "note: optim.warmup_steps (100) is not below the 5 optimizer steps an LR schedule spans" in out
+    assert main(["plan", "--config", "configs/tiny.yaml", "--num-samples", "300", "optim.warmup_steps=20",
+                 "curriculum.fresh_optimizer_per_stage=false"]) == 0
+    assert "note: optim.warmup_steps" not in capsys.readouterr().out  # one schedule over all 49 steps
+
+
+@pytest.mark.parametrize("path, message", [
+    ("", "the config path is empty"),
+    ("/dev/null", "config /dev/null is not a regular file"),
+    ("configs", "config configs is a folder"),
+    ("no/such.yaml", "config file not found: no/such.yaml"),
+])
+def test_odd_config_paths_are_named(path, message, capsys):
+    assert main(["plan", "--config", path, "--num-samples", "10"]) == 2
+    assert message in capsys.readouterr().err
+
+
 def test_compare_names_a_missing_model_folder_before_any_engine(tmp_path, capsys):
     (tmp_path / "config.json").write_text("{}")
     args = ["compare", "--config", "configs/tiny.yaml", f"models.teacher={tmp_path}", "models.student=./no/such/student"]
