@@ -128,7 +128,14 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         except ConfigError as exc:
             raise ConfigError(f"{exc}; or pass --num-samples N to plan without the data") from None
         models = cfg.models
-        splits = load_splits(cfg.data, lambda: load_tokenizer(models.tokenizer_source, models.trust_remote_code))
+
+        def tokenizer():  # only with data.long_prompts=drop: its folder is checked first, as a run checks it
+            from flows.pipeline import check_model_folders
+
+            check_model_folders(cfg.with_absolute_paths(), ("tokenizer",) if models.tokenizer else ("student",))
+            return load_tokenizer(models.tokenizer_source, models.trust_remote_code)
+
+        splits = load_splits(cfg.data, tokenizer)
         n = len(splits.train)
         notes = [f"{splits.bad_rows} bad row(s) dropped by data.on_bad_rows=drop"] if splits.bad_rows else []
         if splits.long_train:

@@ -161,7 +161,14 @@ def check_inputs(cfg: PoclConfig) -> None:
                     raise ConfigError(f"runs_root {root}: cannot create the run folder {cfg.run_dir}, as {folder} is "
                                       "not writable; choose a runs_root you can write to")
                 break
-    for key in ("teacher", "student", "tokenizer"):
+    check_model_folders(cfg, ("teacher", "student", "tokenizer"))
+    check_data_paths(cfg.data)
+
+
+def check_model_folders(cfg: PoclConfig, keys: tuple[str, ...]) -> None:
+    """ConfigError for a local folder of ``models.<key>`` that is not there, a model folder without its
+    config.json, or a tokenizer folder without tokenizer files (a hub id ``org/name`` is not checked)."""
+    for key in keys:
         value = getattr(cfg.models, key)
         if value is None or not _looks_local(value):
             continue
@@ -176,7 +183,6 @@ def check_inputs(cfg: PoclConfig) -> None:
         if folder.is_dir() and key == "tokenizer" and not any((folder / f).is_file() for f in TOKENIZER_FILES):
             raise ConfigError(f"models.tokenizer: {value} holds no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, "
                               "...; save_pretrained of a tokenizer writes them)")
-    check_data_paths(cfg.data)
 
 
 def changed_settings(paths: RunPaths, cfg: PoclConfig) -> list[str]:

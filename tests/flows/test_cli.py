@@ -163,6 +163,14 @@ def test_plan_notes_empty_buckets_and_a_warmup_longer_than_a_stage(capsys):
     assert "note: optim.warmup_steps" not in capsys.readouterr().out  # one schedule over all 49 steps
 
 
+def test_plan_names_a_missing_tokenizer_folder_it_needs(tmp_path, capsys):
+    args = ["plan", "--config", "configs/tiny.yaml", "data.long_prompts=drop"]
+    assert main([*args, f"models.tokenizer={tmp_path / 'no-tok'}"]) == 2
+    assert f"models.tokenizer: folder {tmp_path / 'no-tok'} not found" in capsys.readouterr().err
+    assert main([*args, f"models.tokenizer={tmp_path}"]) == 2
+    assert f"models.tokenizer: {tmp_path} holds no tokenizer files" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("path, message", [
     ("", "the config path is empty"),
     ("/dev/null", "config /dev/null is not a regular file"),
