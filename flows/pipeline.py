@@ -39,7 +39,8 @@ from prefect.runtime import flow_run
 from pocl_core.config import ConfigError, PoclConfig, load_config
 from pocl_core.contracts import RunPaths, StaleOutputError, dotted_differences, write_text_atomic
 from pocl_core.data import DataError, check_data_paths, relative_path_note
-from pocl_core.models import TOKENIZER_FILES
+from pocl_core.measures import GENERATIVE_MEASURES
+from pocl_core.models import TOKENIZER_FILES, trained_context
 from pocl_core.run_lock import RunLock, run_folder_lock
 from pocl_core.storage import Location, ObjectPath, is_remote, location, remove_tree
 from tasks.distill import check_local_gpus, check_ray_address, distill
@@ -180,9 +181,37 @@ def check_model_folders(cfg: PoclConfig, keys: tuple[str, ...]) -> None:
         if folder.is_dir() and key != "tokenizer" and not (folder / "config.json").is_file():
             raise ConfigError(f"models.{key}: {value} holds no config.json, so it is no Hugging Face model folder "
                               "(save_pretrained writes one)")
+        if folder.is_dir() and key != "tokenizer":
+            check_context(cfg, key, folder / "config.json")
         if folder.is_dir() and key == "tokenizer" and not any((folder / f).is_file() for f in TOKENIZER_FILES):
             raise ConfigError(f"models.tokenizer: {value} holds no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, "
                               "...; save_pretrained of a tokenizer writes them)")
+
+
+def longest_sequences(cfg: PoclConfig) -> list[tuple[str, int]]:
+    """The longest token sequences a run feeds its models, each with the settings that make it: training
+    (data.max_length; GKD's on-policy samples are capped by it too), and prompt plus generation where a
+    step generates (evaluation, rouge_l scoring)."""
+    d = cfg.data
+    out = [("data.max_length", d.max_length),
+           ("data.max_prompt_length + eval.max_new_tokens", d.max_prompt_length + cfg.eval.max_new_tokens)]
+    if GENERATIVE_MEASURES.intersection(cfg.scoring.measures):
+        out.append(("data.max_prompt_length + scoring.generation.max_new_tokens",
+                    d.max_prompt_length + cfg.scoring.generation.max_new_tokens))
+    return out
+
+
+def check_context(cfg: PoclConfig, key: str, config_json: Path) -> None:
+    """ConfigError when a sequence of ``longest_sequences`` is longer than the positions the model of
+    ``models.<key>`` (its ``config_json``) was built for; nothing when the file does not say."""
+    try:
+        context = trained_context(json.loads(config_json.read_text()))
+    except (OSError, ValueError, AttributeError):
+        return  # an unreadable config is the model loader's to report, naming the folder
+    for settings, length in longest_sequences(cfg):
+        if context is not None and length > context:
+            raise ConfigError(f"{settings} = {length} tokens, more than the {context} positions models.{key} "
+                              f"{getattr(cfg.models, key)} was built for (its config.json): lower them")
 
 
 def changed_settings(paths: RunPaths, cfg: PoclConfig) -> list[str]:

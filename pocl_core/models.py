@@ -58,6 +58,20 @@ def config_vocab_size(name_or_path: str, trust_remote_code: bool = False) -> int
     return int(text.vocab_size)
 
 
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+
+
+def trained_context(config: dict) -> int | None:
+    """The positions a model's config.json (parsed) says it was built for: its text config's for a
+    multimodal model; None when it does not say."""
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    for key in CONTEXT_KEYS:
+        value = text.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
 def cpu_has_native_bf16() -> bool:
     """True when this x86 CPU has AVX512-BF16 or AMX (Linux /proc/cpuinfo); otherwise bf16 is emulated."""
     try:

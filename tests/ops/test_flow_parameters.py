@@ -58,6 +58,26 @@ def test_model_folders_without_a_model_or_tokenizer_are_named_before_any_engine(
     assert resolve_config(TINY, [f"runs_root={tmp_path}", *models, f"models.tokenizer={empty}"], None)
 
 
+def test_sequences_longer_than_a_models_positions_are_named_before_any_engine(tmp_path, models):
+    short = tmp_path / "short"
+    short.mkdir()
+    (short / "config.json").write_text('{"max_position_embeddings": 80}')
+    base = [f"runs_root={tmp_path}", *models, f"models.teacher={short}"]
+    with pytest.raises(ConfigError, match=rf"data.max_length = 96 tokens, more than the 80 positions models.teacher "
+                                          rf"{short} was built for"):
+        resolve_config(TINY, base, None)
+    with pytest.raises(ConfigError, match=r"data.max_prompt_length \+ eval.max_new_tokens = 84 tokens, more than the 80"):
+        resolve_config(TINY, [*base, "data.max_length=80", "eval.max_new_tokens=20"], None)
+    with pytest.raises(ConfigError, match=r"data.max_prompt_length \+ scoring.generation.max_new_tokens = 90 tokens"):
+        resolve_config(TINY, [*base, "data.max_length=80", "scoring.measures=[nll, rouge_l]",
+                              "scoring.generation.max_new_tokens=26"], None)
+    assert resolve_config(TINY, [*base, "data.max_length=80", "scoring.measures=[nll]",
+                                 "scoring.generation.max_new_tokens=26"], None)  # no generation in scoring
+    (short / "config.json").write_text('{"text_config": {"n_positions": 64}}')
+    with pytest.raises(ConfigError, match="more than the 64 positions"):
+        resolve_config(TINY, base, None)
+
+
 @pytest.mark.parametrize("override, message", [
     ("models.teacher=.cache/nowhere/teachr", "models.teacher: folder .cache/nowhere/teachr not found"),
     ("models.student=/no/such/student", "models.student: folder /no/such/student not found"),
