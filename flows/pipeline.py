@@ -39,6 +39,7 @@ from prefect.runtime import flow_run
 from pocl_core.config import ConfigError, PoclConfig, load_config
 from pocl_core.contracts import RunPaths, StaleOutputError, dotted_differences, write_text_atomic
 from pocl_core.data import DataError, check_data_paths, relative_path_note
+from pocl_core.encoding import CHAT_TEMPLATE
 from pocl_core.measures import GENERATIVE_MEASURES
 from pocl_core.models import TOKENIZER_FILES, trained_context
 from pocl_core.run_lock import RunLock, run_folder_lock
@@ -186,6 +187,23 @@ def check_model_folders(cfg: PoclConfig, keys: tuple[str, ...]) -> None:
         if folder.is_dir() and key == "tokenizer" and not any((folder / f).is_file() for f in TOKENIZER_FILES):
             raise ConfigError(f"models.tokenizer: {value} holds no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, "
                               "...; save_pretrained of a tokenizer writes them)")
+        if folder.is_dir() and value == cfg.models.tokenizer_source and cfg.data.prompt_template == CHAT_TEMPLATE \
+                and not _has_chat_template(folder):
+            raise ConfigError(f"data.prompt_template is '{CHAT_TEMPLATE}' but the tokenizer in {value} "
+                              f"(models.{key}) has no chat template; use a format string with '{{prompt}}' instead")
+
+
+def _has_chat_template(folder: Path) -> bool:
+    """True when a tokenizer folder holds a chat template: its own file, or ``chat_template`` in
+    tokenizer_config.json (an unreadable config counts as holding one: the loader reports it)."""
+    if (folder / "chat_template.jinja").is_file() or (folder / "chat_template.json").is_file():
+        return True
+    try:
+        return bool(json.loads((folder / "tokenizer_config.json").read_text()).get("chat_template"))
+    except FileNotFoundError:
+        return False
+    except (OSError, ValueError, AttributeError):
+        return True
 
 
 def longest_sequences(cfg: PoclConfig) -> list[tuple[str, int]]:

@@ -58,6 +58,22 @@ def test_model_folders_without_a_model_or_tokenizer_are_named_before_any_engine(
     assert resolve_config(TINY, [f"runs_root={tmp_path}", *models, f"models.tokenizer={empty}"], None)
 
 
+def test_a_chat_prompt_template_without_a_chat_template_is_named_before_any_engine(tmp_path, models):
+    tok = tmp_path / "tok"
+    tok.mkdir()
+    (tok / "tokenizer.json").write_text("{}")
+    (tok / "tokenizer_config.json").write_text('{"model_max_length": 512}')
+    args = [f"runs_root={tmp_path}", *models, f"models.tokenizer={tok}", "data.prompt_template=chat"]
+    with pytest.raises(ConfigError, match=f"data.prompt_template is 'chat' but the tokenizer in {tok} "
+                                          r"\(models.tokenizer\) has no chat template"):
+        resolve_config(TINY, args, None)
+    (tok / "tokenizer_config.json").write_text('{"chat_template": "{{ messages }}"}')
+    assert resolve_config(TINY, args, None)
+    (tok / "tokenizer_config.json").write_text("{}")
+    (tok / "chat_template.jinja").write_text("{{ messages }}")
+    assert resolve_config(TINY, args, None)
+
+
 def test_sequences_longer_than_a_models_positions_are_named_before_any_engine(tmp_path, models):
     short = tmp_path / "short"
     short.mkdir()
