@@ -187,8 +187,9 @@ def check_model_folders(cfg: PoclConfig, keys: tuple[str, ...]) -> None:
         if folder.is_dir() and key == "tokenizer" and not any((folder / f).is_file() for f in TOKENIZER_FILES):
             raise ConfigError(f"models.tokenizer: {value} holds no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, "
                               "...; save_pretrained of a tokenizer writes them)")
-        if folder.is_dir() and value == cfg.models.tokenizer_source and cfg.data.prompt_template == CHAT_TEMPLATE \
-                and not _has_chat_template(folder):
+        holds_tokenizer = folder.is_dir() and any((folder / f).is_file() for f in TOKENIZER_FILES)
+        if holds_tokenizer and value == cfg.models.tokenizer_source and cfg.data.prompt_template == CHAT_TEMPLATE \
+                and not _has_chat_template(folder):  # no tokenizer at all: the loader says so, naming the folder
             raise ConfigError(f"data.prompt_template is '{CHAT_TEMPLATE}' but the tokenizer in {value} "
                               f"(models.{key}) has no chat template; use a format string with '{{prompt}}' instead")
 
@@ -206,14 +207,14 @@ def _has_chat_template(folder: Path) -> bool:
         return True
 
 
-def longest_sequences(cfg: PoclConfig) -> list[tuple[str, int]]:
-    """The longest token sequences a run feeds its models, each with the settings that make it: training
-    (data.max_length; GKD's on-policy samples are capped by it too), and prompt plus generation where a
-    step generates (evaluation, rouge_l scoring)."""
+def longest_sequences(cfg: PoclConfig, key: str) -> list[tuple[str, int]]:
+    """The longest token sequences a run feeds the model of ``models.<key>``, each with the settings that
+    make it: training (data.max_length; GKD's on-policy samples are capped by it too), and prompt plus
+    generation where a step generates (evaluation; rouge_l scoring, for the scoring model)."""
     d = cfg.data
     out = [("data.max_length", d.max_length),
            ("data.max_prompt_length + eval.max_new_tokens", d.max_prompt_length + cfg.eval.max_new_tokens)]
-    if GENERATIVE_MEASURES.intersection(cfg.scoring.measures):
+    if GENERATIVE_MEASURES.intersection(cfg.scoring.measures) and key == cfg.scoring.model:
         out.append(("data.max_prompt_length + scoring.generation.max_new_tokens",
                     d.max_prompt_length + cfg.scoring.generation.max_new_tokens))
     return out
@@ -226,7 +227,7 @@ def check_context(cfg: PoclConfig, key: str, config_json: Path) -> None:
         context = trained_context(json.loads(config_json.read_text()))
     except (OSError, ValueError, AttributeError):
         return  # an unreadable config is the model loader's to report, naming the folder
-    for settings, length in longest_sequences(cfg):
+    for settings, length in longest_sequences(cfg, key):
         if context is not None and length > context:
             raise ConfigError(f"{settings} = {length} tokens, more than the {context} positions models.{key} "
                               f"{getattr(cfg.models, key)} was built for (its config.json): lower them")

@@ -213,6 +213,8 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
             if "{scheduled}" in str(e.get("input")):
                 msg += ("; {scheduled} is expanded only in `pocl run --run-name` and the flow's run_name parameter "
                         "(a deployment's), not in the config or an override")
+        elif e["type"] == "string_type" and e.get("input") is None:
+            msg += ": null here (null, ~ or None); quote it for the text, e.g. 'None'"
         elif e["type"] == "string_type" and isinstance(e.get("input"), (bool, int, float, datetime.date)):
             value = e["input"]
             shown = value.isoformat() if isinstance(value, datetime.date) else repr(value)

@@ -134,10 +134,12 @@ def _iter_records(path: Path) -> Iterable[tuple[str, Any]]:
         with path.open("rb") as fh:
             for lineno, raw in enumerate(fh, start=1):
                 where = f"{path}:{lineno}"
+                if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):  # a byte-order mark some editors write
+                    raw = raw[3:]
                 if not raw.strip():
                     continue
-                try:  # a byte-order mark some editors write at the start of the file is not part of the data
-                    yield where, json.loads(raw.decode("utf-8-sig" if lineno == 1 else "utf-8"))
+                try:
+                    yield where, json.loads(raw.decode("utf-8"))
                 except UnicodeDecodeError as exc:
                     yield where, DataError(f"{where}: not valid UTF-8 ({exc.reason})")
                 except json.JSONDecodeError as exc:

@@ -61,15 +61,27 @@ def config_vocab_size(name_or_path: str, trust_remote_code: bool = False) -> int
 CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
 
 
-def trained_context(config: dict) -> int | None:
-    """The positions a model's config.json (parsed) says it was built for: its text config's for a
-    multimodal model; None when it does not say."""
-    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
-    for key in CONTEXT_KEYS:
+def _scaled_rope(text: dict) -> bool:
+    """True when a config stretches its rotary positions beyond max_position_embeddings (rope_scaling,
+    or rope_parameters of a type other than the default)."""
+    for key in ("rope_scaling", "rope_parameters"):
         value = text.get(key)
-        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            return value
-    return None
+        if isinstance(value, dict) and value.get("rope_type", value.get("type", "default")) not in ("default", None):
+            return True
+    return False
+
+
+def trained_context(config: dict) -> int | None:
+    """The positions a model's config.json (parsed) says it was built for, the largest its keys give (its
+    text config's for a multimodal model); None when it does not say, or when positions are no hard
+    limit: rotary scaling (rope_scaling) or ALiBi, which has no position table to run past."""
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    if _scaled_rope(text) or any("alibi" in str(k).lower() and v for k, v in text.items()) \
+            or text.get("model_type") in ("bloom", "mpt"):
+        return None
+    values = [text.get(k) for k in CONTEXT_KEYS]
+    values = [v for v in values if isinstance(v, int) and not isinstance(v, bool) and v > 0]
+    return max(values) if values else None
 
 
 def cpu_has_native_bf16() -> bool:

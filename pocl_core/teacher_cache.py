@@ -42,21 +42,25 @@ CACHE_SHARD_VALUES = 2 ** 31
 
 def largest_fitting_shard_size(positions: Sequence[int], per_position: int, below: int,
                                limit: int = CACHE_SHARD_VALUES) -> int:
-    """The largest shard size under ``below`` at which every cache shard holds fewer than ``limit`` values.
+    """The largest shard size under ``below`` at which, as at every smaller size, every cache shard holds
+    fewer than ``limit`` values (so "at most that size" is true advice: shards cut at multiples of a
+    smaller size can hold more than at a larger one).
 
     ``positions``: response positions per sample, in the order scoring cuts shards from (consecutive runs
-    of the shard size); ``per_position``: values per position (``max(topk, temperatures)``). 0 when no
-    size fits (one sample alone is over the limit).
+    of the shard size); ``per_position``: values per position (``max(topk, temperatures)``). 0 when even
+    size 1 does not fit (one sample alone is over the limit).
     """
     counts = np.asarray(positions, dtype=np.int64)
     prefix = np.concatenate([[0], np.cumsum(counts)])
     n = len(counts)
-    for size in range(min(below - 1, n), 0, -1):
+    fits = 0
+    for size in range(1, max(min(below - 1, n), 0) + 1):
         starts = np.arange(0, n, size)
         ends = np.minimum(starts + size, n)
-        if int((prefix[ends] - prefix[starts]).max()) * per_position < limit:
-            return size
-    return 0
+        if int((prefix[ends] - prefix[starts]).max()) * per_position >= limit:
+            break
+        fits = size
+    return fits
 
 
 def topk_rows(logits: torch.Tensor, k: int, temperatures: Sequence[float]

@@ -99,10 +99,16 @@ def named_as_stored(local: Path | str, stored: Location) -> Iterator[None]:
         if str(local) == str(stored) or str(local) not in text:
             raise
         text = text.replace(str(local), f"{stored} (read from a local copy)")
+        if isinstance(exc, OSError) and exc.errno is not None:  # keep errno; the file named as stored
+            name = str(exc.filename).replace(str(local), str(stored)) if exc.filename is not None else None
+            raise type(exc)(exc.errno, exc.strerror, name) from exc
         try:
             renamed = type(exc)(text)
-        except TypeError:  # an exception type that takes other arguments
-            renamed = RuntimeError(text)
+        except TypeError:
+            renamed = None
+        if renamed is None or str(renamed) != text:  # a type with arguments of its own: keep it, add a note
+            exc.add_note(f"(the checkpoint is {stored}; {local} was its local copy)")
+            raise
         raise renamed from exc
 
 

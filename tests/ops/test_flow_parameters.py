@@ -72,6 +72,9 @@ def test_a_chat_prompt_template_without_a_chat_template_is_named_before_any_engi
     (tok / "tokenizer_config.json").write_text("{}")
     (tok / "chat_template.jinja").write_text("{{ messages }}")
     assert resolve_config(TINY, args, None)
+    # a student folder without any tokenizer (the tokenizer source when models.tokenizer is unset): no
+    # advice about templates; the tokenizer's loader names the folder later
+    assert resolve_config(TINY, [f"runs_root={tmp_path}", *models, "data.prompt_template=chat"], None)
 
 
 def test_sequences_longer_than_a_models_positions_are_named_before_any_engine(tmp_path, models):
@@ -92,6 +95,20 @@ def test_sequences_longer_than_a_models_positions_are_named_before_any_engine(tm
     (short / "config.json").write_text('{"text_config": {"n_positions": 64}}')
     with pytest.raises(ConfigError, match="more than the 64 positions"):
         resolve_config(TINY, base, None)
+    # no hard limit: stretched rotary positions, ALiBi; the largest of the keys counts
+    for config in ('{"max_position_embeddings": 80, "rope_scaling": {"type": "linear", "factor": 4.0}}',
+                   '{"max_position_embeddings": 80, "rope_parameters": {"rope_type": "llama3", "factor": 8.0}}',
+                   '{"model_type": "bloom", "seq_length": 80}', '{"alibi": true, "max_position_embeddings": 80}',
+                   '{"max_position_embeddings": 80, "max_sequence_length": 4096}'):
+        (short / "config.json").write_text(config)
+        assert resolve_config(TINY, base, None)
+    (short / "config.json").write_text('{"max_position_embeddings": 80, "rope_parameters": {"rope_type": "default"}}')
+    with pytest.raises(ConfigError, match="more than the 80 positions"):
+        resolve_config(TINY, base, None)
+    # scoring's generation runs on the scoring model only (the teacher by default), not on the student
+    (short / "config.json").write_text('{"max_position_embeddings": 96}')
+    assert resolve_config(TINY, [f"runs_root={tmp_path}", *models, f"models.student={short}",
+                                 "scoring.measures=[nll, rouge_l]", "scoring.generation.max_new_tokens=64"], None)
 
 
 @pytest.mark.parametrize("override, message", [

@@ -391,11 +391,17 @@ def test_largest_fitting_shard_size_matches_a_brute_force_search():
     for _ in range(200):
         positions = rng.integers(0, 30, size=int(rng.integers(1, 40))).tolist()
         per, limit, below = int(rng.integers(1, 5)), int(rng.integers(20, 400)), int(rng.integers(1, 50))
-        fits = [s for s in range(1, below) if all(sum(positions[i:i + s]) * per < limit
-                                                  for i in range(0, len(positions), s))]
-        expected = max((s for s in fits if s <= len(positions)), default=0)
+        def fit(s: int) -> bool:
+            return all(sum(positions[i:i + s]) * per < limit for i in range(0, len(positions), s))
+
+        expected = 0
+        while expected + 1 < below and expected + 1 <= len(positions) and fit(expected + 1):
+            expected += 1
         assert largest_fitting_shard_size(positions, per, below, limit) == expected
+        assert all(fit(s) for s in range(1, expected + 1))  # "at most" holds for every smaller size
     assert largest_fitting_shard_size([5, 900, 5], 1, 10, limit=100) == 0  # one sample alone is over
+    # size 3 fits (0 + 0 + 9 | 9 + 0 + 0) but size 2 does not (0 + 0 | 9 + 9 | ...): the advice is 1
+    assert largest_fitting_shard_size([0, 0, 9, 9, 0, 0], 1, 10, limit=10) == 1
 
 
 def test_greedy_rouge_l_scores_depend_on_no_sampling_setting(tiny_models, tiny_data_path, tmp_path):

@@ -314,3 +314,9 @@ def test_errors_reading_a_local_copy_name_the_stored_checkpoint(tmp_path, s3_ser
         load_checkpoint(tmp_path, model=torch.nn.Linear(4, 3))
     with pytest.raises(ValueError, match="^unrelated$"), named_as_stored(local, stored):
         raise ValueError("unrelated")
+    with pytest.raises(UnicodeDecodeError) as odd, named_as_stored(local, stored):  # its own arguments: kept
+        raise UnicodeDecodeError("utf-8", str(local).encode(), 0, 1, f"in {local}")
+    assert odd.value.__notes__ == [f"(the checkpoint is {stored}; {local} was its local copy)"]
+    with pytest.raises(FileNotFoundError) as gone, named_as_stored(local, stored):
+        open(local / "absent.pt", "rb")
+    assert gone.value.errno == 2 and gone.value.filename == str(stored / "absent.pt")

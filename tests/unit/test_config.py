@@ -119,6 +119,7 @@ def test_null_words_mean_null_for_every_setting_and_quoted_they_are_text():
     ("run_name=nightly-{scheduled}", "{scheduled} is expanded only in `pocl run --run-name` and the flow's run_name"),
     (".seed=3", "override '.seed=3': the key '.seed' has an empty part"),
     ("curriculum..num_stages=3", "the key 'curriculum..num_stages' has an empty part"),
+    ("run_name=None", "run_name: Input should be a valid string: null here (null, ~ or None); quote it for the text"),
     ("eval={do_sample: false, seeds: [1, 2]}", "eval.do_sample is false, so each of eval.seeds [1, 2] would decode "
                                                "the same greedy pass: give one seed (eval.seeds=[1])"),
 ])

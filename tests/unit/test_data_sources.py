@@ -252,6 +252,8 @@ def test_a_jsonl_byte_order_mark_empty_files_and_boolean_ids(tmp_path):
     bom.write_bytes(b"\xef\xbb\xbf" + b'{"prompt": "q", "response": "a", "id": "s1"}\n{"prompt": "q2", "response": "b"}\n')
     samples, _ = load_samples(bom)
     assert [s.sample_id for s in samples][0] == "s1" and len(samples) == 2
+    bom.write_bytes(b"\xef\xbb\xbf\n" + b'{"prompt": "q", "response": "a", "id": "s1"}\n')  # the mark alone on line 1
+    assert [s.sample_id for s in load_samples(bom)[0]] == ["s1"]
     for empty in (tmp_path / "empty.jsonl", tmp_path / "blank.jsonl", tmp_path / "none.parquet"):
         if empty.suffix == ".parquet":
             pq.write_table(pa.table({"prompt": pa.array([], pa.string()), "response": pa.array([], pa.string())}), empty)
