@@ -109,6 +109,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     the tokenizer is loaded to measure them), the caps, and the same errors.
     """
     from pocl_core.data import check_data_paths, load_splits
+    from pocl_core.model_checks import check_model_folders
     from pocl_core.models import load_tokenizer
     from pocl_core.partition import bucket_sizes
     from pocl_core.schedule import plan_stages
@@ -130,8 +131,6 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         models = cfg.models
 
         def tokenizer():  # only with data.long_prompts=drop: its folder is checked first, as a run checks it
-            from flows.pipeline import check_model_folders
-
             check_model_folders(cfg.with_absolute_paths(), ("tokenizer",) if models.tokenizer else ("student",))
             return load_tokenizer(models.tokenizer_source, models.trust_remote_code)
 

@@ -38,10 +38,8 @@ from prefect.runtime import flow_run
 
 from pocl_core.config import ConfigError, PoclConfig, load_config
 from pocl_core.contracts import RunPaths, StaleOutputError, dotted_differences, write_text_atomic
-from pocl_core.data import DataError, check_data_paths, relative_path_note
-from pocl_core.encoding import CHAT_TEMPLATE
-from pocl_core.measures import GENERATIVE_MEASURES
-from pocl_core.models import TOKENIZER_FILES, trained_context
+from pocl_core.data import DataError, check_data_paths
+from pocl_core.model_checks import check_model_folders
 from pocl_core.run_lock import RunLock, run_folder_lock
 from pocl_core.storage import Location, ObjectPath, is_remote, location, remove_tree
 from tasks.distill import check_local_gpus, check_ray_address, distill
@@ -134,20 +132,16 @@ def record_flow_run(paths: RunPaths, new: Optional[bool] = None) -> bool:
     Retry of that flow run with ``resume=False`` accepts the folder; True when it recorded it.
     ``new``: whether this flow run made the folder (default: the folder does not exist yet)."""
     current = current_flow_run_id()
-    if current is None or not (not paths.root.exists() if new is None else new):
+    new = not paths.root.exists() if new is None else new
+    if current is None or not new:
         return False
     write_text_atomic(paths.flow_run_id, current + "\n")
     return True
 
 
-def _looks_local(value: str) -> bool:
-    """A path rather than a Hugging Face hub id (``org/name``)."""
-    return "://" not in value and (value.startswith(("/", ".", "~")) or value.count("/") > 1)
-
-
 def check_inputs(cfg: PoclConfig) -> None:
-    """ConfigError for a model folder or data file that is not there (or a model folder without its
-    config.json, a tokenizer folder without tokenizer files), a data path that is a URI
+    """ConfigError for a model folder or data file that is not there (or a model folder the run cannot
+    use, ``model_checks.check_model_folders``), a data path that is a URI
     (data files are read from the local disk; a model may be a hub id), a runs_root that is a file or
     where a new run folder cannot be created, GPUs a local Ray lacks (``check_local_gpus``), or a Ray
     address that is malformed or that nothing answers on (``check_ray_address``)."""
@@ -165,72 +159,6 @@ def check_inputs(cfg: PoclConfig) -> None:
                 break
     check_model_folders(cfg, ("teacher", "student", "tokenizer"))
     check_data_paths(cfg.data)
-
-
-def check_model_folders(cfg: PoclConfig, keys: tuple[str, ...]) -> None:
-    """ConfigError for a local folder of ``models.<key>`` that is not there, a model folder without its
-    config.json, or a tokenizer folder without tokenizer files (a hub id ``org/name`` is not checked)."""
-    for key in keys:
-        value = getattr(cfg.models, key)
-        if value is None or not _looks_local(value):
-            continue
-        folder = Path(value).expanduser()
-        if not folder.exists():
-            raise ConfigError(f"models.{key}: folder {value} not found{relative_path_note(value)} (the shipped "
-                              "configs' models are built by `make tiny-models` / `make quickstart-models`; a "
-                              "Hugging Face hub id is org/name)")
-        if folder.is_dir() and key != "tokenizer" and not (folder / "config.json").is_file():
-            raise ConfigError(f"models.{key}: {value} holds no config.json, so it is no Hugging Face model folder "
-                              "(save_pretrained writes one)")
-        if folder.is_dir() and key != "tokenizer":
-            check_context(cfg, key, folder / "config.json")
-        if folder.is_dir() and key == "tokenizer" and not any((folder / f).is_file() for f in TOKENIZER_FILES):
-            raise ConfigError(f"models.tokenizer: {value} holds no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, "
-                              "...; save_pretrained of a tokenizer writes them)")
-        holds_tokenizer = folder.is_dir() and any((folder / f).is_file() for f in TOKENIZER_FILES)
-        if holds_tokenizer and value == cfg.models.tokenizer_source and cfg.data.prompt_template == CHAT_TEMPLATE \
-                and not _has_chat_template(folder):  # no tokenizer at all: the loader says so, naming the folder
-            raise ConfigError(f"data.prompt_template is '{CHAT_TEMPLATE}' but the tokenizer in {value} "
-                              f"(models.{key}) has no chat template; use a format string with '{{prompt}}' instead")
-
-
-def _has_chat_template(folder: Path) -> bool:
-    """True when a tokenizer folder holds a chat template: its own file, or ``chat_template`` in
-    tokenizer_config.json (an unreadable config counts as holding one: the loader reports it)."""
-    if (folder / "chat_template.jinja").is_file() or (folder / "chat_template.json").is_file():
-        return True
-    try:
-        return bool(json.loads((folder / "tokenizer_config.json").read_text()).get("chat_template"))
-    except FileNotFoundError:
-        return False
-    except (OSError, ValueError, AttributeError):
-        return True
-
-
-def longest_sequences(cfg: PoclConfig, key: str) -> list[tuple[str, int]]:
-    """The longest token sequences a run feeds the model of ``models.<key>``, each with the settings that
-    make it: training (data.max_length; GKD's on-policy samples are capped by it too), and prompt plus
-    generation where a step generates (evaluation; rouge_l scoring, for the scoring model)."""
-    d = cfg.data
-    out = [("data.max_length", d.max_length),
-           ("data.max_prompt_length + eval.max_new_tokens", d.max_prompt_length + cfg.eval.max_new_tokens)]
-    if GENERATIVE_MEASURES.intersection(cfg.scoring.measures) and key == cfg.scoring.model:
-        out.append(("data.max_prompt_length + scoring.generation.max_new_tokens",
-                    d.max_prompt_length + cfg.scoring.generation.max_new_tokens))
-    return out
-
-
-def check_context(cfg: PoclConfig, key: str, config_json: Path) -> None:
-    """ConfigError when a sequence of ``longest_sequences`` is longer than the positions the model of
-    ``models.<key>`` (its ``config_json``) was built for; nothing when the file does not say."""
-    try:
-        context = trained_context(json.loads(config_json.read_text()))
-    except (OSError, ValueError, AttributeError):
-        return  # an unreadable config is the model loader's to report, naming the folder
-    for settings, length in longest_sequences(cfg, key):
-        if context is not None and length > context:
-            raise ConfigError(f"{settings} = {length} tokens, more than the {context} positions models.{key} "
-                              f"{getattr(cfg.models, key)} was built for (its config.json): lower them")
 
 
 def changed_settings(paths: RunPaths, cfg: PoclConfig) -> list[str]:
