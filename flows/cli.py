@@ -22,6 +22,7 @@ from typing import Optional, Sequence, get_args
 from pocl_core.config import ConfigError, CurriculumConfig, load_config
 from pocl_core.contracts import StaleOutputError
 from pocl_core.data import DataError
+from pocl_core.gc_setup import gc_paused
 from pocl_core.model_prep import ModelPrepError
 
 
@@ -56,7 +57,8 @@ def check_prefect_api() -> None:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from flows.pipeline import expand_run_name, pocl_distill, resolve_config
+    with gc_paused():  # the flow's imports: long-lived objects the collector need not walk again
+        from flows.pipeline import expand_run_name, pocl_distill, resolve_config
 
     from pocl_core.contracts import read_table
     from pocl_core.storage import location
@@ -82,7 +84,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from flows.compare import check_compare_request, check_shared_inputs, plan_variants, pocl_compare
+    with gc_paused():
+        from flows.compare import check_compare_request, check_shared_inputs, plan_variants, pocl_compare
 
     from pocl_core.storage import location
 

@@ -35,6 +35,7 @@ from pocl_core.config import PoclConfig
 from pocl_core.contracts import read_table
 from pocl_core.cpu_affinity import pin_to_share
 from pocl_core.data import table_to_samples
+from pocl_core.gc_setup import gc_paused
 from pocl_core.encoding import EncodedSample, collate, encode_sample, pad_id_of
 from pocl_core.models import causal_lm_skeleton, load_causal_lm, load_tokenizer, warn_if_slow_dtype
 from pocl_core.on_policy import OnPolicyMixer
@@ -80,52 +81,55 @@ def distill_loop(loop_config: dict[str, Any]) -> None:
     torch.manual_seed(cfg.seed)
 
     # --- setup: data in partition order, models, vocabulary check
-    tokenizer = load_tokenizer(cfg.models.tokenizer_source, cfg.models.trust_remote_code)
-    samples = {s.sample_id: s for s in table_to_samples(read_table(loop_config["train_path"]))}
-    part = read_table(loop_config["partition_path"]).to_pydict()
-    encoded = [encode_sample(tokenizer, samples[i], cfg.data.prompt_template, cfg.data.max_prompt_length,
-                             cfg.data.max_length) for i in part["sample_id"]]
-    buckets = np.asarray(part["bucket"])
-    pad = pad_id_of(tokenizer)
-    plans = plan_stages(cfg.curriculum, bucket_sizes(len(buckets), cfg.curriculum.num_stages),
-                        cfg.optim.global_batch_size)
+    # the collector paused meanwhile: imports and models are long-lived objects (pocl_core.gc_setup)
+    with gc_paused():
+        tokenizer = load_tokenizer(cfg.models.tokenizer_source, cfg.models.trust_remote_code)
+        samples = {s.sample_id: s for s in table_to_samples(read_table(loop_config["train_path"]))}
+        part = read_table(loop_config["partition_path"]).to_pydict()
+        encoded = [encode_sample(tokenizer, samples[i], cfg.data.prompt_template, cfg.data.max_prompt_length,
+                                 cfg.data.max_length) for i in part["sample_id"]]
+        buckets = np.asarray(part["bucket"])
+        pad = pad_id_of(tokenizer)
+        plans = plan_stages(cfg.curriculum, bucket_sizes(len(buckets), cfg.curriculum.num_stages),
+                            cfg.optim.global_batch_size)
 
-    # under FSDP rank 0 alone reads the student (and its checkpoints); the others receive their shards
-    reads_weights = rank == 0 or cfg.train.parallel_strategy != "fsdp"
-    # a rank that cannot load stops every rank (the others would wait for it in the next collective)
-    student_lm = all_ranks_succeed(lambda: (load_causal_lm if reads_weights else causal_lm_skeleton)(
-        cfg.models.student, "float32", cfg.models.trust_remote_code))
-    if cfg.train.parallel_strategy == "fsdp" and world > 1 and not same_structure_as_rank0(student_lm):
-        # e.g. weights saved untied while config.json ties them: loading unties them, a build from the config does not
-        logging.getLogger("pocl").warning(
-            "rank %d: the student built from its config differs from the one rank 0 loaded (%s); this rank "
-            "reads the whole student too", rank, cfg.models.student)
-        student_lm = load_causal_lm(cfg.models.student, "float32", cfg.models.trust_remote_code)
-    teacher, cache = _load_teacher(cfg, loop_config, device)
-    if cache is not None:
-        cache.check_temperatures([p.temperature for p in plans])
-    teacher_width = cache.metadata["vocab_columns"] if cache is not None else \
-        teacher.lm.get_output_embeddings().weight.shape[0]
-    columns = check_vocab_compatible(load_tokenizer(cfg.models.teacher, cfg.models.trust_remote_code), tokenizer,
-                                     teacher_width, student_lm.get_output_embeddings().weight.shape[0])
-    if cfg.train.freeze_embeddings:
-        student_lm.get_input_embeddings().weight.requires_grad_(False)
+        # under FSDP rank 0 alone reads the student (and its checkpoints); the others receive their shards
+        reads_weights = rank == 0 or cfg.train.parallel_strategy != "fsdp"
+        # a rank that cannot load stops every rank (the others would wait for it in the next collective)
+        student_lm = all_ranks_succeed(lambda: (load_causal_lm if reads_weights else causal_lm_skeleton)(
+            cfg.models.student, "float32", cfg.models.trust_remote_code))
+        if cfg.train.parallel_strategy == "fsdp" and world > 1 and not same_structure_as_rank0(student_lm):
+            # e.g. weights saved untied while config.json ties them: loading unties them, a build from the
+            # config does not
+            logging.getLogger("pocl").warning(
+                "rank %d: the student built from its config differs from the one rank 0 loaded (%s); this rank "
+                "reads the whole student too", rank, cfg.models.student)
+            student_lm = load_causal_lm(cfg.models.student, "float32", cfg.models.trust_remote_code)
+        teacher, cache = _load_teacher(cfg, loop_config, device)
+        if cache is not None:
+            cache.check_temperatures([p.temperature for p in plans])
+        teacher_width = cache.metadata["vocab_columns"] if cache is not None else \
+            teacher.lm.get_output_embeddings().weight.shape[0]
+        columns = check_vocab_compatible(load_tokenizer(cfg.models.teacher, cfg.models.trust_remote_code), tokenizer,
+                                         teacher_width, student_lm.get_output_embeddings().weight.shape[0])
+        if cfg.train.freeze_embeddings:
+            student_lm.get_input_embeddings().weight.requires_grad_(False)
 
-    # --- resume: the newest checkpoint that passes its checksums
-    resumed = resume_checkpoint(loop_config, student_lm if reads_weights else None, cfg)
-    position = resumed.position if resumed is not None else Position(0, 0, 0, 0)
-    student = _wrap_student(cfg, ResponseLogitsLM(student_lm), device, rank)
-    mixer = _on_policy_mixer(cfg, student, rank, tokenizer, pad, columns)
-    if mixer is not None and mixer.buffer is not None and resumed is not None:
-        restore_replay_buffer(mixer, resumed, rank, world)
-    if cfg.train.autocast_dtype != "none":
-        warn_if_slow_dtype(cfg.train.autocast_dtype, device)
-    autocast = torch.autocast(device.type, dtype=AUTOCAST[cfg.train.autocast_dtype]) \
-        if cfg.train.autocast_dtype != "none" else contextlib.nullcontext()
-    # float16 gradients of small token shares underflow to 0 without loss scaling; a no-op otherwise
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.autocast_dtype == "float16")
-    if resumed is not None and resumed.grad_scaler_state is not None and scaler.is_enabled():
-        scaler.load_state_dict(resumed.grad_scaler_state)
+        # --- resume: the newest checkpoint that passes its checksums
+        resumed = resume_checkpoint(loop_config, student_lm if reads_weights else None, cfg)
+        position = resumed.position if resumed is not None else Position(0, 0, 0, 0)
+        student = _wrap_student(cfg, ResponseLogitsLM(student_lm), device, rank)
+        mixer = _on_policy_mixer(cfg, student, rank, tokenizer, pad, columns)
+        if mixer is not None and mixer.buffer is not None and resumed is not None:
+            restore_replay_buffer(mixer, resumed, rank, world)
+        if cfg.train.autocast_dtype != "none":
+            warn_if_slow_dtype(cfg.train.autocast_dtype, device)
+        autocast = torch.autocast(device.type, dtype=AUTOCAST[cfg.train.autocast_dtype]) \
+            if cfg.train.autocast_dtype != "none" else contextlib.nullcontext()
+        # float16 gradients of small token shares underflow to 0 without loss scaling; a no-op otherwise
+        scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.autocast_dtype == "float16")
+        if resumed is not None and resumed.grad_scaler_state is not None and scaler.is_enabled():
+            scaler.load_state_dict(resumed.grad_scaler_state)
 
     # --- the stage loop
     per_worker = cfg.optim.global_batch_size // world
