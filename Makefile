@@ -16,7 +16,7 @@ export TOKENIZERS_PARALLELISM ?= false
 # Prefect's temporary server can take longer than its 20 s default to start on a busy 2-core machine.
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 
-.PHONY: setup run test test-fast bench bench-losses bench-scoring bench-training bench-orchestration bench-ray-report bench-flops bench-fsdp-load clean tiny-models quickstart-models gpu-wheels
+.PHONY: setup run test test-fast bench bench-losses bench-scoring bench-training bench-orchestration bench-ray-report bench-flops bench-fsdp-load bench-gc-setup clean tiny-models quickstart-models gpu-wheels
 
 setup: $(STAMP)
 
@@ -48,7 +48,7 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" tests
 
-bench: bench-losses bench-scoring bench-training bench-flops bench-orchestration bench-ray-report bench-fsdp-load
+bench: bench-losses bench-scoring bench-training bench-flops bench-orchestration bench-ray-report bench-fsdp-load bench-gc-setup
 
 bench-losses: $(STAMP)
 	$(PY) -m benchmarks.bench_losses
@@ -70,6 +70,9 @@ bench-flops: $(STAMP) quickstart-models
 
 bench-fsdp-load: $(STAMP) quickstart-models
 	$(PY) -m benchmarks.bench_fsdp_load
+
+bench-gc-setup: $(STAMP) tiny-models
+	$(PY) -m benchmarks.bench_gc_setup
 
 # Wheels for the GPU checks on an offline PyTorch CUDA machine (Python 3.12): every runtime dependency
 # its image lacks, Ray and Prefect slimmed (see devtools/offline_wheels.py); there, run
