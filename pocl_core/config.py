@@ -2,7 +2,8 @@
 
 Every knob of a run lives here, grouped by the part of the pipeline that reads it. Unknown keys and
 out-of-range values are rejected with the dotted name of the offending key (``ConfigError``).
-The section models live in ``pocl_core/config_sections.py`` and are re-exported here.
+The section models live in ``pocl_core/config_sections.py`` and are re-exported here; the YAML
+dialect of files and override values (duplicate keys refused, YAML 1.2 numbers) in ``config_yaml.py``.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from pocl_core.config_sections import (  # noqa: F401  (re-exported: the config'
     TrainConfig,
     _Section,
 )
+from pocl_core.config_yaml import read_yaml, unshared
 
 
 # A run's (or a comparison's) folder name under runs_root.
@@ -230,21 +232,6 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-def _unshared(value: Any, inside: tuple[int, ...] = ()) -> Any:
-    """A copy of a YAML tree in which no mapping or list appears twice (a YAML alias shares one object
-    between its places; an override of one place must not change the others). ValueError for an alias
-    that contains itself (``seeds: &s [1, *s]``), which no setting can hold."""
-    if isinstance(value, (dict, list)):
-        if id(value) in inside:
-            raise ValueError("a YAML alias refers to a mapping or list that contains it (e.g. `&s [1, *s]`)")
-        inside = (*inside, id(value))
-    if isinstance(value, dict):
-        return {k: _unshared(v, inside) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_unshared(v, inside) for v in value]
-    return value
-
-
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     parts = dotted.split(".")
     node = tree
@@ -338,59 +325,11 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
             parsed.append((key, raw.strip()))
             continue
         try:
-            value = _yaml(raw) if raw.strip() else ""
+            value = read_yaml(raw) if raw.strip() else ""
         except yaml.YAMLError as exc:
             raise ConfigError(f"override {key}: cannot parse value '{raw}': {exc}") from None
         parsed.append((key, value))
     return parsed
-
-
-class _ConfigLoader(yaml.SafeLoader):
-    """yaml.safe_load, plus: a key given twice in one mapping is an error (YAML keeps the last
-    silently), and numbers read as in YAML 1.2: ``1e-4`` is a float (YAML 1.1 needs a dot:
-    ``1.0e-4``) and integers are decimal (``010`` is 10, not YAML 1.1's octal 8; ``1:30`` is text, not
-    base-60 90), hexadecimal ``0x1f`` or octal ``0o17``."""
-
-    def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
-        text = str(self.construct_scalar(node)).replace("_", "")
-        sign = -1 if text.startswith("-") else 1
-        digits = text.lstrip("+-")
-        if digits[:2] in ("0x", "0o"):
-            return sign * int(digits[2:], 16 if digits[1] == "x" else 8)
-        return sign * int(digits, 10)
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
-        seen: set = set()
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: merged keys may be overridden
-                continue
-            key = self.construct_object(key_node, deep=deep)
-            try:
-                duplicate = key in seen
-                seen.add(key)
-            except TypeError:
-                raise yaml.constructor.ConstructorError(None, None, f"a key must be a plain value, not a {type(key).__name__}",
-                                                        key_node.start_mark) from None
-            if duplicate:
-                raise yaml.constructor.ConstructorError(None, None, f"key '{key}' appears twice in one section",
-                                                        key_node.start_mark)
-        return super().construct_mapping(node, deep=deep)
-
-
-_ConfigLoader.yaml_implicit_resolvers = {  # drop YAML 1.1's int rule (octal 010, base-60 1:30, 0b1)
-    first: [(tag, rule) for tag, rule in rules if tag != "tag:yaml.org,2002:int"]
-    for first, rules in yaml.SafeLoader.yaml_implicit_resolvers.items()}
-_ConfigLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:int", re.compile(r"^(?:[-+]?[0-9][0-9_]*|0x[0-9a-fA-F_]+|0o[0-7_]+)$"), list("-+0123456789"))
-_ConfigLoader.add_constructor("tag:yaml.org,2002:int", _ConfigLoader.construct_yaml_int)
-_ConfigLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
-    list("-+0123456789."))
-
-
-def _yaml(text: str) -> Any:
-    return yaml.load(text, Loader=_ConfigLoader)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
@@ -413,7 +352,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
         try:
-            loaded = _yaml(p.read_text(encoding="utf-8")) or {}
+            loaded = read_yaml(p.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as exc:
             where = str(exc).replace('"<unicode string>"', f'"{p}"')  # the marks name the text, not the file
             raise ConfigError(f"{p}: not valid YAML: {where}") from None
@@ -424,7 +363,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not isinstance(loaded, dict):
             raise ConfigError(f"{p}: top level must be a mapping of sections")
         try:
-            tree.update(_empty_sections_as_defaults(_unshared(loaded)))
+            tree.update(_empty_sections_as_defaults(unshared(loaded)))
         except ValueError as exc:
             raise ConfigError(f"{p}: {exc}") from None
     for key, value in parse_overrides(overrides or []):
