@@ -39,7 +39,7 @@ from prefect.runtime import flow_run
 from pocl_core.config import ConfigError, PoclConfig, load_config
 from pocl_core.contracts import RunPaths, StaleOutputError, dotted_differences, write_text_atomic
 from pocl_core.data import DataError, check_data_paths
-from pocl_core.gc_setup import freeze_survivors
+from pocl_core.gc_setup import freeze_once
 from pocl_core.model_checks import check_model_folders
 from pocl_core.run_lock import RunLock, run_folder_lock
 from pocl_core.storage import Location, ObjectPath, is_remote, location, remove_tree
@@ -273,7 +273,7 @@ def pocl_distill(config_path: str = "configs/tiny.yaml", overrides: Optional[lis
     an existing Ray cluster (default: RAY_ADDRESS, else a local Ray). resume: continue the run when
     its folder exists (False: refuse to start).
     """
-    freeze_survivors()  # the imports' objects: later full collections (one at exit too) skip them
+    freeze_once()  # the imports' objects: later full collections (one at exit too) skip them
     with parameter_errors_logged():
         cfg = resolve_config(config_path, overrides, run_name, ray_address, resume)
         paths = RunPaths.of(cfg.run_dir, cfg.storage)

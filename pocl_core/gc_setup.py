@@ -17,11 +17,26 @@ from contextlib import contextmanager
 from typing import Iterator
 
 
+_frozen_once = False
+
+
 def freeze_survivors() -> int:
     """Collect once, then freeze every object still tracked; returns how many are frozen in all."""
     gc.collect()
     gc.freeze()
     return gc.get_freeze_count()
+
+
+def freeze_once() -> bool:
+    """``freeze_survivors`` at the first call in this process; later calls do nothing. For an entry
+    point that a long-lived process may call many times (a flow run in a notebook, a comparison's
+    subflows): the imports' objects are frozen once, not each call's leftovers again. True when it froze."""
+    global _frozen_once
+    if _frozen_once:
+        return False
+    _frozen_once = True
+    freeze_survivors()
+    return True
 
 
 @contextmanager

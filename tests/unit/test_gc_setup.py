@@ -7,7 +7,8 @@ import weakref
 
 import pytest
 
-from pocl_core.gc_setup import freeze_survivors, gc_paused
+from pocl_core import gc_setup
+from pocl_core.gc_setup import freeze_once, freeze_survivors, gc_paused
 
 
 class Node:
@@ -86,3 +87,14 @@ def test_freeze_survivors_collects_first_and_counts_the_frozen():
     count = freeze_survivors()
     assert garbage() is None and count == gc.get_freeze_count() > 0
     assert not gc.isenabled()  # it collects and freezes; whether the collector runs is not its business
+
+
+def test_freeze_once_freezes_at_the_first_call_only(monkeypatch):
+    monkeypatch.setattr(gc_setup, "_frozen_once", False)
+    garbage = _cycle()
+    assert freeze_once() is True and garbage() is None
+    frozen = gc.get_freeze_count()
+    gc.disable()  # nothing collects behind the second call's back
+    later = _cycle()
+    assert freeze_once() is False
+    assert gc.get_freeze_count() == frozen and later() is not None  # neither collected nor frozen
