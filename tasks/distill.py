@@ -279,6 +279,7 @@ def distill(cfg: PoclConfig, data: DatasetSplits, partition_path: str, teacher_c
             "teacher_cache_dir": for_workers(paths.locate(teacher_cache_dir)) if teacher_cache_dir else None,
             "checkpoints_in_place": for_workers(paths.train_storage / EXPERIMENT_NAME) if local_mode else None,
             "pin_cpus": pin_cpus(cfg),
+            "in_process": local_mode,
         },
         scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu),
         torch_config=torch_config(cfg.ray),

@@ -81,8 +81,9 @@ def distill_loop(loop_config: dict[str, Any]) -> None:
     torch.manual_seed(cfg.seed)
 
     # --- setup: data in partition order, models, vocabulary check
-    # the collector paused meanwhile: imports and models are long-lived objects (pocl_core.gc_setup)
-    with gc_paused():
+    # in a worker process of the job's own, the collector paused meanwhile and what survives frozen: imports
+    # and models live as long as the process (pocl_core.gc_setup); in local mode the process is the caller's
+    with gc_paused() if not loop_config.get("in_process") else contextlib.nullcontext():
         tokenizer = load_tokenizer(cfg.models.tokenizer_source, cfg.models.trust_remote_code)
         samples = {s.sample_id: s for s in table_to_samples(read_table(loop_config["train_path"]))}
         part = read_table(loop_config["partition_path"]).to_pydict()

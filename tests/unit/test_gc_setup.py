@@ -84,8 +84,11 @@ def test_nested_or_caller_disabled_changes_nothing():
 def test_freeze_survivors_collects_first_and_counts_the_frozen():
     gc.disable()
     garbage = _cycle()
+    kept = Node()
     count = freeze_survivors()
-    assert garbage() is None and count == gc.get_freeze_count() > 0
+    # other threads of the process may free frozen objects meanwhile: the count only shrinks
+    assert garbage() is None and count >= gc.get_freeze_count() > 0
+    assert not any(o is kept for o in gc.get_objects())  # frozen
     assert not gc.isenabled()  # it collects and freezes; whether the collector runs is not its business
 
 
@@ -96,5 +99,7 @@ def test_freeze_once_freezes_at_the_first_call_only(monkeypatch):
     frozen = gc.get_freeze_count()
     gc.disable()  # nothing collects behind the second call's back
     later = _cycle()
+    kept = Node()
     assert freeze_once() is False
-    assert gc.get_freeze_count() == frozen and later() is not None  # neither collected nor frozen
+    assert gc.get_freeze_count() <= frozen and later() is not None  # nothing collected, nothing more frozen
+    assert any(o is kept for o in gc.get_objects())
