@@ -4,12 +4,13 @@ Each repeat starts two fresh processes, in alternating order, that do what a Ray
 tiny flow does before its first step: import the training loop (``tasks.distill_loop``: torch, Ray
 Train, transformers), load the tokenizer, the student and the teacher, encode the training data, and
 exit. One runs it as Python leaves the collector; the other inside ``pocl_core.gc_setup.gc_paused``
-(what the distill loop's set-up and the ``pocl`` CLI's imports run under: the collector off, then one
+(what the distill loop's set-up in a Ray Train worker and the ``pocl`` CLI's imports run under: the collector off, then one
 collection and ``gc.freeze`` at the end). Per process: wall time from spawn to exit (interpreter
 teardown included), CPU time, and the seconds spent in the collector (``gc.callbacks``) before exit.
 
 Run: ``make bench-gc-setup`` (or ``python -m benchmarks.bench_gc_setup [--repeats N] [--config FILE]
-[--json FILE]``; the default ``configs/tiny.yaml`` needs ``make tiny-models``). Every process runs with ``OMP_NUM_THREADS=1``, as a worker.
+[--json FILE]``; the default ``configs/tiny.yaml`` needs ``make tiny-models``). Every process runs with
+``OMP_NUM_THREADS=1``, as a worker.
 """
 
 from __future__ import annotations

@@ -41,7 +41,7 @@ from pocl_core.config import load_config  # noqa: E402
 from pocl_core.data import load_samples  # noqa: E402
 from pocl_core.model_prep import build_layer_subset_student  # noqa: E402
 from pocl_core.tiny import build_tiny_models  # noqa: E402
-from tasks.distill import WORKER_ENV, WORKER_SETUP_HOOK, distill  # noqa: E402
+from tasks.distill import distill, job_runtime_env  # noqa: E402
 from tasks.load_data import load_dataset  # noqa: E402
 from tasks.partition import partition  # noqa: E402
 from tasks.score import score_difficulty  # noqa: E402
@@ -117,8 +117,7 @@ def main(argv: list[str] | None = None) -> None:
                                    student_layers=2, student_hidden=128, teacher_warmup_steps=20)
     have_quickstart = all((m / "config.json").is_file() for m in (TEACHER_135M, STUDENT_4L))
     # the workers a flow's fresh local Ray starts (its env and set-up hook, ensure_ray), without their console lines
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": WORKER_ENV, "worker_process_setup_hook": WORKER_SETUP_HOOK})
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env=job_runtime_env())
     ratios: list[tuple[str, float, str, bool]] = []
     report: dict = {"repeats": args.repeats}
     try:

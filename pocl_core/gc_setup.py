@@ -17,9 +17,6 @@ from contextlib import contextmanager
 from typing import Iterator
 
 
-_frozen_once = False
-
-
 def freeze_survivors() -> int:
     """Collect once, then freeze every object still tracked; returns how many are frozen in all."""
     gc.collect()
@@ -28,13 +25,12 @@ def freeze_survivors() -> int:
 
 
 def freeze_once() -> bool:
-    """``freeze_survivors`` at the first call in this process; later calls do nothing. For an entry
+    """``freeze_survivors`` unless this process has frozen objects already (an earlier call, or a
+    ``gc_paused`` such as the ``pocl`` CLI's around the flow's imports); True when it froze. For an entry
     point that a long-lived process may call many times (a flow run in a notebook, a comparison's
-    subflows): the imports' objects are frozen once, not each call's leftovers again. True when it froze."""
-    global _frozen_once
-    if _frozen_once:
+    subflows): the imports' objects are frozen once, not each call's leftovers again."""
+    if gc.get_freeze_count():
         return False
-    _frozen_once = True
     freeze_survivors()
     return True
 

@@ -124,6 +124,12 @@ WORKER_SETUP_HOOK = "tasks.ray_worker_setup.quiet_ray_train_helpers"
 WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
 
 
+def job_runtime_env() -> dict:
+    """The runtime environment of every Ray job a run starts (``ensure_ray``): ``WORKER_ENV`` and the
+    worker set-up hook. A new dict each call (Ray may fill in what it is given)."""
+    return {"env_vars": dict(WORKER_ENV), "worker_process_setup_hook": WORKER_SETUP_HOOK}
+
+
 def ray_address(address: str | None) -> str:
     """The Ray this run uses: ``address`` (``ray.address``), else RAY_ADDRESS, else ``local`` (a fresh
     local Ray started by ``ensure_ray``)."""
@@ -165,8 +171,7 @@ def ensure_ray(address: str | None) -> None:
     """
     if ray.is_initialized():
         return
-    ray.init(address=ray_address(address), include_dashboard=False, log_to_driver=True,
-             runtime_env={"env_vars": WORKER_ENV, "worker_process_setup_hook": WORKER_SETUP_HOOK})
+    ray.init(address=ray_address(address), include_dashboard=False, log_to_driver=True, runtime_env=job_runtime_env())
 
 
 def check_gpus(cfg: PoclConfig, needed: int, job: str) -> None:

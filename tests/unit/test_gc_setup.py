@@ -7,7 +7,6 @@ import weakref
 
 import pytest
 
-from pocl_core import gc_setup
 from pocl_core.gc_setup import freeze_once, freeze_survivors, gc_paused
 
 
@@ -92,9 +91,8 @@ def test_freeze_survivors_collects_first_and_counts_the_frozen():
     assert not gc.isenabled()  # it collects and freezes; whether the collector runs is not its business
 
 
-def test_freeze_once_freezes_at_the_first_call_only(monkeypatch):
-    monkeypatch.setattr(gc_setup, "_frozen_once", False)
-    garbage = _cycle()
+def test_freeze_once_freezes_only_where_nothing_is_frozen_yet():
+    garbage = _cycle()  # the fixture left nothing frozen
     assert freeze_once() is True and garbage() is None
     frozen = gc.get_freeze_count()
     gc.disable()  # nothing collects behind the second call's back
@@ -103,3 +101,11 @@ def test_freeze_once_freezes_at_the_first_call_only(monkeypatch):
     assert freeze_once() is False
     assert gc.get_freeze_count() <= frozen and later() is not None  # nothing collected, nothing more frozen
     assert any(o is kept for o in gc.get_objects())
+
+    gc.enable()
+    gc.unfreeze()
+    with gc_paused():  # what the CLI does around the flow's imports
+        pass
+    gc.disable()
+    paused_later = _cycle()
+    assert freeze_once() is False and paused_later() is not None
