@@ -2,8 +2,9 @@
 
 Every knob of a run lives here, grouped by the part of the pipeline that reads it. Unknown keys and
 out-of-range values are rejected with the dotted name of the offending key (``ConfigError``).
-The section models live in ``pocl_core/config_sections.py`` and are re-exported here; the YAML
-dialect of files and override values (duplicate keys refused, YAML 1.2 numbers) in ``config_yaml.py``.
+The section models live in ``pocl_core/config_sections.py`` and ``config_training.py`` and are
+re-exported here; the YAML dialect of files and override values (duplicate keys refused, YAML 1.2
+numbers) in ``config_yaml.py``.
 """
 
 from __future__ import annotations
@@ -23,21 +24,23 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 
 from pocl_core import storage as run_storage
 from pocl_core.config_sections import (  # noqa: F401  (re-exported: the config's public names)
-    CurriculumConfig,
     DataConfig,
     Dtype,
     EvalConfig,
-    LossConfig,
     ModelsConfig,
-    OptimConfig,
-    RayConfig,
     SamplingConfig,
     Seed,
     ScoringConfig,
     ScoringGenerationConfig,
     StorageConfig,
-    TrainConfig,
     _Section,
+)
+from pocl_core.config_training import (  # noqa: F401  (re-exported)
+    CurriculumConfig,
+    LossConfig,
+    OptimConfig,
+    RayConfig,
+    TrainConfig,
 )
 from pocl_core.config_yaml import read_yaml, unshared
 

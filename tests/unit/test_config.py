@@ -229,8 +229,9 @@ def test_every_setting_is_documented_in_its_sections_docstring():
 
     import pocl_core.config as config
     import pocl_core.config_sections as sections
+    import pocl_core.config_training as training
 
-    models = [cls for mod in (config, sections) for cls in vars(mod).values()
+    models = [cls for mod in (config, sections, training) for cls in vars(mod).values()
               if inspect.isclass(cls) and issubclass(cls, pydantic.BaseModel) and cls.__module__ == mod.__name__]
     assert len(models) >= 10
     undocumented = []
