@@ -1,4 +1,8 @@
-"""PNG plots of a run (matplotlib, Agg backend): training curves and held-out scores."""
+"""PNG plots of a run (matplotlib's object API on an Agg canvas): training curves and held-out scores.
+
+No pyplot: its global figure registry is not thread-safe (task runs may share a process's threads),
+and importing this module leaves the process's matplotlib backend as it was.
+"""
 
 from __future__ import annotations
 
@@ -6,20 +10,27 @@ import base64
 import io
 from typing import Sequence
 
-import matplotlib
+from matplotlib import colormaps
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+from pocl_core.contracts import write_bytes_atomic
+from pocl_core.storage import Location, location
 
-from pocl_core.contracts import write_bytes_atomic  # noqa: E402
-from pocl_core.storage import Location, location  # noqa: E402
+
+def _figure(width: float, height: float) -> tuple[Figure, Axes]:
+    """A figure of ``width`` × ``height`` inches at 110 dpi on its own Agg canvas, and its one axes."""
+    fig = Figure(figsize=(width, height), dpi=110)
+    FigureCanvasAgg(fig)
+    return fig, fig.add_subplot()
 
 
 def plot_training(rows: Sequence[dict], out: Location) -> Location:
     """Loss per logged step, coloured by stage, with the stage temperature on a second axis."""
-    fig, ax = plt.subplots(figsize=(7, 3.6), dpi=110)
+    fig, ax = _figure(7, 3.6)
     stages = sorted({r["stage"] for r in rows})
-    cmap = plt.get_cmap("viridis", max(len(stages), 2))
+    cmap = colormaps["viridis"].resampled(max(len(stages), 2))
     for i, s in enumerate(stages):
         pts = [r for r in rows if r["stage"] == s]
         ax.plot([r["global_step"] for r in pts], [r["loss"] for r in pts], marker=".", color=cmap(i), label=f"stage {s}")
@@ -36,9 +47,9 @@ def plot_training(rows: Sequence[dict], out: Location) -> Location:
 
 def plot_eval(metrics: Sequence[dict], out: Location) -> Location:
     """ROUGE-L (bars, ± std over seeds; greedy as a marker when present) and NLL (annotated) per model."""
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(metrics)), 3.4), dpi=110)
+    fig, ax = _figure(max(6.0, 1.1 * len(metrics)), 3.4)
     names = [m["model"] for m in metrics]
-    cmap = plt.get_cmap("tab10")
+    cmap = colormaps["tab10"]
     bars = ax.bar(names, [m["rouge_l"] for m in metrics], yerr=[m["rouge_l_std"] for m in metrics],
                   color=[cmap(i % 10) for i in range(len(names))], capsize=4, label="sampled")
     greedy = [(n, m["rouge_l_greedy"]) for n, m in zip(names, metrics) if m.get("rouge_l_greedy") is not None]
@@ -61,7 +72,7 @@ def plot_stage_rouge(metrics: Sequence[dict], out: Location) -> Location:
     points = [("initial", by_name.get("initial_student"))] + [(f"stage {m['stage']}", m) for m in staged] + \
         [("final", by_name.get("final_student"))]
     points = [(label, m) for label, m in points if m is not None]
-    fig, ax = plt.subplots(figsize=(6, 3.4), dpi=110)
+    fig, ax = _figure(6, 3.4)
     x = list(range(len(points)))
     ax.errorbar(x, [m["rouge_l"] for _, m in points], yerr=[m["rouge_l_std"] for _, m in points], marker="o",
                 capsize=4, label="sampled")
@@ -76,11 +87,10 @@ def plot_stage_rouge(metrics: Sequence[dict], out: Location) -> Location:
     return _save(fig, out)
 
 
-def _save(fig, out: Location) -> Location:
+def _save(fig: Figure, out: Location) -> Location:
     buf = io.BytesIO()
     fig.tight_layout()
     fig.savefig(buf, format="png")
-    plt.close(fig)
     return write_bytes_atomic(out, buf.getvalue())
 
 
