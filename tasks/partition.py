@@ -14,7 +14,6 @@ refuses any whose ``scores_key`` differs from it. Publishes, besides the Parquet
 
 from __future__ import annotations
 
-import io
 from typing import Any, Sequence
 
 import numpy as np
@@ -22,8 +21,7 @@ import pyarrow as pa
 from prefect import task
 
 from pocl_core.config import PoclConfig
-from pocl_core.contracts import (PARTITION_SCHEMA, RunPaths, check_provenance, read_table, write_bytes_atomic,
-                                 write_table_atomic)
+from pocl_core.contracts import PARTITION_SCHEMA, RunPaths, check_provenance, read_table, write_table_atomic
 from pocl_core.partition import partition_by_rank
 from pocl_core.storage import Location, location
 from tasks.common import publish_markdown, publish_table, task_logger
@@ -113,12 +111,9 @@ def bucket_summary(buckets: np.ndarray, num_buckets: int, difficulty: np.ndarray
 def plot_difficulty_by_bucket(difficulty: np.ndarray, buckets: np.ndarray, num_buckets: int, path: Location,
                               title: str) -> Location:
     """Save overlaid step histograms of ``difficulty`` (float [N]) per bucket (int [N]) as a PNG, atomically."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from tasks.plots import figure, save_png  # matplotlib is imported when a plot is drawn
 
-    fig = Figure(figsize=(7.0, 4.0), dpi=100)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
+    fig, ax = figure(7.0, 4.0, dpi=100)
     finite = difficulty[np.isfinite(difficulty)]
     lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
     bins = np.linspace(lo, hi if hi > lo else lo + 1.0, 31)
@@ -130,10 +125,7 @@ def plot_difficulty_by_bucket(difficulty: np.ndarray, buckets: np.ndarray, num_b
     ax.set_ylabel("samples")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return write_bytes_atomic(path, buf.getvalue())
+    return save_png(fig, path)
 
 
 def _plot_markdown(plot: Location, rows: Sequence[dict[str, Any]]) -> str:

@@ -19,16 +19,16 @@ from pocl_core.contracts import write_bytes_atomic
 from pocl_core.storage import Location, location
 
 
-def _figure(width: float, height: float) -> tuple[Figure, Axes]:
-    """A figure of ``width`` × ``height`` inches at 110 dpi on its own Agg canvas, and its one axes."""
-    fig = Figure(figsize=(width, height), dpi=110)
+def figure(width: float, height: float, dpi: int = 110) -> tuple[Figure, Axes]:
+    """A figure of ``width`` × ``height`` inches at ``dpi`` on its own Agg canvas, and its one axes."""
+    fig = Figure(figsize=(width, height), dpi=dpi)
     FigureCanvasAgg(fig)
     return fig, fig.add_subplot()
 
 
 def plot_training(rows: Sequence[dict], out: Location) -> Location:
     """Loss per logged step, coloured by stage, with the stage temperature on a second axis."""
-    fig, ax = _figure(7, 3.6)
+    fig, ax = figure(7, 3.6)
     stages = sorted({r["stage"] for r in rows})
     cmap = colormaps["viridis"].resampled(max(len(stages), 2))
     for i, s in enumerate(stages):
@@ -42,12 +42,12 @@ def plot_training(rows: Sequence[dict], out: Location) -> Location:
     twin.set_ylabel("temperature T", color="tab:red")
     ax.legend(loc="upper right", fontsize=8)
     ax.set_title("Distillation loss by stage")
-    return _save(fig, out)
+    return save_png(fig, out)
 
 
 def plot_eval(metrics: Sequence[dict], out: Location) -> Location:
     """ROUGE-L (bars, ± std over seeds; greedy as a marker when present) and NLL (annotated) per model."""
-    fig, ax = _figure(max(6.0, 1.1 * len(metrics)), 3.4)
+    fig, ax = figure(max(6.0, 1.1 * len(metrics)), 3.4)
     names = [m["model"] for m in metrics]
     cmap = colormaps["tab10"]
     bars = ax.bar(names, [m["rouge_l"] for m in metrics], yerr=[m["rouge_l_std"] for m in metrics],
@@ -62,7 +62,7 @@ def plot_eval(metrics: Sequence[dict], out: Location) -> Location:
     ax.set_ylabel("held-out ROUGE-L (×100)")
     ax.set_title("Before and after distillation")
     ax.tick_params(axis="x", labelsize=8)
-    return _save(fig, out)
+    return save_png(fig, out)
 
 
 def plot_stage_rouge(metrics: Sequence[dict], out: Location) -> Location:
@@ -72,7 +72,7 @@ def plot_stage_rouge(metrics: Sequence[dict], out: Location) -> Location:
     points = [("initial", by_name.get("initial_student"))] + [(f"stage {m['stage']}", m) for m in staged] + \
         [("final", by_name.get("final_student"))]
     points = [(label, m) for label, m in points if m is not None]
-    fig, ax = _figure(6, 3.4)
+    fig, ax = figure(6, 3.4)
     x = list(range(len(points)))
     ax.errorbar(x, [m["rouge_l"] for _, m in points], yerr=[m["rouge_l_std"] for _, m in points], marker="o",
                 capsize=4, label="sampled")
@@ -84,10 +84,11 @@ def plot_stage_rouge(metrics: Sequence[dict], out: Location) -> Location:
     ax.set_ylabel("held-out ROUGE-L (×100)")
     ax.set_title("Student through the curriculum")
     ax.legend(fontsize=8)
-    return _save(fig, out)
+    return save_png(fig, out)
 
 
-def _save(fig: Figure, out: Location) -> Location:
+def save_png(fig: Figure, out: Location) -> Location:
+    """Lay ``fig`` out tightly and write it to ``out`` as a PNG, atomically."""
     buf = io.BytesIO()
     fig.tight_layout()
     fig.savefig(buf, format="png")
